@@ -1,0 +1,223 @@
+// Package config owns the gateway's configuration: it is the only package that reads
+// configuration files, secret files and the environment. Load parses strict YAML (unknown keys
+// are errors), expands ${VAR} references from the environment inside scalar values, reads the
+// *_file secrets, applies defaults and validates everything, reporting every problem at once.
+package config
+
+import (
+	"time"
+)
+
+// Credential types, as written in the YAML `type` key.
+const (
+	TypeClientSecret      = "client_secret"
+	TypeClientCertificate = "client_certificate"
+	TypeManagedIdentity   = "managed_identity"
+	TypeWorkloadIdentity  = "workload_identity"
+	TypeAzureCLI          = "azure_cli"
+	TypeDefault           = "default"
+)
+
+// DefaultScope is the Entra scope for Azure OpenAI and most Azure AI Foundry inference endpoints.
+const DefaultScope = "https://cognitiveservices.azure.com/.default"
+
+// AllDeployments in a caller's allow-list grants every deployment.
+const AllDeployments = "*"
+
+// Defaults applied by Load to fields left empty.
+const (
+	DefaultListen          = "127.0.0.1:8080"
+	DefaultAdminListen     = "127.0.0.1:9090"
+	DefaultLogLevel        = "info"
+	DefaultLogFormat       = "json"
+	DefaultMaxRequestBytes = 32 << 20
+)
+
+// Config is the whole gateway configuration. Build it with Load, or for programmatic use (the
+// demo) start from Default, fill it in, and call ApplyDefaults and Validate.
+type Config struct {
+	// Listen is the API listener address (host:port).
+	Listen string `yaml:"listen"`
+	// AdminListen serves /metrics, /healthz and /readyz, apart from the API.
+	AdminListen string `yaml:"admin_listen"`
+	// LogLevel is one of debug, info, warn, error.
+	LogLevel string `yaml:"log_level"`
+	// LogFormat is json or console.
+	LogFormat string `yaml:"log_format"`
+	// AllowUnauthenticated lets any caller in without a key. Off by default; logged as a warning.
+	AllowUnauthenticated bool `yaml:"allow_unauthenticated"`
+	// MaxRequestBytes caps request bodies; larger ones get 413.
+	MaxRequestBytes int64 `yaml:"max_request_bytes"`
+	// Timeouts bound every phase of a call; see Timeouts.
+	Timeouts Timeouts `yaml:"timeouts"`
+
+	Credentials map[string]*Credential `yaml:"credentials"`
+	Upstreams   map[string]*Upstream   `yaml:"upstreams"`
+	// Deployments maps the names callers use to where they live. When empty, every deployment
+	// name passes through unchanged to the only upstream.
+	Deployments map[string]*Deployment `yaml:"deployments"`
+	Callers     []*Caller              `yaml:"callers"`
+}
+
+// Timeouts are the gateway's time limits. None of them bounds a whole response, so long
+// streams are never cut; ResponseHeader bounds the wait for the upstream's first byte, which
+// for reasoning models can be minutes.
+type Timeouts struct {
+	// ReadHeader bounds reading a caller's request headers (slowloris protection).
+	ReadHeader time.Duration `yaml:"read_header"`
+	// Idle closes idle keep-alive connections from callers.
+	Idle time.Duration `yaml:"idle"`
+	// Dial bounds the TCP connect to an upstream.
+	Dial time.Duration `yaml:"dial"`
+	// TLSHandshake bounds the TLS handshake with an upstream.
+	TLSHandshake time.Duration `yaml:"tls_handshake"`
+	// ResponseHeader bounds the wait for an upstream's response headers; past it the caller gets 504.
+	ResponseHeader time.Duration `yaml:"response_header"`
+	// UpstreamIdle closes idle pooled connections to upstreams.
+	UpstreamIdle time.Duration `yaml:"upstream_idle"`
+	// TokenAcquire bounds one token acquisition from Entra.
+	TokenAcquire time.Duration `yaml:"token_acquire"`
+	// ShutdownDelay is how long the gateway keeps serving, not ready, after SIGTERM, so load
+	// balancers stop sending new calls before listeners close.
+	ShutdownDelay time.Duration `yaml:"shutdown_delay"`
+	// ShutdownGrace is how long in-flight calls and streams may run on after listeners close.
+	ShutdownGrace time.Duration `yaml:"shutdown_grace"`
+}
+
+// DefaultTimeouts are used for every Timeouts field left zero.
+var DefaultTimeouts = Timeouts{
+	ReadHeader:     10 * time.Second,
+	Idle:           120 * time.Second,
+	Dial:           10 * time.Second,
+	TLSHandshake:   10 * time.Second,
+	ResponseHeader: 10 * time.Minute,
+	UpstreamIdle:   90 * time.Second,
+	TokenAcquire:   30 * time.Second,
+	ShutdownDelay:  5 * time.Second,
+	ShutdownGrace:  2 * time.Minute,
+}
+
+// Credential is how the gateway authenticates to Entra ID. Which fields apply depends on Type.
+type Credential struct {
+	// Type is one of client_secret, client_certificate, managed_identity, workload_identity,
+	// azure_cli, default.
+	Type     string `yaml:"type"`
+	TenantID string `yaml:"tenant_id"`
+	ClientID string `yaml:"client_id"`
+
+	// ClientSecret (client_secret) is the secret's value, usually ${AZURE_CLIENT_SECRET};
+	// ClientSecretFile names a file holding it instead.
+	ClientSecret     Secret `yaml:"client_secret"`
+	ClientSecretFile string `yaml:"client_secret_file"`
+
+	// CertificateFile (client_certificate) holds a PEM (certificate and private key) or PFX file.
+	CertificateFile         string `yaml:"certificate_file"`
+	CertificatePassword     Secret `yaml:"certificate_password"`
+	CertificatePasswordFile string `yaml:"certificate_password_file"`
+	// SendCertificateChain sends the x5c header, needed for subject-name/issuer authentication.
+	SendCertificateChain bool `yaml:"send_certificate_chain"`
+
+	// ResourceID and ObjectID select a user-assigned managed identity (as ClientID also does);
+	// with none of the three, the system-assigned identity is used.
+	ResourceID string `yaml:"resource_id"`
+	ObjectID   string `yaml:"object_id"`
+
+	// TokenFile (workload_identity) is the projected service-account token; defaults to
+	// $AZURE_FEDERATED_TOKEN_FILE, as ClientID and TenantID default to $AZURE_CLIENT_ID and
+	// $AZURE_TENANT_ID.
+	TokenFile string `yaml:"token_file"`
+
+	// Subscription (azure_cli) selects an account other than the CLI's current one.
+	Subscription string `yaml:"subscription"`
+
+	// AuthorityHost is the Entra authority, for sovereign clouds
+	// (https://login.microsoftonline.us/, https://login.chinacloudapi.cn/) or a private
+	// authority. A host other than the public and sovereign Entra hosts also disables MSAL's
+	// instance discovery, which would otherwise call login.microsoftonline.com.
+	AuthorityHost string `yaml:"authority_host"`
+
+	// Certificate is the content of CertificateFile, read by Load.
+	Certificate []byte `yaml:"-"`
+
+	// fromFile records which secrets Load filled in from their *_file, so Validate does not
+	// mistake them for a secret given twice.
+	secretFromFile, passwordFromFile bool
+}
+
+// Upstream is an Azure OpenAI / Azure AI Foundry resource.
+type Upstream struct {
+	// URL is the resource endpoint, e.g. https://myresource.openai.azure.com. Plain http is
+	// accepted only for loopback hosts, so a bearer token never crosses a network in clear.
+	URL string `yaml:"url"`
+	// Credential names the entry of credentials used to get tokens for this upstream.
+	Credential string `yaml:"credential"`
+	// Scope is the Entra scope requested; DefaultScope when empty.
+	Scope string `yaml:"scope"`
+}
+
+// Deployment says where a deployment name exposed to callers lives.
+type Deployment struct {
+	// Upstream names the entry of upstreams serving this deployment.
+	Upstream string `yaml:"upstream"`
+	// Deployment is the deployment's name on the upstream; the exposed name when empty.
+	Deployment string `yaml:"deployment"`
+}
+
+// Caller is a client allowed to call the gateway.
+type Caller struct {
+	// Name identifies the caller in logs and metrics.
+	Name string `yaml:"name"`
+	// KeySHA256 is the lowercase hex SHA-256 of the caller's key (see `proxy hash-key`).
+	KeySHA256 string `yaml:"key_sha256"`
+	// Deployments is the caller's allow-list of exposed deployment names; "*" allows all.
+	Deployments []string `yaml:"deployments"`
+}
+
+// Secret is a configuration value that must never be printed. Its String, GoString and
+// MarshalText methods redact it, so a Config can be logged or dumped safely; Value returns it.
+type Secret string
+
+// Value returns the secret itself.
+func (s Secret) Value() string { return string(s) }
+
+// String redacts the secret.
+func (s Secret) String() string {
+	if s == "" {
+		return ""
+	}
+	return "REDACTED"
+}
+
+// GoString redacts the secret from %#v.
+func (s Secret) GoString() string { return `"` + s.String() + `"` }
+
+// MarshalText redacts the secret from JSON, YAML and zap output.
+func (s Secret) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// Default returns a Config holding every top-level default. Load decodes the YAML over it, so a
+// key written explicitly, even as zero (`shutdown_delay: 0s`), wins over its default.
+func Default() *Config {
+	return &Config{
+		Listen:          DefaultListen,
+		AdminListen:     DefaultAdminListen,
+		LogLevel:        DefaultLogLevel,
+		LogFormat:       DefaultLogFormat,
+		MaxRequestBytes: DefaultMaxRequestBytes,
+		Timeouts:        DefaultTimeouts,
+	}
+}
+
+// ApplyDefaults fills the defaults that depend on each entry: an upstream's scope and a
+// deployment's upstream-side name. It is idempotent.
+func (c *Config) ApplyDefaults() {
+	for _, u := range c.Upstreams {
+		if u != nil && u.Scope == "" {
+			u.Scope = DefaultScope
+		}
+	}
+	for name, d := range c.Deployments {
+		if d != nil && d.Deployment == "" {
+			d.Deployment = name
+		}
+	}
+}

@@ -1,0 +1,277 @@
+package config
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+)
+
+func env(m map[string]string) Getenv {
+	return func(k string) string { return m[k] }
+}
+
+func TestLoadIssueExample(t *testing.T) {
+	cfg, err := Load("testdata/example.yaml", env(map[string]string{"AZURE_CLIENT_SECRET": "s3cr3t-value"}))
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	want := &Config{
+		Listen:          "127.0.0.1:8080",
+		AdminListen:     "127.0.0.1:9090",
+		LogLevel:        "info",
+		LogFormat:       "json",
+		MaxRequestBytes: 32 << 20,
+		Timeouts:        DefaultTimeouts,
+		Credentials: map[string]*Credential{"corp-app": {
+			Type:         TypeClientSecret,
+			TenantID:     "00000000-0000-0000-0000-000000000000",
+			ClientID:     "11111111-1111-1111-1111-111111111111",
+			ClientSecret: "s3cr3t-value",
+		}},
+		Upstreams: map[string]*Upstream{"eastca": {
+			URL:        "https://genaitemplateplatformeastca.openai.azure.com",
+			Credential: "corp-app",
+			Scope:      DefaultScope,
+		}},
+		Deployments: map[string]*Deployment{"gpt-4.1-mini": {Upstream: "eastca", Deployment: "deploy-gpt-4.1"}},
+		Callers: []*Caller{{
+			Name:        "a360-prod",
+			KeySHA256:   "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+			Deployments: []string{"gpt-4.1-mini"},
+		}},
+	}
+	if diff := cmp.Diff(want, cfg, cmpopts.IgnoreUnexported(Credential{})); diff != "" {
+		t.Errorf("Load mismatch (-want +got):\n%s", diff)
+	}
+}
+
+func TestLoadExampleWithoutSecretNamesTheVariable(t *testing.T) {
+	_, err := Load("testdata/example.yaml", env(nil))
+	if err == nil {
+		t.Fatal("Load succeeded without AZURE_CLIENT_SECRET")
+	}
+	if want := "credentials.corp-app.client_secret: environment variable AZURE_CLIENT_SECRET is not set (line 10)"; err.Error() != want {
+		t.Errorf("got error %q, want %q", err, want)
+	}
+}
+
+// minimal is a valid configuration the table below breaks one piece at a time.
+const minimal = `
+credentials:
+  app: {type: client_secret, tenant_id: t1, client_id: c1, client_secret: s}
+upstreams:
+  up: {url: "https://x.openai.azure.com", credential: app}
+callers:
+  - {name: c, key_sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08, deployments: ["*"]}
+`
+
+func TestParseErrors(t *testing.T) {
+	hash := "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+	tests := []struct {
+		name string
+		yaml string
+		env  map[string]string
+		want []string // every line must appear in the error
+	}{
+		{
+			name: "unknown top-level key with suggestion",
+			yaml: minimal + "listn: 127.0.0.1:1\n",
+			want: []string{`listn: unknown key (line 8); did you mean "listen"?`},
+		},
+		{
+			name: "unknown nested key",
+			yaml: strings.Replace(minimal, "client_secret: s", "client_secret: s, clientsecret: x", 1),
+			want: []string{`credentials.app.clientsecret: unknown key (line 3); did you mean "client_secret"?`},
+		},
+		{
+			name: "unknown caller key",
+			yaml: minimal + "  - {name: d, keysha: x, deployments: [a]}\n",
+			want: []string{"callers[1].keysha: unknown key (line 8)"},
+		},
+		{
+			name: "several problems reported at once",
+			yaml: `
+log_level: loud
+log_format: xml
+listen: nope
+admin_listen: nope
+max_request_bytes: -1
+timeouts: {dial: -1s, shutdown_delay: -1s}
+credentials:
+  a: {type: password}
+  b: {type: client_secret, tenant_id: "bad tenant", client_id: c, client_secret: s, resource_id: r}
+  c: {type: managed_identity, client_id: x, object_id: y}
+  d: {type: workload_identity}
+  e: {type: client_certificate, tenant_id: t, client_id: c, certificate_file: /nonexistent/cert.pem}
+  f: {type: client_secret, tenant_id: t, client_id: c, client_secret: s, authority_host: "http://login.example"}
+upstreams:
+  u1: {url: "http://example.com", credential: b}
+  u2: {url: "https://x.openai.azure.com", credential: missing, scope: "https://cognitiveservices.azure.com"}
+  u3: {url: "https://user:pw@x.openai.azure.com", credential: b}
+  u4: {url: "https://x.openai.azure.com/?a=1", credential: b}
+  u5: {url: "ftp://x", credential: b}
+deployments:
+  "bad/name": {upstream: u1}
+  ok: {upstream: nowhere, deployment: "a b"}
+callers:
+  - {name: "", key_sha256: short, deployments: []}
+  - {name: "x y", key_sha256: ` + hash + `, deployments: [unknown]}
+  - {name: z, key_sha256: ` + strings.ToUpper(hash) + `, deployments: ["*"]}
+`,
+			want: []string{
+				`listen: "nope" is not a host:port address`,
+				`admin_listen: "nope" is not a host:port address`,
+				`log_level: "loud" is not one of debug, info, warn, error`,
+				`log_format: "xml" is not one of json, console`,
+				`max_request_bytes: must be positive`,
+				`timeouts.dial: must be positive`,
+				`timeouts.shutdown_delay: must not be negative`,
+				`credentials.a.type: "password" is not one of azure_cli, client_certificate, client_secret, default, managed_identity, workload_identity`,
+				`credentials.b.tenant_id: "bad tenant" is not a tenant ID`,
+				`credentials.b.resource_id: is not used by type client_secret`,
+				`credentials.c: set at most one of client_id, resource_id, object_id`,
+				`credentials.d.tenant_id: is required for type workload_identity (or the webhook's AZURE_TENANT_ID`,
+				`credentials.d.client_id: is required for type workload_identity`,
+				`credentials.d.token_file: is required for type workload_identity`,
+				`credentials.e.certificate_file: open /nonexistent/cert.pem: no such file or directory`,
+				`credentials.f.authority_host: "http://login.example" is not an https URL`,
+				`upstreams.u1.url: plain http is allowed only to loopback hosts`,
+				`upstreams.u2.credential: unknown credential "missing" (defined: a, b, c, d, e, f)`,
+				`upstreams.u2.scope: "https://cognitiveservices.azure.com" is not a resource scope`,
+				`upstreams.u3.url: must not carry user information`,
+				`upstreams.u4.url: must not have a query or fragment`,
+				`upstreams.u5.url: "ftp://x" is not an absolute http(s) URL`,
+				`deployments.bad/name: "bad/name" is not a valid deployment name`,
+				`deployments.ok.deployment: "a b" is not a valid deployment name`,
+				`deployments.ok.upstream: unknown upstream "nowhere" (defined: u1, u2, u3, u4, u5)`,
+				`callers[0].name: is required`,
+				`callers[0].key_sha256: is not a SHA-256 in hex`,
+				`callers[0].deployments: is required`,
+				`callers[1].name: "x y" may hold only letters`,
+				`callers[1].deployments[0]: unknown deployment "unknown" (defined: bad/name, ok)`,
+				`callers[2].key_sha256: is the same key as callers[1]`,
+			},
+		},
+		{
+			name: "no callers without allow_unauthenticated",
+			yaml: strings.SplitAfter(minimal, "credential: app}\n")[0],
+			want: []string{"callers: no callers are configured"},
+		},
+		{
+			name: "several upstreams need deployments",
+			yaml: strings.Replace(minimal, "upstreams:\n", "upstreams:\n  up2: {url: \"https://y.openai.azure.com\", credential: app}\n", 1),
+			want: []string{"deployments: required when there is more than one upstream"},
+		},
+		{
+			name: "secret given twice",
+			yaml: strings.Replace(minimal, "client_secret: s", "client_secret: s, client_secret_file: f", 1),
+			want: []string{"credentials.app.client_secret_file: set client_secret or client_secret_file, not both"},
+		},
+		{
+			name: "admin on the API port",
+			yaml: minimal + "listen: 127.0.0.1:1\nadmin_listen: 127.0.0.1:1\n",
+			want: []string{"admin_listen: must differ from listen"},
+		},
+		{
+			name: "malformed reference is not echoed",
+			yaml: strings.Replace(minimal, "client_secret: s}", "}\nlog_level: ${hunter2-secret}", 1),
+			want: []string{"log_level: invalid variable reference: want ${NAME} or ${NAME:-default} (line 4)"},
+		},
+		{
+			name: "type error keeps its line",
+			yaml: minimal + "max_request_bytes: lots\n",
+			want: []string{"line 8: cannot unmarshal !!str `lots` into int64"},
+		},
+		{
+			name: "duplicate key",
+			yaml: minimal + "listen: a:1\nlisten: b:2\n",
+			want: []string{`mapping key "listen" already defined at line 8`},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Parse([]byte(tt.yaml), t.TempDir(), env(tt.env))
+			if err == nil {
+				t.Fatal("Parse succeeded, want errors")
+			}
+			got := err.Error()
+			for _, w := range tt.want {
+				if !strings.Contains(got, w) {
+					t.Errorf("error lacks %q; got:\n%s", w, got)
+				}
+			}
+			if strings.Contains(got, "hunter2") {
+				t.Errorf("error echoes a malformed reference's text:\n%s", got)
+			}
+		})
+	}
+}
+
+func TestParseValidVariants(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "secret.txt"), []byte("from-file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	yaml := `
+listen: ${LISTEN:-127.0.0.1:18080}
+max_request_bytes: ${MAX}
+allow_unauthenticated: true
+timeouts: {shutdown_delay: 0s, response_header: 90s}
+credentials:
+  file: {type: client_secret, tenant_id: contoso.onmicrosoft.com, client_id: c, client_secret_file: secret.txt}
+  hashy: {type: client_secret, tenant_id: t, client_id: c, client_secret: "a#b: $${LITERAL} ${PART}"}
+  mi: {type: managed_identity}
+  wi: {type: workload_identity}
+  cli: {type: azure_cli, tenant_id: t, subscription: sub}
+  def: {type: default}
+upstreams:
+  local: {url: "http://127.0.0.1:9999", credential: file, scope: "api://tokenproxy/.default"}
+`
+	cfg, err := Parse([]byte(yaml), dir, env(map[string]string{
+		"MAX": "1024", "PART": "x y#z",
+		"AZURE_TENANT_ID": "tw", "AZURE_CLIENT_ID": "cw", "AZURE_FEDERATED_TOKEN_FILE": "/var/run/token",
+	}))
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	for _, c := range []struct {
+		name      string
+		got, want any
+	}{
+		{"listen", cfg.Listen, "127.0.0.1:18080"},
+		{"max_request_bytes", cfg.MaxRequestBytes, int64(1024)},
+		{"shutdown_delay", cfg.Timeouts.ShutdownDelay, time.Duration(0)},
+		{"response_header", cfg.Timeouts.ResponseHeader, 90 * time.Second},
+		{"dial default", cfg.Timeouts.Dial, DefaultTimeouts.Dial},
+		{"secret file", cfg.Credentials["file"].ClientSecret.Value(), "from-file"},
+		{"secret with yaml syntax", cfg.Credentials["hashy"].ClientSecret.Value(), "a#b: ${LITERAL} x y#z"},
+		{"workload tenant from env", cfg.Credentials["wi"].TenantID, "tw"},
+		{"workload client from env", cfg.Credentials["wi"].ClientID, "cw"},
+		{"workload token file from env", cfg.Credentials["wi"].TokenFile, "/var/run/token"},
+		{"scope kept", cfg.Upstreams["local"].Scope, "api://tokenproxy/.default"},
+	} {
+		if c.got != c.want {
+			t.Errorf("got %s = %v, want %v", c.name, c.got, c.want)
+		}
+	}
+}
+
+func TestSecretNeverPrints(t *testing.T) {
+	c := Credential{ClientSecret: "hunter2", CertificatePassword: "pfxpass"}
+	for _, s := range []string{
+		fmt.Sprint(c), fmt.Sprintf("%v %+v %#v %s", c, c, c, c.ClientSecret),
+	} {
+		if strings.Contains(s, "hunter2") || strings.Contains(s, "pfxpass") {
+			t.Errorf("formatted credential leaks its secret: %s", s)
+		}
+	}
+	if b, _ := c.ClientSecret.MarshalText(); string(b) != "REDACTED" {
+		t.Errorf("got MarshalText = %q, want REDACTED", b)
+	}
+}

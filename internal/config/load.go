@@ -1,0 +1,223 @@
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Getenv looks up an environment variable; "" means unset. run passes os.Getenv, tests a map.
+type Getenv func(key string) string
+
+// Load reads the YAML file at path and returns the complete, validated configuration. Relative
+// *_file paths are resolved against the file's directory. The error joins every problem found:
+// unknown keys, unset variables, unreadable files and validation failures.
+func Load(path string, getenv Getenv) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading config: %w", err)
+	}
+	return Parse(data, filepath.Dir(path), getenv)
+}
+
+// Parse is Load for configuration already in memory; dir anchors relative *_file paths.
+func Parse(data []byte, dir string, getenv Getenv) (*Config, error) {
+	if getenv == nil {
+		getenv = func(string) string { return "" }
+	}
+	var doc yaml.Node
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(&doc); err != nil {
+		return nil, fmt.Errorf("parsing config: %w", err)
+	}
+	if len(doc.Content) == 0 {
+		return nil, errors.New("parsing config: the document is empty")
+	}
+	root := doc.Content[0]
+
+	var errs []error
+	errs = append(errs, checkKeys(root, reflect.TypeOf(Config{}), "")...)
+	errs = append(errs, expandNode(root, "", getenv)...)
+	if len(errs) > 0 {
+		// Values that failed to expand are not meaningful, and validating them would echo
+		// what may be a secret pasted in the wrong place.
+		return nil, errors.Join(errs...)
+	}
+
+	cfg := Default()
+	if err := root.Decode(cfg); err != nil {
+		return nil, fmt.Errorf("parsing config: %w", err)
+	}
+	cfg.ApplyDefaults()
+	cfg.fillFromEnv(getenv)
+	errs = append(errs, cfg.readFiles(dir)...)
+	if err := cfg.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	return cfg, errors.Join(errs...)
+}
+
+// fillFromEnv applies the Azure workload identity webhook's variables to workload_identity
+// credentials that leave those fields empty, as azidentity itself would.
+func (c *Config) fillFromEnv(getenv Getenv) {
+	for _, cr := range c.Credentials {
+		if cr == nil || cr.Type != TypeWorkloadIdentity {
+			continue
+		}
+		for _, f := range []struct {
+			field *string
+			env   string
+		}{
+			{&cr.TenantID, "AZURE_TENANT_ID"},
+			{&cr.ClientID, "AZURE_CLIENT_ID"},
+			{&cr.TokenFile, "AZURE_FEDERATED_TOKEN_FILE"},
+			{&cr.AuthorityHost, "AZURE_AUTHORITY_HOST"},
+		} {
+			if *f.field == "" {
+				*f.field = getenv(f.env)
+			}
+		}
+	}
+}
+
+// readFiles loads the *_file secrets and the certificate, so nothing else reads the disk.
+func (c *Config) readFiles(dir string) []error {
+	var errs []error
+	read := func(path, name string) []byte {
+		if !filepath.IsAbs(path) {
+			path = filepath.Join(dir, path)
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+			return nil
+		}
+		return b
+	}
+	secret := func(path, name string) Secret {
+		return Secret(strings.TrimRight(string(read(path, name)), "\r\n"))
+	}
+	for _, name := range sortedKeys(c.Credentials) {
+		cr := c.Credentials[name]
+		if cr == nil {
+			continue
+		}
+		p := "credentials." + name + "."
+		if cr.ClientSecretFile != "" && cr.ClientSecret == "" {
+			cr.ClientSecret = secret(cr.ClientSecretFile, p+"client_secret_file")
+			cr.secretFromFile = true
+		}
+		if cr.CertificatePasswordFile != "" && cr.CertificatePassword == "" {
+			cr.CertificatePassword = secret(cr.CertificatePasswordFile, p+"certificate_password_file")
+			cr.passwordFromFile = true
+		}
+		if cr.CertificateFile != "" {
+			cr.Certificate = read(cr.CertificateFile, p+"certificate_file")
+		}
+		if cr.TokenFile != "" && !filepath.IsAbs(cr.TokenFile) {
+			cr.TokenFile = filepath.Join(dir, cr.TokenFile)
+		}
+	}
+	return errs
+}
+
+// checkKeys reports mapping keys that match no field of t, with the YAML path and line, and a
+// suggestion when a known key is close. yaml.v3's KnownFields works only on a Decoder, and
+// decoding must happen after ${VAR} expansion on the node tree, so the check is done here.
+func checkKeys(n *yaml.Node, t reflect.Type, path string) []error {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	var errs []error
+	switch {
+	case n.Kind == yaml.AliasNode:
+		return checkKeys(n.Alias, t, path)
+	case t.Kind() == reflect.Struct && n.Kind == yaml.MappingNode:
+		fields := yamlFields(t)
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i], n.Content[i+1]
+			ft, ok := fields[k.Value]
+			if !ok {
+				msg := fmt.Sprintf("%s: unknown key (line %d)", join(path, k.Value), k.Line)
+				if s := suggest(k.Value, fields); s != "" {
+					msg += fmt.Sprintf("; did you mean %q?", s)
+				}
+				errs = append(errs, errors.New(msg))
+				continue
+			}
+			errs = append(errs, checkKeys(v, ft, join(path, k.Value))...)
+		}
+	case t.Kind() == reflect.Map && n.Kind == yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			errs = append(errs, checkKeys(n.Content[i+1], t.Elem(), join(path, n.Content[i].Value))...)
+		}
+	case t.Kind() == reflect.Slice && n.Kind == yaml.SequenceNode:
+		for i, v := range n.Content {
+			errs = append(errs, checkKeys(v, t.Elem(), fmt.Sprintf("%s[%d]", path, i))...)
+		}
+	}
+	return errs
+}
+
+func yamlFields(t reflect.Type) map[string]reflect.Type {
+	m := make(map[string]reflect.Type, t.NumField())
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		if name == "-" || !f.IsExported() {
+			continue
+		}
+		if name == "" {
+			name = strings.ToLower(f.Name)
+		}
+		m[name] = f.Type
+	}
+	return m
+}
+
+// suggest returns the known key nearest to k when it is plausibly a typo.
+func suggest(k string, fields map[string]reflect.Type) string {
+	best, bestD := "", len(k)/2+1
+	for name := range fields {
+		if d := editDistance(k, name); d < bestD || (d == bestD && name < best) {
+			best, bestD = name, d
+		}
+	}
+	if bestD > 3 {
+		return ""
+	}
+	return best
+}
+
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
+}
+
+func join(path, key string) string {
+	if path == "" {
+		return key
+	}
+	return path + "." + key
+}

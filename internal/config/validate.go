@@ -1,0 +1,368 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Validate checks the whole configuration and returns every problem joined, each prefixed with
+// its YAML path. It has no side effects.
+func (c *Config) Validate() error {
+	v := &validator{}
+	v.listen("listen", c.Listen)
+	v.listen("admin_listen", c.AdminListen)
+	if c.Listen != "" && c.Listen == c.AdminListen {
+		v.add("admin_listen", "must differ from listen: the admin endpoints are kept off the API port")
+	}
+	if !slices.Contains([]string{"debug", "info", "warn", "error"}, c.LogLevel) {
+		v.add("log_level", "%q is not one of debug, info, warn, error", c.LogLevel)
+	}
+	if !slices.Contains([]string{"json", "console"}, c.LogFormat) {
+		v.add("log_format", "%q is not one of json, console", c.LogFormat)
+	}
+	if c.MaxRequestBytes <= 0 {
+		v.add("max_request_bytes", "must be positive")
+	}
+	c.Timeouts.validate(v)
+
+	for _, name := range sortedKeys(c.Credentials) {
+		c.Credentials[name].validate(v, "credentials."+name)
+	}
+
+	if len(c.Upstreams) == 0 {
+		v.add("upstreams", "at least one upstream is required")
+	}
+	for _, name := range sortedKeys(c.Upstreams) {
+		p := "upstreams." + name
+		u := c.Upstreams[name]
+		if u == nil {
+			v.add(p, "is empty")
+			continue
+		}
+		v.upstreamURL(p+".url", u.URL)
+		switch {
+		case u.Credential == "":
+			v.add(p+".credential", "is required")
+		case c.Credentials[u.Credential] == nil:
+			v.add(p+".credential", "unknown credential %q%s", u.Credential, known(c.Credentials))
+		}
+		if res, ok := strings.CutSuffix(u.Scope, "/.default"); !ok || res == "" || strings.ContainsAny(res, " \t") {
+			v.add(p+".scope", "%q is not a resource scope such as %s (client-credential flows need the /.default form)", u.Scope, DefaultScope)
+		}
+	}
+
+	if len(c.Deployments) == 0 && len(c.Upstreams) > 1 {
+		v.add("deployments", "required when there is more than one upstream: say which upstream serves each deployment")
+	}
+	for _, name := range sortedKeys(c.Deployments) {
+		p := "deployments." + name
+		d := c.Deployments[name]
+		if d == nil {
+			v.add(p, "is empty")
+			continue
+		}
+		if !ValidDeploymentName(name) {
+			v.add(p, "%q is not a valid deployment name (letters, digits, '.', '-', '_'; at most 64)", name)
+		}
+		if !ValidDeploymentName(d.Deployment) {
+			v.add(p+".deployment", "%q is not a valid deployment name (letters, digits, '.', '-', '_'; at most 64)", d.Deployment)
+		}
+		switch {
+		case d.Upstream == "":
+			v.add(p+".upstream", "is required")
+		case c.Upstreams[d.Upstream] == nil:
+			v.add(p+".upstream", "unknown upstream %q%s", d.Upstream, known(c.Upstreams))
+		}
+	}
+
+	c.validateCallers(v)
+	return errors.Join(v.errs...)
+}
+
+func (c *Config) validateCallers(v *validator) {
+	if len(c.Callers) == 0 && !c.AllowUnauthenticated {
+		v.add("callers", "no callers are configured: add at least one (see `proxy hash-key`), or set allow_unauthenticated: true to run an open gateway")
+	}
+	names := map[string]int{}
+	keys := map[string]int{}
+	for i, cl := range c.Callers {
+		p := fmt.Sprintf("callers[%d]", i)
+		if cl == nil {
+			v.add(p, "is empty")
+			continue
+		}
+		switch {
+		case cl.Name == "":
+			v.add(p+".name", "is required")
+		case !validLabel(cl.Name):
+			v.add(p+".name", "%q may hold only letters, digits, '.', '-', '_' (at most 64)", cl.Name)
+		default:
+			if j, dup := names[cl.Name]; dup {
+				v.add(p+".name", "%q is already used by callers[%d]", cl.Name, j)
+			}
+			names[cl.Name] = i
+		}
+		switch {
+		case cl.KeySHA256 == "":
+			v.add(p+".key_sha256", "is required (generate one with `proxy hash-key --generate`)")
+		case !isSHA256Hex(cl.KeySHA256):
+			// Not echoed: a raw key pasted here by mistake must not reach the logs.
+			v.add(p+".key_sha256", "is not a SHA-256 in hex (64 characters 0-9a-f); store the hash from `proxy hash-key`, never the key")
+		default:
+			k := strings.ToLower(cl.KeySHA256)
+			if j, dup := keys[k]; dup {
+				v.add(p+".key_sha256", "is the same key as callers[%d]: each caller needs its own key", j)
+			}
+			keys[k] = i
+		}
+		if len(cl.Deployments) == 0 {
+			v.add(p+".deployments", `is required: list the deployments this caller may use, or ["*"] for all`)
+		}
+		for j, d := range cl.Deployments {
+			if d == AllDeployments {
+				continue
+			}
+			dp := fmt.Sprintf("%s.deployments[%d]", p, j)
+			if len(c.Deployments) > 0 {
+				if c.Deployments[d] == nil {
+					v.add(dp, "unknown deployment %q%s", d, known(c.Deployments))
+				}
+			} else if !ValidDeploymentName(d) {
+				v.add(dp, "%q is not a valid deployment name", d)
+			}
+		}
+	}
+}
+
+func (t Timeouts) validate(v *validator) {
+	for _, f := range []struct {
+		name string
+		d    time.Duration
+	}{
+		{"read_header", t.ReadHeader}, {"idle", t.Idle}, {"dial", t.Dial},
+		{"tls_handshake", t.TLSHandshake}, {"response_header", t.ResponseHeader},
+		{"upstream_idle", t.UpstreamIdle}, {"token_acquire", t.TokenAcquire},
+		{"shutdown_grace", t.ShutdownGrace},
+	} {
+		if f.d <= 0 {
+			v.add("timeouts."+f.name, "must be positive")
+		}
+	}
+	if t.ShutdownDelay < 0 {
+		v.add("timeouts.shutdown_delay", "must not be negative")
+	}
+}
+
+// credentialFields lists, per credential type, the optional and required keys it takes; any
+// other key set on it is an error, so a setting that would be silently ignored is caught.
+var credentialFields = map[string]struct{ required, optional []string }{
+	TypeClientSecret: {
+		required: []string{"tenant_id", "client_id", "client_secret"},
+		optional: []string{"authority_host"},
+	},
+	TypeClientCertificate: {
+		required: []string{"tenant_id", "client_id", "certificate_file"},
+		optional: []string{"certificate_password", "send_certificate_chain", "authority_host"},
+	},
+	TypeManagedIdentity: {
+		optional: []string{"client_id", "resource_id", "object_id"},
+	},
+	TypeWorkloadIdentity: {
+		required: []string{"tenant_id", "client_id", "token_file"},
+		optional: []string{"authority_host"},
+	},
+	TypeAzureCLI: {
+		optional: []string{"tenant_id", "subscription"},
+	},
+	TypeDefault: {
+		optional: []string{"tenant_id", "authority_host"},
+	},
+}
+
+func (cr *Credential) validate(v *validator, p string) {
+	if cr == nil {
+		v.add(p, "is empty")
+		return
+	}
+	spec, ok := credentialFields[cr.Type]
+	if !ok {
+		types := make([]string, 0, len(credentialFields))
+		for t := range credentialFields {
+			types = append(types, t)
+		}
+		sort.Strings(types)
+		v.add(p+".type", "%q is not one of %s", cr.Type, strings.Join(types, ", "))
+		return
+	}
+	set := map[string]bool{
+		"tenant_id":              cr.TenantID != "",
+		"client_id":              cr.ClientID != "",
+		"client_secret":          cr.ClientSecret != "" || cr.ClientSecretFile != "",
+		"certificate_file":       cr.CertificateFile != "",
+		"certificate_password":   cr.CertificatePassword != "" || cr.CertificatePasswordFile != "",
+		"send_certificate_chain": cr.SendCertificateChain,
+		"resource_id":            cr.ResourceID != "",
+		"object_id":              cr.ObjectID != "",
+		"token_file":             cr.TokenFile != "",
+		"subscription":           cr.Subscription != "",
+		"authority_host":         cr.AuthorityHost != "",
+	}
+	for _, k := range spec.required {
+		if !set[k] {
+			hint := ""
+			switch {
+			case k == "client_secret":
+				hint = " (client_secret: ${VAR} or client_secret_file)"
+			case cr.Type == TypeWorkloadIdentity:
+				hint = " (or the webhook's AZURE_TENANT_ID / AZURE_CLIENT_ID / AZURE_FEDERATED_TOKEN_FILE)"
+			}
+			v.add(p+"."+k, "is required for type %s%s", cr.Type, hint)
+		}
+	}
+	for _, k := range sortedKeys(set) {
+		if set[k] && !slices.Contains(spec.required, k) && !slices.Contains(spec.optional, k) {
+			v.add(p+"."+k, "is not used by type %s", cr.Type)
+		}
+	}
+	if cr.ClientSecret != "" && cr.ClientSecretFile != "" && !cr.secretFromFile {
+		v.add(p+".client_secret_file", "set client_secret or client_secret_file, not both")
+	}
+	if cr.CertificatePassword != "" && cr.CertificatePasswordFile != "" && !cr.passwordFromFile {
+		v.add(p+".certificate_password_file", "set certificate_password or certificate_password_file, not both")
+	}
+	if cr.TenantID != "" && !validTenantID(cr.TenantID) {
+		v.add(p+".tenant_id", "%q is not a tenant ID (a GUID or a domain such as contoso.onmicrosoft.com)", cr.TenantID)
+	}
+	if cr.Type == TypeManagedIdentity {
+		n := 0
+		for _, s := range []string{cr.ClientID, cr.ResourceID, cr.ObjectID} {
+			if s != "" {
+				n++
+			}
+		}
+		if n > 1 {
+			v.add(p, "set at most one of client_id, resource_id, object_id to pick a user-assigned identity")
+		}
+	}
+	if cr.AuthorityHost != "" {
+		u, err := url.Parse(cr.AuthorityHost)
+		if err != nil || u.Scheme != "https" || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
+			v.add(p+".authority_host", "%q is not an https URL such as https://login.microsoftonline.us/", cr.AuthorityHost)
+		}
+	}
+}
+
+// KnownAuthorityHosts are the public and sovereign Entra authorities, for which MSAL's instance
+// discovery stays on; any other authority_host turns it off.
+var KnownAuthorityHosts = []string{
+	"login.microsoftonline.com",
+	"login.microsoftonline.us",
+	"login.chinacloudapi.cn",
+}
+
+// ValidDeploymentName reports whether s can be a deployment name: Azure allows letters, digits,
+// '-', '_' and '.', up to 64 characters. Refusing anything else keeps names safe in URL paths.
+func ValidDeploymentName(s string) bool {
+	return validLabel(s) && s != "." && s != ".."
+}
+
+func validLabel(s string) bool {
+	if s == "" || len(s) > 64 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		switch b := s[i]; {
+		case b >= 'a' && b <= 'z', b >= 'A' && b <= 'Z', b >= '0' && b <= '9', b == '-', b == '_', b == '.':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+func validTenantID(s string) bool {
+	if s == "" || len(s) > 256 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+func isSHA256Hex(s string) bool {
+	if len(s) != 64 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		switch b := s[i]; {
+		case b >= '0' && b <= '9', b >= 'a' && b <= 'f', b >= 'A' && b <= 'F':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// IsLoopbackHost reports whether host (without port) names the local machine.
+func IsLoopbackHost(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+type validator struct{ errs []error }
+
+func (v *validator) add(path, format string, args ...any) {
+	v.errs = append(v.errs, fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...)))
+}
+
+func (v *validator) listen(path, addr string) {
+	if _, port, err := net.SplitHostPort(addr); err != nil || port == "" {
+		v.add(path, "%q is not a host:port address", addr)
+	}
+}
+
+func (v *validator) upstreamURL(path, raw string) {
+	if raw == "" {
+		v.add(path, "is required")
+		return
+	}
+	u, err := url.Parse(raw)
+	switch {
+	case err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http"):
+		v.add(path, "%q is not an absolute http(s) URL such as https://myresource.openai.azure.com", raw)
+	case u.User != nil:
+		v.add(path, "must not carry user information")
+	case u.RawQuery != "" || u.Fragment != "":
+		v.add(path, "must not have a query or fragment")
+	case u.Scheme == "http" && !IsLoopbackHost(u.Hostname()):
+		v.add(path, "plain http is allowed only to loopback hosts: the gateway sends bearer tokens upstream, use https")
+	}
+}
+
+func known[T any](m map[string]T) string {
+	if len(m) == 0 {
+		return " (none are defined)"
+	}
+	return " (defined: " + strings.Join(sortedKeys(m), ", ") + ")"
+}
+
+func sortedKeys[T any](m map[string]T) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
