@@ -64,9 +64,13 @@ func Parse(data []byte, dir string, getenv Getenv) (*Config, error) {
 }
 
 // fillFromEnv applies the Azure workload identity webhook's variables to workload_identity
-// credentials that leave those fields empty, as azidentity itself would.
+// credentials that leave those fields empty, as azidentity itself would, and records the
+// AZURE_AUTHORITY_HOST a default credential will use.
 func (c *Config) fillFromEnv(getenv Getenv) {
 	for _, cr := range c.Credentials {
+		if cr != nil && cr.Type == TypeDefault && cr.AuthorityHost == "" {
+			cr.AuthorityHost = getenv("AZURE_AUTHORITY_HOST")
+		}
 		if cr == nil || cr.Type != TypeWorkloadIdentity {
 			continue
 		}
