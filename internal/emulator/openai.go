@@ -129,6 +129,7 @@ func NewOpenAI(opts OpenAIOptions) (*OpenAI, error) {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /openai/deployments/{deployment}/{op...}", o.serve)
 	mux.HandleFunc("POST /openai/v1/{op...}", o.serve)
+	mux.HandleFunc("GET /openai/v1/models", o.serve)
 	mux.HandleFunc("POST /models/{op...}", o.serve)
 	mux.HandleFunc("/", o.serve)
 	o.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
@@ -299,6 +300,10 @@ func (o *OpenAI) serve(w http.ResponseWriter, r *http.Request) {
 		azureError(w, http.StatusNotFound, "404", "Resource not found")
 		return
 	}
+	if r.Method == http.MethodGet && r.URL.Path == "/openai/v1/models" {
+		o.listModels(w)
+		return
+	}
 	if apiVersionRequired && r.URL.Query().Get("api-version") == "" {
 		azureError(w, http.StatusNotFound, "404", "Resource not found")
 		return
@@ -352,6 +357,16 @@ func (o *OpenAI) serve(w http.ResponseWriter, r *http.Request) {
 	default:
 		azureError(w, http.StatusBadRequest, "OperationNotSupported", fmt.Sprintf("The %s operation does not work with the specified model, %s. Please choose different model and try again.", op, model.Name))
 	}
+}
+
+func (o *OpenAI) listModels(w http.ResponseWriter) {
+	o.mu.Lock()
+	data := []any{}
+	for name := range o.deployments {
+		data = append(data, map[string]any{"id": name, "object": "model", "owned_by": "system"})
+	}
+	o.mu.Unlock()
+	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": data})
 }
 
 type tokenUsage struct {

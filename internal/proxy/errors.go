@@ -1,0 +1,104 @@
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+
+	"github.com/tokenproxy/tokenproxy/internal/broker"
+)
+
+// Error codes the gateway answers with. They are stable: clients and alerts may match on them.
+const (
+	CodeInvalidPath         = "InvalidPath"
+	CodeMissingAPIVersion   = "MissingApiVersionParameter"
+	CodeInvalidBody         = "InvalidRequestBody"
+	CodeMissingModel        = "MissingModel"
+	CodeUnauthorized        = "Unauthorized"
+	CodeForbidden           = "PermissionDenied"
+	CodeNotFound            = "NotFound"
+	CodeDeploymentNotFound  = "DeploymentNotFound"
+	CodeRequestTooLarge     = "RequestTooLarge"
+	CodeUpstreamUnreachable = "UpstreamUnreachable"
+	CodeTokenUnavailable    = "TokenUnavailable"
+	CodeUpstreamTimeout     = "UpstreamTimeout"
+	CodeClientClosed        = "ClientClosedRequest"
+	CodeInternal            = "InternalError"
+)
+
+// statusClientClosed is logged (as nginx does) when the caller went away before an answer.
+const statusClientClosed = 499
+
+// apiError is an answer the gateway decides itself.
+type apiError struct {
+	status  int
+	code    string
+	message string
+}
+
+func (e *apiError) Error() string { return e.code + ": " + e.message }
+
+func errorf(status int, code, format string, args ...any) *apiError {
+	return &apiError{status: status, code: code, message: fmt.Sprintf(format, args...)}
+}
+
+// statusFor maps any error on the request path to the status, code and caller-facing message.
+// It is the one place where errors become HTTP answers.
+func statusFor(err error, upstream string) *apiError {
+	var ae *apiError
+	var mbe *http.MaxBytesError
+	var ne net.Error
+	switch {
+	case errors.As(err, &ae):
+		return ae
+	case errors.As(err, &mbe):
+		return errorf(http.StatusRequestEntityTooLarge, CodeRequestTooLarge,
+			"the request body exceeds the gateway's limit of %d bytes (max_request_bytes)", mbe.Limit)
+	case errors.Is(err, broker.ErrNoToken):
+		// The broker's error names the credential and the cause in operator terms.
+		return errorf(http.StatusServiceUnavailable, CodeTokenUnavailable,
+			"the gateway has no Entra token for upstream %q: %v", upstream, err)
+	case errors.Is(err, context.Canceled):
+		return errorf(statusClientClosed, CodeClientClosed, "the caller closed the request")
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return errorf(http.StatusGatewayTimeout, CodeUpstreamTimeout,
+			"upstream %q did not answer in time (timeouts.response_header)", upstream)
+	default:
+		return errorf(http.StatusBadGateway, CodeUpstreamUnreachable,
+			"upstream %q could not be reached", upstream)
+	}
+}
+
+// writeError answers with the Azure error shape. x-ms-error-code carries the code as Azure does;
+// x-tokenproxy-error marks the answer as the gateway's own, not the upstream's.
+func writeError(w http.ResponseWriter, e *apiError) {
+	if e.status == statusClientClosed {
+		return // nobody is listening
+	}
+	body := marshalError(e.code, e.message)
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	h.Set("x-ms-error-code", e.code)
+	h.Set("x-tokenproxy-error", e.code)
+	w.WriteHeader(e.status)
+	w.Write(body)
+}
+
+type errorBody struct {
+	Error struct {
+		Code    string `json:"code"`
+		Message string `json:"message"`
+	} `json:"error"`
+}
+
+func marshalError(code, message string) []byte {
+	var e errorBody
+	e.Error.Code, e.Error.Message = code, message
+	b, _ := json.Marshal(e) // cannot fail; invalid UTF-8 is replaced
+	return b
+}

@@ -1,0 +1,152 @@
+package proxy
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"path"
+	"strings"
+	"testing"
+)
+
+// topLevelModels counts the top-level "model" keys with encoding/json, as the oracle.
+func topLevelModels(b []byte) (int, error) {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	tok, err := dec.Token()
+	if err != nil || tok != json.Delim('{') {
+		return 0, errors.New("not an object")
+	}
+	n := 0
+	for dec.More() {
+		k, err := dec.Token()
+		if err != nil {
+			return 0, err
+		}
+		if k == "model" {
+			n++
+		}
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return 0, err
+		}
+	}
+	return n, nil
+}
+
+func FuzzJSONModel(f *testing.F) {
+	for _, s := range []string{
+		`{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}`,
+		`{"messages":[{"model":"nested"}],"model":"m"}`,
+		`{"model":"a","model":"b"}`,
+		`{"mod\u0065l":"a","model":"b"}`,
+		`{"model":"a\"b\\c"}`,
+		`{"model":7}`, `{"model":null}`, `[]`, `"model"`, `{`, ``, `{}`,
+		` { "x" : [1,2,{"y":"}"}] , "model" : "m" } `,
+		"{\"model\":\"\xff\"}",
+		`{"a":{"b":{"c":{"d":[[[[["model"]]]]]}}},"model":"deep"}`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		ref, err := jsonModel(b)
+		if !json.Valid(b) {
+			if err == nil {
+				t.Fatalf("accepted invalid JSON %q", b)
+			}
+			return
+		}
+		n, oerr := topLevelModels(b)
+		switch {
+		case oerr != nil:
+			if err == nil {
+				t.Fatalf("accepted a non-object %q", b)
+			}
+		case n > 1:
+			if !errors.Is(err, errDuplicateModel) {
+				t.Fatalf("got %v for %d model keys in %q, want errDuplicateModel", err, n, b)
+			}
+		case n == 0:
+			if err != nil || ref.name != "" || ref.start != -1 {
+				t.Fatalf("got (%+v, %v) for a body without model %q", ref, err, b)
+			}
+		default:
+			var m map[string]json.RawMessage
+			if json.Unmarshal(b, &m) != nil {
+				t.Fatalf("oracle cannot decode %q", b)
+			}
+			var want string
+			if raw := bytes.TrimSpace(m["model"]); len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &want) != nil {
+				if err == nil {
+					t.Fatalf("accepted a non-string model in %q", b)
+				}
+				return
+			}
+			if err != nil || ref.name != want {
+				t.Fatalf("got (%q, %v), want %q from %q", ref.name, err, want, b)
+			}
+			// A rename replaces only the model.
+			out := renameModel(b, ref, "renamed")
+			var before, after map[string]json.RawMessage
+			if json.Unmarshal(out, &after) != nil {
+				t.Fatalf("rename produced invalid JSON %q from %q", out, b)
+			}
+			json.Unmarshal(b, &before)
+			if string(after["model"]) != `"renamed"` || len(after) != len(before) {
+				t.Fatalf("rename of %q gave %q", b, out)
+			}
+		}
+	})
+}
+
+func FuzzCheckPath(f *testing.F) {
+	for _, s := range []string{
+		"/openai/deployments/gpt-4o/chat/completions", "/", "", "//", "/a/../b", "/a/./b", "/a%2Fb",
+		"/a\\b", "/openai/deployments/x/", "http://evil/openai", "/é", "/a/b/..", strings.Repeat("/a", 600),
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, p string) {
+		if checkPath(p) != nil {
+			return
+		}
+		if p != "/" && path.Clean(p) != p {
+			t.Fatalf("accepted %q, which cleans to %q", p, path.Clean(p))
+		}
+		if strings.ContainsAny(p, "%\\?#") || len(p) > maxPathLen {
+			t.Fatalf("accepted %q", p)
+		}
+	})
+}
+
+func FuzzPresentedKey(f *testing.F) {
+	f.Add("key", "", "")
+	f.Add("", "Bearer key", "")
+	f.Add("a", "Bearer b", "")
+	f.Add("a", "a", "b")
+	f.Add(" ", "bearer   ", "")
+	f.Fuzz(func(t *testing.T, apiKey, auth, second string) {
+		h := http.Header{}
+		if apiKey != "" {
+			h.Add("Api-Key", apiKey)
+		}
+		if auth != "" {
+			h.Add("Authorization", auth)
+		}
+		if second != "" {
+			h.Add("Api-Key", second)
+		}
+		key, err := presentedKey(h)
+		if err != nil {
+			return
+		}
+		if len(h["Api-Key"]) > 1 {
+			t.Fatalf("accepted two api-key headers")
+		}
+		fromAPIKey := len(h["Api-Key"]) == 1 && key == strings.TrimSpace(h["Api-Key"][0])
+		fromAuth := auth != "" && strings.HasSuffix(strings.TrimSpace(auth), key)
+		if key != "" && !fromAPIKey && !fromAuth {
+			t.Fatalf("presented key %q came from neither header (%v)", key, h)
+		}
+	})
+}

@@ -1,0 +1,170 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/tokenproxy/tokenproxy/internal/broker"
+	"github.com/tokenproxy/tokenproxy/internal/broker/entra"
+	"github.com/tokenproxy/tokenproxy/internal/config"
+	"github.com/tokenproxy/tokenproxy/internal/emulator"
+)
+
+// Keys of the test callers.
+const (
+	keyProd  = "tp-test-key-prod-0123456789abcdef" // may use gpt-4.1-mini
+	keyAdmin = "tp-test-key-admin-0123456789abcde" // may use everything
+)
+
+func hashKey(k string) string {
+	s := sha256.Sum256([]byte(k))
+	return hex.EncodeToString(s[:])
+}
+
+// gateway is a Handler wired as `proxy serve` wires it: real broker, real azidentity client
+// secret credential, the emulator as Entra and as the upstream.
+type gateway struct {
+	t       *testing.T
+	emu     *emulator.Emulator
+	cfg     *config.Config
+	broker  *broker.Broker
+	handler *Handler
+	srv     *httptest.Server
+	reg     *prometheus.Registry
+	logs    *syncBuffer
+}
+
+type gatewayOption func(*config.Config)
+
+func newGateway(t *testing.T, opts ...gatewayOption) *gateway {
+	t.Helper()
+	emu, err := emulator.Start(emulator.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(emu.Close)
+	cfg := config.Default()
+	cfg.Credentials = map[string]*config.Credential{"corp-app": {
+		Type: config.TypeClientSecret, TenantID: emu.TenantID, ClientID: emu.ClientID,
+		ClientSecret: config.Secret(emu.ClientSecret), AuthorityHost: emu.URL(),
+	}}
+	cfg.Upstreams = map[string]*config.Upstream{"eastca": {URL: emu.OpenAI.URL(), Credential: "corp-app"}}
+	cfg.Deployments = map[string]*config.Deployment{
+		"gpt-4.1-mini":           {Upstream: "eastca", Deployment: "deploy-gpt-4.1"},
+		"gpt-4o":                 {Upstream: "eastca"},
+		"text-embedding-3-small": {Upstream: "eastca"},
+	}
+	cfg.Callers = []*config.Caller{
+		{Name: "a360-prod", KeySHA256: hashKey(keyProd), Deployments: []string{"gpt-4.1-mini"}},
+		{Name: "admin", KeySHA256: hashKey(keyAdmin), Deployments: []string{"*"}},
+	}
+	for _, o := range opts {
+		o(cfg)
+	}
+	cfg.ApplyDefaults()
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("test config: %v", err)
+	}
+	return startGateway(t, emu, cfg)
+}
+
+func startGateway(t *testing.T, emu *emulator.Emulator, cfg *config.Config) *gateway {
+	t.Helper()
+	g := &gateway{t: t, emu: emu, cfg: cfg, reg: prometheus.NewPedanticRegistry(), logs: &syncBuffer{}}
+	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(g.logs), zap.DebugLevel))
+	fetchers := map[string]broker.Fetcher{}
+	for name, c := range cfg.Credentials {
+		f, err := entra.New(name, c, entra.Options{HTTPClient: emu.CA().Client()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		fetchers[name] = f
+	}
+	b, err := broker.New(broker.Options{Fetchers: fetchers, Logger: log.Named("broker"), Registerer: g.reg, MinBackoff: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sources := map[string]broker.TokenSource{}
+	for name, u := range cfg.Upstreams {
+		if sources[name], err = b.Source(u.Credential, u.Scope); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h, err := New(Options{Config: cfg, Sources: sources, Logger: log, Registerer: g.reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.broker, g.handler = b, h
+	g.srv = httptest.NewServer(h)
+	t.Cleanup(g.srv.Close)
+	return g
+}
+
+// do sends a request to the gateway and returns the response with its body read.
+func (g *gateway) do(method, path string, header map[string]string, body string) (*http.Response, string) {
+	g.t.Helper()
+	return g.doCtx(g.t.Context(), method, path, header, body)
+}
+
+func (g *gateway) doCtx(ctx context.Context, method, path string, header map[string]string, body string) (*http.Response, string) {
+	g.t.Helper()
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, g.srv.URL+path, rd)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	for k, v := range header {
+		req.Header.Set(k, v)
+	}
+	resp, err := g.srv.Client().Do(req)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	return resp, string(b)
+}
+
+// tokensRequested is how many token requests reached the emulated Entra for the gateway's app.
+func (g *gateway) tokensRequested() int { return g.emu.TokenRequests(g.emu.ClientID) }
+
+const chatBody = `{"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"some prompt query"}],"max_completion_tokens":500}`
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}

@@ -1,0 +1,109 @@
+package proxy
+
+import (
+	"errors"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// maxPassthroughLabels bounds the deployment label values when deployments pass through
+// unconfigured: names then come from callers, and must not grow the series without limit.
+const maxPassthroughLabels = 100
+
+type metrics struct {
+	requests        *prometheus.CounterVec
+	duration        *prometheus.HistogramVec
+	upstreamLatency *prometheus.HistogramVec
+	inflight        prometheus.Gauge
+
+	// Deployment label values: the configured names, or in pass-through mode the first
+	// maxPassthroughLabels names seen.
+	passthrough bool
+	configured  map[string]bool
+	mu          sync.RWMutex
+	seen        map[string]bool
+}
+
+func newMetrics(passthrough bool, configured map[string]bool) *metrics {
+	return &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "tokenproxy",
+			Name:      "requests_total",
+			Help:      "API requests by caller, exposed deployment and HTTP status (499: the caller went away).",
+		}, []string{"caller", "deployment", "code"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "tokenproxy",
+			Name:      "request_duration_seconds",
+			Help:      "Time from request to the end of the response (streams included), by exposed deployment.",
+			Buckets:   []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600},
+		}, []string{"deployment"}),
+		upstreamLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "tokenproxy",
+			Name:      "upstream_response_seconds",
+			Help:      "Time from forwarding a request to the upstream's response headers, by upstream.",
+			Buckets:   []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600},
+		}, []string{"upstream"}),
+		inflight: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "tokenproxy",
+			Name:      "inflight_requests",
+			Help:      "API requests being served, streams included.",
+		}),
+		passthrough: passthrough,
+		configured:  configured,
+		seen:        map[string]bool{},
+	}
+}
+
+func (m *metrics) register(reg prometheus.Registerer) error {
+	return errors.Join(reg.Register(m.requests), reg.Register(m.duration), reg.Register(m.upstreamLatency), reg.Register(m.inflight))
+}
+
+// deploymentLabel bounds the label's values: a name a caller made up is counted under "".
+func (m *metrics) deploymentLabel(d string) string {
+	if !m.passthrough {
+		if m.configured[d] {
+			return d
+		}
+		return ""
+	}
+	m.mu.RLock()
+	ok := m.seen[d]
+	m.mu.RUnlock()
+	if ok || d == "" {
+		return d
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.seen[d] {
+		return d
+	}
+	if len(m.seen) >= maxPassthroughLabels {
+		return "_other"
+	}
+	m.seen[d] = true
+	return d
+}
+
+// statusLabels holds the label text of every status code, so counting does not format one.
+var statusLabels = func() (s [600]string) {
+	for i := range s {
+		s[i] = strconv.Itoa(i)
+	}
+	return s
+}()
+
+func (h *Handler) observe(c *call, status int) {
+	code := strconv.Itoa(status)
+	if status >= 0 && status < len(statusLabels) {
+		code = statusLabels[status]
+	}
+	dep := h.m.deploymentLabel(c.deployment)
+	h.m.requests.WithLabelValues(c.caller, dep, code).Inc()
+	h.m.duration.WithLabelValues(dep).Observe(time.Since(c.start).Seconds())
+	if c.upstream != "" && c.code == "" && !c.headerAt.IsZero() && !c.proxyStart.IsZero() {
+		h.m.upstreamLatency.WithLabelValues(c.upstream).Observe(c.headerAt.Sub(c.proxyStart).Seconds())
+	}
+}

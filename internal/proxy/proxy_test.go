@@ -1,0 +1,434 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"mime/multipart"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tokenproxy/tokenproxy/internal/config"
+	"github.com/tokenproxy/tokenproxy/internal/emulator"
+)
+
+const chatPath = "/openai/deployments/gpt-4.1-mini/chat/completions?api-version=2025-01-01-preview"
+
+func TestChatCompletionEndToEnd(t *testing.T) {
+	g := newGateway(t)
+	resp, body := g.do("POST", chatPath, map[string]string{"api-key": keyProd}, chatBody)
+	if resp.StatusCode != 200 {
+		t.Fatalf("got %d %s, want 200", resp.StatusCode, body)
+	}
+	var chat struct {
+		Object  string
+		Choices []struct{ Message struct{ Content string } }
+	}
+	if err := json.Unmarshal([]byte(body), &chat); err != nil || chat.Object != "chat.completion" ||
+		!strings.Contains(chat.Choices[0].Message.Content, "some prompt query") {
+		t.Fatalf("got body %s, want the emulator's chat.completion", body)
+	}
+
+	reqs := g.emu.OpenAI.Requests()
+	if len(reqs) != 1 {
+		t.Fatalf("upstream got %d requests, want 1", len(reqs))
+	}
+	up := reqs[0]
+	if want := "/openai/deployments/deploy-gpt-4.1/chat/completions"; up.Path != want {
+		t.Errorf("upstream path = %q, want %q (renamed)", up.Path, want)
+	}
+	if up.RawQuery != "api-version=2025-01-01-preview" {
+		t.Errorf("upstream query = %q, want the caller's", up.RawQuery)
+	}
+	if want := strings.TrimPrefix(g.emu.OpenAI.URL(), "http://"); up.Host != want {
+		t.Errorf("upstream Host = %q, want %q", up.Host, want)
+	}
+	if up.Claims.AppID != g.emu.ClientID {
+		t.Errorf("upstream saw token for %q, want the gateway's app", up.Claims.AppID)
+	}
+	if body := string(up.Body); body != chatBody {
+		t.Errorf("upstream body = %s, want it unchanged", body)
+	}
+	id := resp.Header.Get("x-ms-client-request-id")
+	if id == "" || up.Header.Get("x-ms-client-request-id") != id {
+		t.Errorf("request id: caller got %q, upstream got %q; want the same generated ID", id, up.Header.Get("x-ms-client-request-id"))
+	}
+	if len(resp.Header.Values("x-ms-client-request-id")) != 1 {
+		t.Errorf("got x-ms-client-request-id %q, want exactly one value", resp.Header.Values("x-ms-client-request-id"))
+	}
+	for _, h := range []string{"apim-request-id", "x-ms-region", "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens"} {
+		if resp.Header.Get(h) == "" {
+			t.Errorf("Azure response header %s did not pass through", h)
+		}
+	}
+}
+
+func TestCallerRequestIDIsKept(t *testing.T) {
+	g := newGateway(t)
+	resp, _ := g.do("POST", chatPath, map[string]string{"api-key": keyProd, "x-ms-client-request-id": "a360-run-42"}, chatBody)
+	if got := resp.Header.Get("x-ms-client-request-id"); got != "a360-run-42" {
+		t.Errorf("got request id %q, want the caller's a360-run-42", got)
+	}
+	if got := g.emu.OpenAI.Requests()[0].Header.Get("x-ms-client-request-id"); got != "a360-run-42" {
+		t.Errorf("upstream got %q, want a360-run-42", got)
+	}
+	resp, _ = g.do("POST", chatPath, map[string]string{"api-key": keyProd, "x-ms-client-request-id": "bad id\twith junk"}, chatBody)
+	if got := resp.Header.Get("x-ms-client-request-id"); len(got) != 36 {
+		t.Errorf("got request id %q for an unusable caller ID, want a generated UUID", got)
+	}
+}
+
+func TestCallerCredentialsNeverReachUpstream(t *testing.T) {
+	g := newGateway(t)
+	for _, h := range []map[string]string{
+		{"api-key": keyProd},
+		{"Authorization": "Bearer " + keyProd},
+		{"api-key": keyProd, "Authorization": "Bearer " + keyProd},
+		{"Authorization": "bearer  " + keyProd + " ", "Cookie": "session=abc", "Ocp-Apim-Subscription-Key": "apim-key"},
+	} {
+		resp, body := g.do("POST", chatPath, h, chatBody)
+		if resp.StatusCode != 200 {
+			t.Fatalf("with %v got %d %s, want 200", h, resp.StatusCode, body)
+		}
+	}
+	for _, r := range g.emu.OpenAI.Requests() {
+		for k, vs := range r.Header {
+			for _, v := range vs {
+				if strings.Contains(v, keyProd) || strings.Contains(v, "session=abc") || strings.Contains(v, "apim-key") {
+					t.Errorf("upstream received a caller credential in %s", k)
+				}
+			}
+		}
+		if r.Header.Get("Api-Key") != "" || r.Header.Get("Cookie") != "" || len(r.Header.Values("Authorization")) != 1 {
+			t.Errorf("upstream headers %v, want exactly one Authorization and no api-key or cookie", r.Header)
+		}
+	}
+}
+
+func TestRejectedCallsNeverReachUpstreamOrBroker(t *testing.T) {
+	g := newGateway(t, func(c *config.Config) { c.MaxRequestBytes = 1024 })
+	big := `{"messages":[{"role":"user","content":"` + strings.Repeat("x", 2000) + `"}]}`
+	tests := []struct {
+		name       string
+		method     string
+		path       string
+		header     map[string]string
+		body       string
+		chunked    bool
+		wantStatus int
+		wantCode   string
+	}{
+		{"no key", "POST", chatPath, nil, chatBody, false, 401, CodeUnauthorized},
+		{"unknown key", "POST", chatPath, map[string]string{"api-key": "nope"}, chatBody, false, 401, CodeUnauthorized},
+		{"conflicting keys", "POST", chatPath, map[string]string{"api-key": keyProd, "Authorization": "Bearer " + keyAdmin}, chatBody, false, 401, CodeUnauthorized},
+		{"basic auth", "POST", chatPath, map[string]string{"Authorization": "Basic " + keyProd}, chatBody, false, 401, CodeUnauthorized},
+		{"unknown key on v1", "POST", "/openai/v1/chat/completions", map[string]string{"api-key": "nope"}, `{"model":"gpt-4o"}`, false, 401, CodeUnauthorized},
+		{"deployment not allowed", "POST", "/openai/deployments/gpt-4o/chat/completions?api-version=1", map[string]string{"api-key": keyProd}, chatBody, false, 403, CodeForbidden},
+		{"unknown deployment, restricted caller", "POST", "/openai/deployments/nope/chat/completions?api-version=1", map[string]string{"api-key": keyProd}, chatBody, false, 403, CodeForbidden},
+		{"unknown deployment", "POST", "/openai/deployments/nope/chat/completions?api-version=1", map[string]string{"api-key": keyAdmin}, chatBody, false, 404, CodeDeploymentNotFound},
+		{"v1 model not allowed", "POST", "/openai/v1/chat/completions", map[string]string{"api-key": keyProd}, `{"model":"gpt-4o"}`, false, 403, CodeForbidden},
+		{"unknown route", "POST", "/openai/whatever", map[string]string{"api-key": keyAdmin}, chatBody, false, 404, CodeNotFound},
+		{"root", "GET", "/", nil, "", false, 404, CodeNotFound},
+		{"missing api-version", "POST", "/openai/deployments/gpt-4.1-mini/chat/completions", map[string]string{"api-key": keyProd}, chatBody, false, 400, CodeMissingAPIVersion},
+		{"dot segments", "POST", "/openai/deployments/gpt-4.1-mini/../gpt-4o/chat/completions?api-version=1", map[string]string{"api-key": keyProd}, chatBody, false, 400, CodeInvalidPath},
+		{"encoded slash", "POST", "/openai/deployments/gpt-4.1-mini%2F..%2Fgpt-4o/chat/completions?api-version=1", map[string]string{"api-key": keyProd}, chatBody, false, 400, CodeInvalidPath},
+		{"double slash", "POST", "/openai/deployments//gpt-4.1-mini/chat/completions?api-version=1", map[string]string{"api-key": keyProd}, chatBody, false, 400, CodeInvalidPath},
+		{"too large (Content-Length)", "POST", chatPath, map[string]string{"api-key": keyProd}, big, false, 413, CodeRequestTooLarge},
+		{"too large (chunked)", "POST", chatPath, map[string]string{"api-key": keyProd}, big, true, 413, CodeRequestTooLarge},
+		{"too large (v1)", "POST", "/openai/v1/chat/completions", map[string]string{"api-key": keyAdmin}, big, false, 413, CodeRequestTooLarge},
+		{"too large (chunked, v1)", "POST", "/openai/v1/chat/completions", map[string]string{"api-key": keyAdmin}, big, true, 413, CodeRequestTooLarge},
+		{"invalid JSON", "POST", "/openai/v1/chat/completions", map[string]string{"api-key": keyAdmin}, `{"model":`, false, 400, CodeInvalidBody},
+		{"duplicate model", "POST", "/openai/v1/chat/completions", map[string]string{"api-key": keyProd}, `{"model":"gpt-4.1-mini","model":"gpt-4o"}`, false, 400, CodeInvalidBody},
+		{"escaped duplicate model", "POST", "/openai/v1/chat/completions", map[string]string{"api-key": keyProd}, `{"model":"gpt-4.1-mini","mod\u0065l":"gpt-4o"}`, false, 400, CodeInvalidBody},
+		{"model not a string", "POST", "/openai/v1/chat/completions", map[string]string{"api-key": keyAdmin}, `{"model":7}`, false, 400, CodeInvalidBody},
+		{"no model, restricted caller", "POST", "/openai/v1/chat/completions", map[string]string{"api-key": keyProd}, `{"messages":[]}`, false, 400, CodeMissingModel},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var body io.Reader
+			if tt.body != "" {
+				body = strings.NewReader(tt.body)
+				if tt.chunked {
+					body = io.MultiReader(strings.NewReader(tt.body)) // unknown length: sent chunked
+				}
+			}
+			req, _ := http.NewRequestWithContext(t.Context(), tt.method, g.srv.URL+tt.path, body)
+			for k, v := range tt.header {
+				req.Header.Set(k, v)
+			}
+			resp, err := g.srv.Client().Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tt.wantStatus {
+				t.Fatalf("got %d %s, want %d", resp.StatusCode, b, tt.wantStatus)
+			}
+			var e errorBody
+			if err := json.Unmarshal(b, &e); err != nil || e.Error.Code != tt.wantCode || e.Error.Message == "" {
+				t.Errorf("got body %s, want an Azure-shaped error with code %q", b, tt.wantCode)
+			}
+			if resp.Header.Get("x-tokenproxy-error") != tt.wantCode || resp.Header.Get("x-ms-client-request-id") == "" {
+				t.Errorf("got headers %v, want x-tokenproxy-error and x-ms-client-request-id", resp.Header)
+			}
+		})
+	}
+	if n := len(g.emu.OpenAI.Requests()); n != 0 {
+		t.Errorf("rejected calls reached the upstream %d times, want 0", n)
+	}
+	if n := g.tokensRequested(); n != 0 {
+		t.Errorf("rejected calls made %d token requests, want 0 (the broker must not be touched)", n)
+	}
+}
+
+func TestBearerKeyConvention(t *testing.T) {
+	g := newGateway(t)
+	resp, body := g.do("POST", chatPath, map[string]string{"Authorization": "Bearer " + keyProd}, chatBody)
+	if resp.StatusCode != 200 {
+		t.Fatalf("got %d %s, want 200 with the OpenAI SDK's Authorization: Bearer", resp.StatusCode, body)
+	}
+}
+
+func TestBodyRoutedCalls(t *testing.T) {
+	g := newGateway(t)
+	tests := []struct {
+		name, path, key, body string
+		wantUpstreamPath      string
+		wantModel             string
+	}{
+		{"v1 chat, renamed", "/openai/v1/chat/completions", keyProd,
+			`{"model":"gpt-4.1-mini","messages":[{"role":"user","content":"hi"}]}`,
+			"/openai/v1/chat/completions", "deploy-gpt-4.1"},
+		{"v1 chat, escaped model key, renamed", "/openai/v1/chat/completions", keyProd,
+			`{"messages":[{"role":"user","content":"hi"}], "mod\u0065l" : "gpt-4.1-mini" }`,
+			"/openai/v1/chat/completions", "deploy-gpt-4.1"},
+		{"v1 embeddings", "/openai/v1/embeddings", keyAdmin,
+			`{"input":"hello","model":"text-embedding-3-small"}`,
+			"/openai/v1/embeddings", "text-embedding-3-small"},
+		{"foundry models", "/models/chat/completions?api-version=2024-05-01-preview", keyAdmin,
+			`{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}`,
+			"/models/chat/completions", "gpt-4o"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			n := len(g.emu.OpenAI.Requests())
+			resp, body := g.do("POST", tt.path, map[string]string{"api-key": tt.key}, tt.body)
+			if resp.StatusCode != 200 {
+				t.Fatalf("got %d %s, want 200", resp.StatusCode, body)
+			}
+			up := g.emu.OpenAI.Requests()[n]
+			if up.Path != tt.wantUpstreamPath {
+				t.Errorf("upstream path %q, want %q", up.Path, tt.wantUpstreamPath)
+			}
+			var m struct{ Model string }
+			json.Unmarshal(up.Body, &m)
+			if m.Model != tt.wantModel {
+				t.Errorf("upstream model %q, want %q", m.Model, tt.wantModel)
+			}
+			if tt.wantModel == strings.TrimSpace(m.Model) && !strings.Contains(tt.body, `"`+tt.wantModel+`"`) {
+				// Renamed: everything but the model token must be byte-identical.
+				want := strings.Replace(tt.body, `"gpt-4.1-mini"`, `"deploy-gpt-4.1"`, 1)
+				if string(up.Body) != want {
+					t.Errorf("upstream body %s, want %s", up.Body, want)
+				}
+			}
+		})
+	}
+
+	t.Run("missing api-version on /models", func(t *testing.T) {
+		resp, _ := g.do("POST", "/models/chat/completions", map[string]string{"api-key": keyAdmin}, `{"model":"gpt-4o"}`)
+		if resp.StatusCode != 400 {
+			t.Errorf("got %d, want 400", resp.StatusCode)
+		}
+	})
+	t.Run("multipart model", func(t *testing.T) {
+		var buf strings.Builder
+		mw := multipart.NewWriter(&buf)
+		mw.WriteField("model", "gpt-4o")
+		fw, _ := mw.CreateFormFile("file", "a.wav")
+		fw.Write([]byte("RIFF...."))
+		mw.Close()
+		resp, _ := g.do("POST", "/openai/v1/audio/transcriptions", map[string]string{"api-key": keyProd, "Content-Type": mw.FormDataContentType()}, buf.String())
+		if resp.StatusCode != 403 {
+			t.Errorf("multipart call to a deployment the caller may not use got %d, want 403", resp.StatusCode)
+		}
+	})
+}
+
+func TestModellessCalls(t *testing.T) {
+	g := newGateway(t)
+	// GET /openai/v1/models names no deployment: only a caller allowed everything may make it.
+	if resp, _ := g.do("GET", "/openai/v1/models", map[string]string{"api-key": keyProd}, ""); resp.StatusCode != 400 {
+		t.Errorf("restricted caller got %d, want 400", resp.StatusCode)
+	}
+	resp, body := g.do("GET", "/openai/v1/models", map[string]string{"api-key": keyAdmin}, "")
+	if resp.StatusCode != 200 || !strings.Contains(body, `"object":"list"`) || len(g.emu.OpenAI.Requests()) != 1 {
+		t.Errorf("admin caller got %d %s and %d upstream requests, want it forwarded", resp.StatusCode, body, len(g.emu.OpenAI.Requests()))
+	}
+}
+
+func TestPassthroughWithoutDeployments(t *testing.T) {
+	g := newGateway(t, func(c *config.Config) {
+		c.Deployments = nil
+		c.Callers[0].Deployments = []string{"deploy-gpt-4.1"}
+	})
+	resp, body := g.do("POST", "/openai/deployments/deploy-gpt-4.1/chat/completions?api-version=1", map[string]string{"api-key": keyProd}, chatBody)
+	if resp.StatusCode != 200 {
+		t.Fatalf("got %d %s, want 200", resp.StatusCode, body)
+	}
+	if resp, _ := g.do("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=1", map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 403 {
+		t.Errorf("got %d for a deployment outside the allow-list, want 403", resp.StatusCode)
+	}
+	if resp, _ := g.do("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=1", map[string]string{"api-key": keyAdmin}, chatBody); resp.StatusCode != 200 {
+		t.Errorf("admin got %d, want 200 (name passed through)", resp.StatusCode)
+	}
+}
+
+// events reads SSE data lines and when each arrived.
+func readEvents(t *testing.T, body io.Reader, max int) ([]string, []time.Time) {
+	t.Helper()
+	var events []string
+	var at []time.Time
+	sc := bufio.NewScanner(body)
+	for sc.Scan() && (max <= 0 || len(events) < max) {
+		if d, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
+			events = append(events, d)
+			at = append(at, time.Now())
+		}
+	}
+	return events, at
+}
+
+func TestStreamingIsNotBuffered(t *testing.T) {
+	g := newGateway(t)
+	const interval = 80 * time.Millisecond
+	g.emu.OpenAI.SetChunkInterval(interval)
+	req, _ := http.NewRequestWithContext(t.Context(), "POST", g.srv.URL+chatPath,
+		strings.NewReader(`{"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}`))
+	req.Header.Set("api-key", keyProd)
+	resp, err := g.srv.Client().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.Header.Get("Content-Type") != "text/event-stream; charset=utf-8" || resp.ContentLength != -1 {
+		t.Errorf("got Content-Type %q, length %d; want an unbounded event stream", resp.Header.Get("Content-Type"), resp.ContentLength)
+	}
+	events, at := readEvents(t, resp.Body, 0)
+	if len(events) < 6 || events[len(events)-1] != "[DONE]" || !strings.Contains(events[len(events)-2], `"usage"`) {
+		t.Fatalf("got events %q, want chunks, a usage chunk and [DONE]", events)
+	}
+	// Buffering would deliver everything at once, at the end. Each event must arrive on its
+	// own: consecutive arrivals are spaced by about the emulator's interval.
+	for i := 1; i < len(at); i++ {
+		if gap := at[i].Sub(at[i-1]); gap < interval/2 {
+			t.Errorf("event %d arrived %v after the previous one, want about %v (the stream is being buffered)", i, gap, interval)
+		}
+	}
+}
+
+func TestClientCancelReachesUpstream(t *testing.T) {
+	g := newGateway(t)
+	g.emu.OpenAI.SetChunkInterval(time.Hour) // a stream that would never end on its own
+	ctx, cancel := context.WithCancel(t.Context())
+	req, _ := http.NewRequestWithContext(ctx, "POST", g.srv.URL+chatPath, strings.NewReader(`{"stream":true,"messages":[{"role":"user","content":"hi"}]}`))
+	req.Header.Set("api-key", keyProd)
+	resp, err := g.srv.Client().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if events, _ := readEvents(t, resp.Body, 1); len(events) != 1 {
+		t.Fatalf("got %d events, want the first one", len(events))
+	}
+	cancel()
+	resp.Body.Close()
+	select {
+	case r := <-g.emu.OpenAI.Finished():
+		if !r.Canceled {
+			t.Errorf("upstream request finished without being cancelled")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the upstream request was not cancelled after the caller went away")
+	}
+}
+
+func TestTokenUnavailableIs503WithReason(t *testing.T) {
+	g := newGateway(t, func(c *config.Config) { c.Credentials["corp-app"].ClientSecret = "wrong-secret-value" })
+	resp, body := g.do("POST", chatPath, map[string]string{"api-key": keyProd}, chatBody)
+	if resp.StatusCode != 503 {
+		t.Fatalf("got %d %s, want 503", resp.StatusCode, body)
+	}
+	var e errorBody
+	json.Unmarshal([]byte(body), &e)
+	for _, want := range []string{`upstream "eastca"`, `credential "corp-app"`, "AADSTS7000215", "Secret ID"} {
+		if e.Error.Code != CodeTokenUnavailable || !strings.Contains(e.Error.Message, want) {
+			t.Errorf("got %s, want code TokenUnavailable and a message with %q", body, want)
+		}
+	}
+	if strings.Contains(body, "wrong-secret-value") {
+		t.Error("the error body contains the client secret")
+	}
+	if len(g.emu.OpenAI.Requests()) != 0 {
+		t.Error("a call without a token reached the upstream")
+	}
+}
+
+func TestUpstreamFailures(t *testing.T) {
+	t.Run("unreachable is 502", func(t *testing.T) {
+		g := newGateway(t, func(c *config.Config) { c.Upstreams["eastca"].URL = "http://127.0.0.1:1" })
+		resp, body := g.do("POST", chatPath, map[string]string{"api-key": keyProd}, chatBody)
+		if resp.StatusCode != 502 || !strings.Contains(body, CodeUpstreamUnreachable) {
+			t.Errorf("got %d %s, want 502 UpstreamUnreachable", resp.StatusCode, body)
+		}
+	})
+	t.Run("response header timeout is 504", func(t *testing.T) {
+		g := newGateway(t, func(c *config.Config) { c.Timeouts.ResponseHeader = 200 * time.Millisecond })
+		g.emu.OpenAI.SetLatency(5 * time.Second)
+		resp, body := g.do("POST", chatPath, map[string]string{"api-key": keyProd}, chatBody)
+		if resp.StatusCode != 504 || !strings.Contains(body, CodeUpstreamTimeout) {
+			t.Errorf("got %d %s, want 504 UpstreamTimeout", resp.StatusCode, body)
+		}
+	})
+	t.Run("upstream errors pass through", func(t *testing.T) {
+		g := newGateway(t)
+		g.emu.OpenAI.InjectFault(emulator.Fault{Status: 429, RetryAfter: 2 * time.Second, Count: 1})
+		resp, body := g.do("POST", chatPath, map[string]string{"api-key": keyProd}, chatBody)
+		if resp.StatusCode != 429 || resp.Header.Get("retry-after-ms") != "2000" || resp.Header.Get("retry-after") != "2" || resp.Header.Get("x-tokenproxy-error") != "" {
+			t.Errorf("got %d %v %s, want Azure's 429 with its retry-after headers", resp.StatusCode, resp.Header, body)
+		}
+	})
+}
+
+func TestConcurrentColdRequestsMakeOneTokenRequest(t *testing.T) {
+	g := newGateway(t)
+	const n = 200
+	errs := make(chan error, n)
+	for range n {
+		go func() {
+			req, _ := http.NewRequestWithContext(t.Context(), "POST", g.srv.URL+chatPath, strings.NewReader(chatBody))
+			req.Header.Set("api-key", keyProd)
+			resp, err := g.srv.Client().Do(req)
+			if err == nil {
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 {
+					err = fmt.Errorf("status %d", resp.StatusCode)
+				}
+			}
+			errs <- err
+		}()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := g.tokensRequested(); got != 1 {
+		t.Errorf("%d concurrent cold calls made %d token requests, want 1", n, got)
+	}
+}

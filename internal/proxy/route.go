@@ -1,0 +1,41 @@
+package proxy
+
+import (
+	"net/http"
+	"strings"
+)
+
+// maxPathLen bounds request paths; Azure's longest data-plane paths are well under this.
+const maxPathLen = 1024
+
+// checkPath accepts only canonical paths made of letters, digits and '/', '-', '_', '.', with no
+// empty, '.' or '..' segments. The gateway authorises a deployment named in the path and then
+// forwards the path; anything an upstream might normalise differently (dot segments, doubled or
+// encoded slashes, backslashes) could make it reach a deployment the caller was not allowed, so
+// such paths are refused rather than cleaned. No Azure OpenAI or Foundry route needs them.
+func checkPath(escaped string) *apiError {
+	if len(escaped) > maxPathLen {
+		return errorf(http.StatusRequestURITooLong, CodeInvalidPath, "the request path is longer than %d bytes", maxPathLen)
+	}
+	if escaped == "" || escaped[0] != '/' {
+		return errorf(http.StatusBadRequest, CodeInvalidPath, "the request path must start with /")
+	}
+	for i := 0; i < len(escaped); i++ {
+		switch c := escaped[i]; {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '/', c == '-', c == '_', c == '.':
+		default:
+			return errorf(http.StatusBadRequest, CodeInvalidPath,
+				"the request path may contain only letters, digits and / - _ . (no percent-encoding)")
+		}
+	}
+	if escaped == "/" {
+		return nil
+	}
+	for seg := range strings.SplitSeq(escaped[1:], "/") {
+		if seg == "" || seg == "." || seg == ".." {
+			return errorf(http.StatusBadRequest, CodeInvalidPath,
+				"the request path must not contain empty, '.' or '..' segments")
+		}
+	}
+	return nil
+}
