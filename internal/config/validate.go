@@ -17,7 +17,7 @@ func (c *Config) Validate() error {
 	v := &validator{}
 	v.listen("listen", c.Listen)
 	v.listen("admin_listen", c.AdminListen)
-	if c.Listen != "" && c.Listen == c.AdminListen {
+	if _, port, _ := net.SplitHostPort(c.Listen); c.Listen == c.AdminListen && port != "0" {
 		v.add("admin_listen", "must differ from listen: the admin endpoints are kept off the API port")
 	}
 	if !slices.Contains([]string{"debug", "info", "warn", "error"}, c.LogLevel) {

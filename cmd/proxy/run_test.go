@@ -1,0 +1,328 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/uuid"
+
+	"github.com/tokenproxy/tokenproxy/internal/emulator"
+)
+
+func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+
+// runSync runs a short command and returns its outputs.
+func runSync(t *testing.T, stdin string, getenv func(string) string, args ...string) (string, string, error) {
+	t.Helper()
+	var out, errOut strings.Builder
+	if getenv == nil {
+		getenv = env(nil)
+	}
+	err := run(t.Context(), args, getenv, strings.NewReader(stdin), &out, &errOut)
+	return out.String(), errOut.String(), err
+}
+
+func TestHelpOnEveryCommand(t *testing.T) {
+	for _, args := range [][]string{
+		{"--help"}, {"help"}, {"serve", "--help"}, {"demo", "--help"}, {"validate", "-h"}, {"hash-key", "--help"}, {"version", "--help"},
+	} {
+		out, _, err := runSync(t, "", nil, args...)
+		if err != nil || !strings.Contains(out, "Usage") && !strings.Contains(out, "usage") {
+			t.Errorf("%v: got (%q, %v), want usage on stdout and success", args, out, err)
+		}
+	}
+	if _, errOut, err := runSync(t, "", nil, "frobnicate"); !errors.Is(err, errUsage) || !strings.Contains(errOut, `unknown command "frobnicate"`) {
+		t.Errorf("unknown command: got (%q, %v), want a usage error", errOut, err)
+	}
+	if _, _, err := runSync(t, "", nil); !errors.Is(err, errUsage) {
+		t.Errorf("no command: got %v, want a usage error", err)
+	}
+	if _, errOut, err := runSync(t, "", nil, "serve", "--bogus"); !errors.Is(err, errUsage) || !strings.Contains(errOut, "bogus") {
+		t.Errorf("bad flag: got (%q, %v), want a usage error", errOut, err)
+	}
+}
+
+func TestVersion(t *testing.T) {
+	out, _, err := runSync(t, "", nil, "version")
+	if err != nil || !strings.HasPrefix(out, "proxy dev (go") {
+		t.Errorf("got (%q, %v), want the version", out, err)
+	}
+}
+
+func TestHashKey(t *testing.T) {
+	// The issue's example: key_sha256 of "test".
+	out, errOut, err := runSync(t, "test\n", nil, "hash-key")
+	if err != nil || out != "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\n" {
+		t.Errorf("got (%q, %v), want the SHA-256 of test", out, err)
+	}
+	if !strings.Contains(errOut, "can be guessed") {
+		t.Errorf("a 4-character key got no warning: %q", errOut)
+	}
+	for _, in := range []string{"", " padded \n", "two\nlines"} {
+		if _, _, err := runSync(t, in, nil, "hash-key"); err == nil {
+			t.Errorf("hash-key accepted %q", in)
+		}
+	}
+	out, _, err = runSync(t, "", nil, "hash-key", "--generate")
+	m := regexp.MustCompile(`^key:        (tpk_[A-Za-z0-9_-]{43})\nkey_sha256: ([0-9a-f]{64})\n$`).FindStringSubmatch(out)
+	if err != nil || m == nil || hashKey(m[1]) != m[2] {
+		t.Errorf("--generate printed %q (%v), want a key and its hash", out, err)
+	}
+}
+
+func TestValidate(t *testing.T) {
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.yaml")
+	os.WriteFile(good, []byte(`
+credentials:
+  corp-app: {type: client_secret, tenant_id: t, client_id: c, client_secret: "${AZURE_CLIENT_SECRET}"}
+upstreams:
+  eastca: {url: "https://x.openai.azure.com", credential: corp-app}
+callers:
+  - {name: a, key_sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08, deployments: ["*"]}
+`), 0o600)
+	out, _, err := runSync(t, "", env(map[string]string{"AZURE_CLIENT_SECRET": "x"}), "validate", "--config", good)
+	if err != nil || !strings.Contains(out, "OK (1 credentials, 1 upstreams, 0 deployments, 1 callers)") {
+		t.Errorf("got (%q, %v), want OK", out, err)
+	}
+	// PROXY_CONFIG stands in for --config; every problem is printed, one per line.
+	_, errOut, err := runSync(t, "", env(map[string]string{"PROXY_CONFIG": good}), "validate")
+	if !errors.Is(err, errReported) || !strings.Contains(errOut, "1 problem(s):\n  - credentials.corp-app.client_secret: environment variable AZURE_CLIENT_SECRET is not set") {
+		t.Errorf("got (%q, %v), want the unset variable reported", errOut, err)
+	}
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(bad, []byte("listen: nope\nlog_level: loud\nupstreams: {}\n"), 0o600)
+	_, errOut, err = runSync(t, "", nil, "validate", "--config", bad)
+	if !errors.Is(err, errReported) || !strings.Contains(errOut, "4 problem(s)") || strings.Count(errOut, "\n  - ") != 4 {
+		t.Errorf("got (%q, %v), want four problems listed", errOut, err)
+	}
+	if _, errOut, err := runSync(t, "", nil, "validate"); !errors.Is(err, errUsage) || !strings.Contains(errOut, "PROXY_CONFIG") {
+		t.Errorf("no config: got (%q, %v)", errOut, err)
+	}
+}
+
+// lines delivers what a running command prints, line by line.
+type lines struct {
+	w  *io.PipeWriter
+	ch chan string
+}
+
+func newLines() *lines {
+	r, w := io.Pipe()
+	l := &lines{w: w, ch: make(chan string, 1000)}
+	go func() {
+		sc := bufio.NewScanner(r)
+		for sc.Scan() {
+			l.ch <- sc.Text()
+		}
+		close(l.ch)
+	}()
+	return l
+}
+
+// await returns the first submatch of the first line matching re.
+func (l *lines) await(t *testing.T, re string) []string {
+	t.Helper()
+	rx := regexp.MustCompile(re)
+	timeout := time.After(30 * time.Second)
+	for {
+		select {
+		case line, ok := <-l.ch:
+			if !ok {
+				t.Fatalf("output ended before a line matching %q", re)
+			}
+			if m := rx.FindStringSubmatch(line); m != nil {
+				return m
+			}
+		case <-timeout:
+			t.Fatalf("no line matching %q", re)
+		}
+	}
+}
+
+// start runs a long-lived command; stop cancels it (as SIGTERM does) and returns its error.
+func start(t *testing.T, getenv func(string) string, args ...string) (out *lines, stderr *syncBuffer, stop func() error) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	out, stderr = newLines(), &syncBuffer{}
+	errc := make(chan error, 1)
+	go func() {
+		errc <- run(ctx, args, getenv, strings.NewReader(""), out.w, stderr)
+		out.w.Close()
+	}()
+	var once sync.Once
+	var err error
+	stop = func() error {
+		once.Do(func() {
+			cancel()
+			select {
+			case err = <-errc:
+			case <-time.After(60 * time.Second):
+				err = errors.New("the command did not stop")
+			}
+		})
+		return err
+	}
+	t.Cleanup(func() { stop() })
+	return out, stderr, stop
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func post(t *testing.T, ctx context.Context, url, key, body string) *http.Response {
+	t.Helper()
+	req, _ := http.NewRequestWithContext(ctx, "POST", url, strings.NewReader(body))
+	req.Header.Set("api-key", key)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
+}
+
+func TestServeWithManagedIdentityAndGracefulShutdown(t *testing.T) {
+	emu, err := emulator.Start(emulator.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer emu.Close()
+	endpoint, header := emu.ManagedIdentityEnv()
+	t.Setenv("IDENTITY_ENDPOINT", endpoint) // read by azidentity itself
+	t.Setenv("IDENTITY_HEADER", header)
+	mi := emu.AddManagedIdentity(emulator.ManagedIdentity{TenantID: emu.TenantID, ClientID: uuid.NewString()})
+
+	key := newKey()
+	cfgPath := filepath.Join(t.TempDir(), "proxy.yaml")
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`
+listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
+timeouts: {shutdown_delay: 2s, shutdown_grace: 30s}
+credentials:
+  aks-identity: {type: managed_identity, client_id: %s}
+upstreams:
+  eastca: {url: %q, credential: aks-identity}
+deployments:
+  gpt-4.1-mini: {upstream: eastca, deployment: deploy-gpt-4.1}
+callers:
+  - {name: app, key_sha256: %s, deployments: [gpt-4.1-mini]}
+`, mi.ClientID, emu.OpenAI.URL(), hashKey(key))), 0o600)
+
+	out, logs, stop := start(t, env(map[string]string{"PROXY_CONFIG": cfgPath}), "serve")
+	m := out.await(t, `^proxy: serving the API on (\S+), admin on (\S+)$`)
+	api, adm := m[1], m[2]
+	chat := api + "/openai/deployments/gpt-4.1-mini/chat/completions?api-version=2024-10-21"
+
+	resp := post(t, t.Context(), chat, key, `{"messages":[{"role":"user","content":"hi"}]}`)
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("got %d, want 200", resp.StatusCode)
+	}
+	if got := emu.OpenAI.Requests()[0].Claims.ObjectID; got != mi.ObjectID {
+		t.Errorf("upstream saw a token for %q, want the managed identity %q", got, mi.ObjectID)
+	}
+	if r, err := http.Get(adm + "/readyz"); err != nil || r.StatusCode != 200 {
+		t.Fatalf("readyz: %v %v, want 200", r, err)
+	}
+
+	// A stream is running when SIGTERM arrives.
+	emu.OpenAI.SetChunkInterval(100 * time.Millisecond)
+	stream := post(t, t.Context(), chat, key, `{"stream":true,"messages":[{"role":"user","content":"a long answer please"}]}`)
+	defer stream.Body.Close()
+	sc := bufio.NewScanner(stream.Body)
+	if !sc.Scan() {
+		t.Fatal("the stream did not start")
+	}
+	stopped := make(chan error, 1)
+	go func() { stopped <- stop() }()
+
+	// Readiness goes false at once; calls are still served during shutdown_delay.
+	for {
+		r, err := http.Get(adm + "/readyz")
+		if err != nil {
+			t.Fatalf("readyz: %v", err)
+		}
+		r.Body.Close()
+		if r.StatusCode == 503 {
+			break
+		}
+	}
+	resp = post(t, t.Context(), chat, key, `{"messages":[{"role":"user","content":"during the delay"}]}`)
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Errorf("a call during shutdown_delay got %d, want 200", resp.StatusCode)
+	}
+
+	// The live stream runs to its end.
+	var last string
+	for sc.Scan() {
+		if sc.Text() != "" {
+			last = sc.Text()
+		}
+	}
+	if last != "data: [DONE]" {
+		t.Errorf("the stream ended with %q, want data: [DONE]", last)
+	}
+	if err := <-stopped; err != nil {
+		t.Errorf("serve returned %v after SIGTERM, want nil", err)
+	}
+	if _, err := http.Get(adm + "/healthz"); err == nil {
+		t.Error("the admin listener is still open after shutdown")
+	}
+	if !strings.Contains(logs.String(), `"msg":"stopped"`) {
+		t.Errorf("no shutdown log; got:\n%s", logs)
+	}
+}
+
+func TestServeRefusesABadConfig(t *testing.T) {
+	cfgPath := filepath.Join(t.TempDir(), "proxy.yaml")
+	os.WriteFile(cfgPath, []byte("upstreams: {}\n"), 0o600)
+	_, errOut, err := runSync(t, "", nil, "serve", "--config", cfgPath)
+	if !errors.Is(err, errReported) || !strings.Contains(errOut, "upstreams: at least one upstream is required") {
+		t.Errorf("got (%q, %v), want the problems listed", errOut, err)
+	}
+}
+
+func TestDemo(t *testing.T) {
+	out, _, stop := start(t, env(nil), "demo", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--log-format", "json")
+	api := out.await(t, `^  API +(\S+)$`)[1]
+	key := out.await(t, `^  Caller key (\S+)$`)[1]
+	// The banner's first curl command, as a user would paste it.
+	resp := post(t, t.Context(), api+"/openai/deployments/gpt-4.1-mini/chat/completions?api-version=2024-10-21", key,
+		`{"messages":[{"role":"user","content":"Hello from the demo"}]}`)
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), "Hello from the demo") {
+		t.Errorf("got %d %s, want the emulator's answer", resp.StatusCode, body)
+	}
+	if err := stop(); err != nil {
+		t.Errorf("demo returned %v on Ctrl-C, want nil", err)
+	}
+}

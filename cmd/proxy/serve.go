@@ -1,0 +1,245 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/tokenproxy/tokenproxy/internal/admin"
+	"github.com/tokenproxy/tokenproxy/internal/broker"
+	"github.com/tokenproxy/tokenproxy/internal/broker/entra"
+	"github.com/tokenproxy/tokenproxy/internal/config"
+	"github.com/tokenproxy/tokenproxy/internal/proxy"
+)
+
+// maxHeaderBytes caps a caller's request headers; keys and even Entra tokens are far smaller.
+const maxHeaderBytes = 64 << 10
+
+func runServe(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("serve", "--config FILE", "Run the gateway.", stderr)
+	path := fs.String("config", getenv("PROXY_CONFIG"), "configuration `file` (default $PROXY_CONFIG)")
+	if err := parseFlags(fs, args, stdout); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(*path, getenv, stderr)
+	if err != nil {
+		return err
+	}
+	log, err := newLogger(cfg.LogLevel, cfg.LogFormat, stderr)
+	if err != nil {
+		return err
+	}
+	defer log.Sync()
+	return serveGateway(ctx, gatewayOptions{cfg: cfg, log: log, stdout: stdout})
+}
+
+func runValidate(args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("validate", "--config FILE", "Load and validate a configuration; print every problem, exit 1 on any.", stderr)
+	path := fs.String("config", getenv("PROXY_CONFIG"), "configuration `file` (default $PROXY_CONFIG)")
+	if err := parseFlags(fs, args, stdout); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(*path, getenv, stderr)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "%s: OK (%d credentials, %d upstreams, %d deployments, %d callers)\n",
+		*path, len(cfg.Credentials), len(cfg.Upstreams), len(cfg.Deployments), len(cfg.Callers))
+	if cfg.AllowUnauthenticated {
+		fmt.Fprintln(stdout, "warning: allow_unauthenticated is on: anyone who can reach the gateway can use it")
+	}
+	return nil
+}
+
+// loadConfig loads the file and prints every problem on its own line.
+func loadConfig(path string, getenv func(string) string, stderr io.Writer) (*config.Config, error) {
+	if path == "" {
+		fmt.Fprintln(stderr, "proxy: no configuration: pass --config FILE or set PROXY_CONFIG")
+		return nil, errUsage
+	}
+	cfg, err := config.Load(path, getenv)
+	if err != nil {
+		var problems []string
+		for _, line := range strings.Split(err.Error(), "\n") {
+			if line != "" {
+				problems = append(problems, line)
+			}
+		}
+		fmt.Fprintf(stderr, "%s: %d problem(s):\n", path, len(problems))
+		for _, p := range problems {
+			fmt.Fprintf(stderr, "  - %s\n", p)
+		}
+		return nil, errReported
+	}
+	return cfg, nil
+}
+
+func newLogger(level, format string, w io.Writer) (*zap.Logger, error) {
+	lvl, err := zapcore.ParseLevel(level)
+	if err != nil {
+		return nil, err
+	}
+	ec := zap.NewProductionEncoderConfig()
+	ec.TimeKey = "ts"
+	ec.EncodeTime = zapcore.ISO8601TimeEncoder
+	var enc zapcore.Encoder
+	if format == "console" {
+		ec.EncodeLevel = zapcore.CapitalLevelEncoder
+		ec.EncodeDuration = zapcore.StringDurationEncoder
+		enc = zapcore.NewConsoleEncoder(ec)
+	} else {
+		enc = zapcore.NewJSONEncoder(ec)
+	}
+	ws := zapcore.Lock(zapcore.AddSync(w))
+	// No sampling: every access-log line is kept.
+	return zap.New(zapcore.NewCore(enc, ws, lvl), zap.ErrorOutput(ws)), nil
+}
+
+type gatewayOptions struct {
+	cfg    *config.Config
+	log    *zap.Logger
+	stdout io.Writer
+	// entra configures how credentials reach Entra (the demo trusts its emulator's CA).
+	entra entra.Options
+	// banner, if set, is printed instead of the one-line "serving" notice, with the listener URLs.
+	banner func(apiURL, adminURL string)
+	// fallbackPorts lets the listeners move to a free port when the configured one is taken.
+	fallbackPorts bool
+}
+
+// serveGateway runs the gateway until ctx is done, then shuts down: readiness goes false at
+// once, the API keeps serving for shutdown_delay so load balancers notice, then listeners close
+// and in-flight calls and streams get shutdown_grace to finish.
+func serveGateway(ctx context.Context, o gatewayOptions) error {
+	cfg, log := o.cfg, o.log
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{Namespace: "tokenproxy"}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "tokenproxy", Name: "build_info", Help: "Always 1; labels say what is running.",
+			ConstLabels: prometheus.Labels{"version": version, "goversion": runtime.Version()},
+		}, func() float64 { return 1 }),
+	)
+
+	fetchers := map[string]broker.Fetcher{}
+	for name, c := range cfg.Credentials {
+		f, err := entra.New(name, c, o.entra)
+		if err != nil {
+			return err
+		}
+		fetchers[name] = f
+	}
+	b, err := broker.New(broker.Options{
+		Fetchers: fetchers, Logger: log.Named("broker"), Registerer: reg, AcquireTimeout: cfg.Timeouts.TokenAcquire,
+	})
+	if err != nil {
+		return err
+	}
+	sources := map[string]broker.TokenSource{}
+	for name, u := range cfg.Upstreams {
+		if sources[name], err = b.Source(u.Credential, u.Scope); err != nil {
+			return err
+		}
+	}
+	api, err := proxy.New(proxy.Options{Config: cfg, Sources: sources, Logger: log.Named("access"), Registerer: reg})
+	if err != nil {
+		return err
+	}
+	adm := admin.New(admin.Options{Gatherer: reg, Registerer: reg, Tokens: b})
+
+	apiLn, err := listen(cfg.Listen, o.fallbackPorts)
+	if err != nil {
+		return fmt.Errorf("listening for the API: %w", err)
+	}
+	adminLn, err := listen(cfg.AdminListen, o.fallbackPorts)
+	if err != nil {
+		apiLn.Close()
+		return fmt.Errorf("listening for the admin endpoints: %w", err)
+	}
+	errLog := zap.NewStdLog(log.Named("http"))
+	apiSrv := &http.Server{
+		Handler:           api,
+		ReadHeaderTimeout: cfg.Timeouts.ReadHeader,
+		IdleTimeout:       cfg.Timeouts.Idle,
+		MaxHeaderBytes:    maxHeaderBytes,
+		ErrorLog:          errLog,
+	}
+	adminSrv := &http.Server{Handler: adm, ReadHeaderTimeout: cfg.Timeouts.ReadHeader, IdleTimeout: cfg.Timeouts.Idle, ErrorLog: errLog}
+
+	apiURL, adminURL := "http://"+apiLn.Addr().String(), "http://"+adminLn.Addr().String()
+	if cfg.AllowUnauthenticated {
+		log.Warn("allow_unauthenticated is on: callers without a key are let in and may use every deployment")
+	}
+	log.Info("starting", zap.String("version", version), zap.String("api", apiURL), zap.String("admin", adminURL),
+		zap.Int("upstreams", len(cfg.Upstreams)), zap.Int("callers", len(cfg.Callers)))
+	if o.banner != nil {
+		o.banner(apiURL, adminURL)
+	} else {
+		fmt.Fprintf(o.stdout, "proxy: serving the API on %s, admin on %s\n", apiURL, adminURL)
+	}
+
+	brokerCtx, stopBroker := context.WithCancel(context.Background())
+	defer stopBroker()
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return b.Run(brokerCtx) })
+	g.Go(func() error { return serveUntilClosed(apiSrv, apiLn) })
+	g.Go(func() error { return serveUntilClosed(adminSrv, adminLn) })
+	g.Go(func() error {
+		<-gctx.Done()
+		adm.SetDraining()
+		if ctx.Err() != nil { // a signal, not a failed listener: give load balancers time
+			log.Info("shutting down: not ready; still serving during shutdown_delay", zap.Duration("shutdown_delay", cfg.Timeouts.ShutdownDelay))
+			sleep(cfg.Timeouts.ShutdownDelay)
+		}
+		log.Info("closing listeners; waiting for in-flight calls", zap.Duration("shutdown_grace", cfg.Timeouts.ShutdownGrace))
+		sctx, cancel := context.WithTimeout(context.Background(), cfg.Timeouts.ShutdownGrace)
+		defer cancel()
+		err := apiSrv.Shutdown(sctx)
+		if errors.Is(err, context.DeadlineExceeded) {
+			log.Warn("shutdown_grace elapsed; cutting the calls still running")
+			apiSrv.Close()
+		}
+		adminSrv.Close()
+		stopBroker()
+		log.Info("stopped")
+		return nil
+	})
+	return g.Wait()
+}
+
+func serveUntilClosed(srv *http.Server, ln net.Listener) error {
+	if err := srv.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// listen opens addr; with fallback, a taken port is replaced by a free one on the same host.
+func listen(addr string, fallback bool) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil && fallback && errors.Is(err, syscall.EADDRINUSE) {
+		host, _, _ := net.SplitHostPort(addr)
+		return net.Listen("tcp", net.JoinHostPort(host, "0"))
+	}
+	return ln, err
+}
+
+func sleep(d time.Duration) {
+	if d > 0 {
+		time.Sleep(d)
+	}
+}

@@ -1,0 +1,65 @@
+package admin
+
+import (
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tokenproxy/tokenproxy/internal/broker"
+)
+
+type statuses []broker.Status
+
+func (s statuses) Status() []broker.Status { return s }
+
+func get(t *testing.T, h http.Handler, path string) (int, string) {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest("GET", path, nil))
+	return rec.Code, rec.Body.String()
+}
+
+func TestReadiness(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	ok := broker.Status{Credential: "corp-app", Scope: "s", Ready: true, ExpiresOn: time.Now().Add(time.Hour)}
+	bad := broker.Status{Credential: "other", Scope: "s", LastError: "client_secret: Entra rejected the token request (AADSTS7000215)"}
+
+	h := New(Options{Gatherer: reg, Tokens: statuses{ok}})
+	if code, body := get(t, h, "/readyz"); code != 200 || !strings.Contains(body, `"status": "ready"`) {
+		t.Errorf("got %d %s, want 200 ready", code, body)
+	}
+	h.SetDraining()
+	if code, body := get(t, h, "/readyz"); code != 503 || !strings.Contains(body, "shutting down") {
+		t.Errorf("draining: got %d %s, want 503 shutting down", code, body)
+	}
+
+	h = New(Options{Gatherer: reg, Tokens: statuses{ok, bad}})
+	code, body := get(t, h, "/readyz")
+	var rd readiness
+	json.Unmarshal([]byte(body), &rd)
+	if code != 503 || len(rd.Reasons) != 1 || !strings.Contains(rd.Reasons[0], "credential other (s): client_secret: Entra rejected") {
+		t.Errorf("got %d %s, want 503 naming the credential and why", code, body)
+	}
+	if code, _ := get(t, h, "/healthz"); code != 200 {
+		t.Errorf("healthz got %d, want 200 even when not ready", code)
+	}
+}
+
+func TestMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	c := prometheus.NewCounter(prometheus.CounterOpts{Name: "tokenproxy_test_total", Help: "x"})
+	reg.MustRegister(c)
+	c.Inc()
+	h := New(Options{Gatherer: reg, Registerer: reg, Tokens: statuses{}})
+	if code, body := get(t, h, "/metrics"); code != 200 || !strings.Contains(body, "tokenproxy_test_total 1") {
+		t.Errorf("got %d %s, want the registry's metrics", code, body)
+	}
+	if code, _ := get(t, h, "/nope"); code != 404 {
+		t.Errorf("got %d for an unknown path, want 404", code)
+	}
+}
