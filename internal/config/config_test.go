@@ -262,6 +262,28 @@ upstreams:
 	}
 }
 
+func TestExampleConfigLoads(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{"app.pfx", "app.pfx.password"} {
+		os.WriteFile(filepath.Join(dir, f), []byte("x"), 0o600)
+	}
+	cfg, err := Load("../../examples/proxy.yaml", env(map[string]string{
+		"AZURE_CLIENT_SECRET": "s", "CERT_DIR": dir,
+		"AZURE_TENANT_ID": "t", "AZURE_CLIENT_ID": "c", "AZURE_FEDERATED_TOKEN_FILE": "/var/run/token",
+	}))
+	if err != nil {
+		t.Fatalf("examples/proxy.yaml does not load: %v", err)
+	}
+	if len(cfg.Credentials) != 6 || cfg.Deployments["gpt-4.1-mini"].Deployment != "deploy-gpt-4.1" {
+		t.Errorf("examples/proxy.yaml loaded as %+v", cfg)
+	}
+	// Every default it states is the real default.
+	d := Default()
+	if cfg.Timeouts != d.Timeouts || cfg.MaxRequestBytes != d.MaxRequestBytes || cfg.Listen != d.Listen || cfg.AdminListen != d.AdminListen {
+		t.Errorf("examples/proxy.yaml states defaults that are not the defaults: %+v vs %+v", cfg.Timeouts, d.Timeouts)
+	}
+}
+
 func TestSecretNeverPrints(t *testing.T) {
 	c := Credential{ClientSecret: "hunter2", CertificatePassword: "pfxpass"}
 	for _, s := range []string{
