@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -30,7 +31,7 @@ const maxHeaderBytes = 64 << 10
 
 func runServe(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("serve", "--config FILE", "Run the gateway.", stderr)
-	path := fs.String("config", getenv("PROXY_CONFIG"), "configuration `file` (default $PROXY_CONFIG)")
+	path := configFlag(fs, getenv)
 	if err := parseFlags(fs, args, stdout); err != nil {
 		return err
 	}
@@ -48,7 +49,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 
 func runValidate(args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("validate", "--config FILE", "Load and validate a configuration; print every problem, exit 1 on any.", stderr)
-	path := fs.String("config", getenv("PROXY_CONFIG"), "configuration `file` (default $PROXY_CONFIG)")
+	path := configFlag(fs, getenv)
 	if err := parseFlags(fs, args, stdout); err != nil {
 		return err
 	}
@@ -62,6 +63,10 @@ func runValidate(args []string, getenv func(string) string, stdout, stderr io.Wr
 		fmt.Fprintln(stdout, "warning: allow_unauthenticated is on: anyone who can reach the gateway can use it")
 	}
 	return nil
+}
+
+func configFlag(fs *flag.FlagSet, getenv func(string) string) *string {
+	return fs.String("config", getenv("PROXY_CONFIG"), "configuration `file` (default $PROXY_CONFIG)")
 }
 
 // loadConfig loads the file and prints every problem on its own line.

@@ -13,6 +13,9 @@ import (
 // unconfigured: names then come from callers, and must not grow the series without limit.
 const maxPassthroughLabels = 100
 
+// latencyBuckets span a cached embedding (milliseconds) to a long reasoning stream (minutes).
+var latencyBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600}
+
 type metrics struct {
 	requests        *prometheus.CounterVec
 	duration        *prometheus.HistogramVec
@@ -38,13 +41,13 @@ func newMetrics(passthrough bool, configured map[string]bool) *metrics {
 			Namespace: "tokenproxy",
 			Name:      "request_duration_seconds",
 			Help:      "Time from request to the end of the response (streams included), by exposed deployment.",
-			Buckets:   []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600},
+			Buckets:   latencyBuckets,
 		}, []string{"deployment"}),
 		upstreamLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: "tokenproxy",
 			Name:      "upstream_response_seconds",
 			Help:      "Time from forwarding a request to the upstream's response headers, by upstream.",
-			Buckets:   []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600},
+			Buckets:   latencyBuckets,
 		}, []string{"upstream"}),
 		inflight: prometheus.NewGauge(prometheus.GaugeOpts{
 			Namespace: "tokenproxy",
