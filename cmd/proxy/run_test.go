@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -198,7 +199,9 @@ func (s *syncBuffer) String() string {
 func post(t *testing.T, ctx context.Context, url, key, body string) *http.Response {
 	t.Helper()
 	req, _ := http.NewRequestWithContext(ctx, "POST", url, strings.NewReader(body))
-	req.Header.Set("api-key", key)
+	if key != "" {
+		req.Header.Set("api-key", key)
+	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -298,6 +301,55 @@ callers:
 	}
 	if !strings.Contains(logs.String(), `"msg":"stopped"`) {
 		t.Errorf("no shutdown log; got:\n%s", logs)
+	}
+}
+
+func TestServeStartsWithoutATokenAndSaysWhy(t *testing.T) {
+	emu, err := emulator.Start(emulator.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer emu.Close()
+	endpoint, header := emu.ManagedIdentityEnv()
+	t.Setenv("IDENTITY_ENDPOINT", endpoint)
+	t.Setenv("IDENTITY_HEADER", header)
+	cfgPath := filepath.Join(t.TempDir(), "proxy.yaml")
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`
+listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
+allow_unauthenticated: true
+timeouts: {shutdown_delay: 0s}
+credentials:
+  missing-identity: {type: managed_identity, client_id: %s}
+upstreams:
+  eastca: {url: %q, credential: missing-identity}
+`, uuid.NewString(), emu.OpenAI.URL())), 0o600)
+
+	out, logs, stop := start(t, env(nil), "serve", "--config", cfgPath)
+	m := out.await(t, `^proxy: serving the API on (\S+), admin on (\S+)$`)
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(logs.String(), "token acquisition failed"); {
+		if time.Now().After(deadline) {
+			t.Fatalf("the failed warm-up was not logged; got:\n%s", logs)
+		}
+		runtime.Gosched() // the warm-up is under way; the gateway is already serving
+	}
+	r, err := http.Get(m[2] + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(r.Body)
+	r.Body.Close()
+	if r.StatusCode != 503 || !strings.Contains(string(body), "credential missing-identity") || !strings.Contains(string(body), "No managed identity matches") {
+		t.Errorf("readyz got %d %s, want 503 naming the credential and the reason", r.StatusCode, body)
+	}
+	resp := post(t, t.Context(), m[1]+"/openai/deployments/d/chat/completions?api-version=1", "", `{}`)
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 503 || !strings.Contains(string(b), "TokenUnavailable") {
+		t.Errorf("a call got %d %s, want 503 TokenUnavailable", resp.StatusCode, b)
+	}
+	if err := stop(); err != nil {
+		t.Errorf("serve returned %v, want nil", err)
 	}
 }
 

@@ -369,7 +369,32 @@ func rewriter(target *url.URL) func(*httputil.ProxyRequest) {
 		for _, k := range callerCredentialHeaders {
 			delete(out.Header, k)
 		}
+		out.URL.RawQuery = stripCredentialParams(out.URL.RawQuery)
 	}
+}
+
+// stripCredentialParams removes query parameters some Azure clients use for keys (api-key,
+// subscription-key). The gateway never reads keys from the query, but a caller's key must not
+// reach the upstream, or its logs, whatever the caller did with it. Other parameters keep their
+// order and encoding.
+func stripCredentialParams(rawQuery string) string {
+	lower := strings.ToLower(rawQuery)
+	if !strings.Contains(lower, "api-key") && !strings.Contains(lower, "subscription-key") && !strings.Contains(lower, "%") {
+		return rawQuery
+	}
+	kept := make([]string, 0, 4)
+	for kv := range strings.SplitSeq(rawQuery, "&") {
+		k, _, _ := strings.Cut(kv, "=")
+		if uk, err := url.QueryUnescape(k); err == nil {
+			k = uk
+		}
+		switch strings.ToLower(k) {
+		case "api-key", "subscription-key":
+			continue
+		}
+		kept = append(kept, kv)
+	}
+	return strings.Join(kept, "&")
 }
 
 // callerCredentialHeaders are removed from every upstream request (canonical forms).

@@ -84,28 +84,56 @@ func TestCallerRequestIDIsKept(t *testing.T) {
 
 func TestCallerCredentialsNeverReachUpstream(t *testing.T) {
 	g := newGateway(t)
-	for _, h := range []map[string]string{
-		{"api-key": keyProd},
-		{"Authorization": "Bearer " + keyProd},
-		{"api-key": keyProd, "Authorization": "Bearer " + keyProd},
-		{"Authorization": "bearer  " + keyProd + " ", "Cookie": "session=abc", "Ocp-Apim-Subscription-Key": "apim-key"},
+	for _, c := range []struct {
+		query  string
+		header map[string]string
+	}{
+		{"", map[string]string{"api-key": keyProd}},
+		{"", map[string]string{"Authorization": "Bearer " + keyProd}},
+		{"", map[string]string{"api-key": keyProd, "Authorization": "Bearer " + keyProd}},
+		{"", map[string]string{"Authorization": "bearer  " + keyProd + " ", "Cookie": "session=abc", "Ocp-Apim-Subscription-Key": "apim-key"}},
+		{"", map[string]string{"api-key": keyProd, "Connection": "X-Hop", "X-Hop": "hop-value"}},
+		{"&api-key=" + keyProd + "&x=1&Subscription-Key=apim-key&api%2Dkey=" + keyProd, map[string]string{"api-key": keyProd}},
 	} {
-		resp, body := g.do("POST", chatPath, h, chatBody)
+		resp, body := g.do("POST", chatPath+c.query, c.header, chatBody)
 		if resp.StatusCode != 200 {
-			t.Fatalf("with %v got %d %s, want 200", h, resp.StatusCode, body)
+			t.Fatalf("with %v got %d %s, want 200", c, resp.StatusCode, body)
 		}
 	}
-	for _, r := range g.emu.OpenAI.Requests() {
+	reqs := g.emu.OpenAI.Requests()
+	for _, r := range reqs {
 		for k, vs := range r.Header {
 			for _, v := range vs {
-				if strings.Contains(v, keyProd) || strings.Contains(v, "session=abc") || strings.Contains(v, "apim-key") {
-					t.Errorf("upstream received a caller credential in %s", k)
+				if strings.Contains(v, keyProd) || strings.Contains(v, "session=abc") || strings.Contains(v, "apim-key") || strings.Contains(v, "hop-value") {
+					t.Errorf("upstream received a caller credential or hop-by-hop header in %s", k)
 				}
 			}
+		}
+		if strings.Contains(r.RawQuery, keyProd) || strings.Contains(r.RawQuery, "apim-key") {
+			t.Errorf("upstream received a caller key in the query %q", r.RawQuery)
 		}
 		if r.Header.Get("Api-Key") != "" || r.Header.Get("Cookie") != "" || len(r.Header.Values("Authorization")) != 1 {
 			t.Errorf("upstream headers %v, want exactly one Authorization and no api-key or cookie", r.Header)
 		}
+	}
+	if got := reqs[len(reqs)-1].RawQuery; got != "api-version=2025-01-01-preview&x=1" {
+		t.Errorf("upstream query %q, want the other parameters kept in order", got)
+	}
+}
+
+func TestAllowUnauthenticated(t *testing.T) {
+	g := newGateway(t, func(c *config.Config) { c.AllowUnauthenticated = true })
+	if resp, body := g.do("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=1", nil, chatBody); resp.StatusCode != 200 {
+		t.Errorf("a call without a key got %d %s, want 200 with allow_unauthenticated", resp.StatusCode, body)
+	}
+	if resp, _ := g.do("POST", chatPath, map[string]string{"api-key": "mistyped"}, chatBody); resp.StatusCode != 401 {
+		t.Errorf("an unknown key got %d, want 401 even with allow_unauthenticated", resp.StatusCode)
+	}
+	if resp, _ := g.do("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=1", map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 403 {
+		t.Errorf("a known caller got %d outside its allow-list, want 403", resp.StatusCode)
+	}
+	if !strings.Contains(g.logs.String(), `"caller":"anonymous"`) {
+		t.Error("the anonymous call is not logged as such")
 	}
 }
 
