@@ -93,6 +93,7 @@ type OpenAI struct {
 	faults        []Fault
 	latency       time.Duration
 	chunkInterval time.Duration
+	gate          <-chan struct{}
 	requests      []Request
 	finished      chan Request
 }
@@ -168,6 +169,14 @@ func (o *OpenAI) SetLatency(d time.Duration) {
 func (o *OpenAI) SetChunkInterval(d time.Duration) {
 	o.mu.Lock()
 	o.chunkInterval = d
+	o.mu.Unlock()
+}
+
+// SetStreamGate makes streams wait for a receive from gate before each event after the first,
+// so a test decides when the upstream sends the next chunk. nil removes the gate.
+func (o *OpenAI) SetStreamGate(gate <-chan struct{}) {
+	o.mu.Lock()
+	o.gate = gate
 	o.mu.Unlock()
 }
 
@@ -412,7 +421,7 @@ func (o *OpenAI) complete(w http.ResponseWriter, model Model, reply string, u to
 // a finish chunk, a usage chunk when asked for, then [DONE]; each flushed on its own.
 func (o *OpenAI) stream(w http.ResponseWriter, r *http.Request, model Model, reply string, u tokenUsage, includeUsage bool) {
 	o.mu.Lock()
-	interval := o.chunkInterval
+	interval, gate := o.chunkInterval, o.gate
 	o.mu.Unlock()
 	w.Header().Set("Content-Type", "text/event-stream; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-cache")
@@ -463,7 +472,13 @@ func (o *OpenAI) stream(w http.ResponseWriter, r *http.Request, model Model, rep
 	}
 	events = append(events, "[DONE]")
 	for i, ev := range events {
-		if i > 0 && !sleepCtx(r.Context(), interval) {
+		if i > 0 && gate != nil {
+			select {
+			case <-gate:
+			case <-r.Context().Done():
+				return
+			}
+		} else if i > 0 && !sleepCtx(r.Context(), interval) {
 			return
 		}
 		if !send(ev) {

@@ -317,52 +317,79 @@ func TestPassthroughWithoutDeployments(t *testing.T) {
 	}
 }
 
-// events reads SSE data lines and when each arrived.
-func readEvents(t *testing.T, body io.Reader, max int) ([]string, []time.Time) {
+// readEvents reads up to max SSE data lines.
+func readEvents(t *testing.T, body io.Reader, max int) []string {
 	t.Helper()
 	var events []string
-	var at []time.Time
 	sc := bufio.NewScanner(body)
-	for sc.Scan() && (max <= 0 || len(events) < max) {
+	for len(events) < max && sc.Scan() {
 		if d, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
 			events = append(events, d)
-			at = append(at, time.Now())
 		}
 	}
-	return events, at
+	return events
 }
 
 func TestStreamingIsNotBuffered(t *testing.T) {
 	g := newGateway(t)
-	const interval = 80 * time.Millisecond
-	g.emu.OpenAI.SetChunkInterval(interval)
+	// The upstream sends each event only when the test releases it, so every event must reach
+	// the caller while the upstream is still holding the next one back: a gateway that buffered
+	// (for a size, a time, or the whole response) would leave the caller waiting here.
+	gate := make(chan struct{})
+	g.emu.OpenAI.SetStreamGate(gate)
+	defer close(gate) // on failure, let the held-back stream finish so the servers can close
 	req, _ := http.NewRequestWithContext(t.Context(), "POST", g.srv.URL+chatPath,
 		strings.NewReader(`{"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}`))
 	req.Header.Set("api-key", keyProd)
-	resp, err := g.srv.Client().Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	if resp.Header.Get("Content-Type") != "text/event-stream; charset=utf-8" || resp.ContentLength != -1 {
-		t.Errorf("got Content-Type %q, length %d; want an unbounded event stream", resp.Header.Get("Content-Type"), resp.ContentLength)
-	}
-	events, at := readEvents(t, resp.Body, 0)
-	if len(events) < 6 || events[len(events)-1] != "[DONE]" || !strings.Contains(events[len(events)-2], `"usage"`) {
-		t.Fatalf("got events %q, want chunks, a usage chunk and [DONE]", events)
-	}
-	// Buffering would deliver everything at once, at the end. Each event must arrive on its
-	// own: consecutive arrivals are spaced by about the emulator's interval.
-	for i := 1; i < len(at); i++ {
-		if gap := at[i].Sub(at[i-1]); gap < interval/2 {
-			t.Errorf("event %d arrived %v after the previous one, want about %v (the stream is being buffered)", i, gap, interval)
+	// Headers and events are read in the background so a gateway holding anything back fails
+	// the wait below rather than hanging the test.
+	events := make(chan string, 100)
+	go func() {
+		defer close(events)
+		resp, err := g.srv.Client().Do(req)
+		if err != nil {
+			t.Error(err)
+			return
 		}
+		defer resp.Body.Close()
+		if resp.Header.Get("Content-Type") != "text/event-stream; charset=utf-8" || resp.ContentLength != -1 {
+			t.Errorf("got Content-Type %q, length %d; want an unbounded event stream", resp.Header.Get("Content-Type"), resp.ContentLength)
+		}
+		sc := bufio.NewScanner(resp.Body)
+		for sc.Scan() {
+			if d, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
+				events <- d
+			}
+		}
+	}()
+	var got []string
+	for {
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				t.Fatalf("the stream ended after %q without [DONE]", got)
+			}
+			got = append(got, ev)
+		case <-time.After(10 * time.Second):
+			t.Fatalf("event %d did not arrive while the upstream held back the next one: the gateway is buffering", len(got)+1)
+		}
+		if got[len(got)-1] == "[DONE]" {
+			break
+		}
+		select { // release the next event
+		case gate <- struct{}{}:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("the upstream stopped after event %d", len(got))
+		}
+	}
+	if len(got) < 6 || !strings.Contains(got[len(got)-2], `"usage"`) {
+		t.Errorf("got events %q, want chunks, a usage chunk and [DONE]", got)
 	}
 }
 
 func TestClientCancelReachesUpstream(t *testing.T) {
 	g := newGateway(t)
-	g.emu.OpenAI.SetChunkInterval(time.Hour) // a stream that would never end on its own
+	g.emu.OpenAI.SetStreamGate(make(chan struct{})) // a stream that never ends on its own
 	ctx, cancel := context.WithCancel(t.Context())
 	req, _ := http.NewRequestWithContext(ctx, "POST", g.srv.URL+chatPath, strings.NewReader(`{"stream":true,"messages":[{"role":"user","content":"hi"}]}`))
 	req.Header.Set("api-key", keyProd)
@@ -370,7 +397,7 @@ func TestClientCancelReachesUpstream(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if events, _ := readEvents(t, resp.Body, 1); len(events) != 1 {
+	if events := readEvents(t, resp.Body, 1); len(events) != 1 {
 		t.Fatalf("got %d events, want the first one", len(events))
 	}
 	cancel()
