@@ -29,6 +29,7 @@ an Entra ID token it holds for the upstream. Nobody calling it holds an Azure se
 Usage:
   proxy serve --config FILE      run the gateway (FILE may also come from $PROXY_CONFIG)
   proxy demo                     run the gateway against a built-in Entra + Azure OpenAI emulator
+  proxy emulator                 run only the emulator, printing the environment to use it
   proxy validate --config FILE   check a configuration and print every problem
   proxy hash-key [--generate]    print the key_sha256 of a caller key read on stdin
   proxy version                  print the version
@@ -48,6 +49,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdin i
 		err = runServe(ctx, rest, getenv, stdout, stderr)
 	case "demo":
 		err = runDemo(ctx, rest, stdout, stderr)
+	case "emulator":
+		err = runEmulator(ctx, rest, stdout, stderr)
 	case "validate":
 		err = runValidate(rest, getenv, stdout, stderr)
 	case "hash-key":

@@ -36,7 +36,7 @@ func runSync(t *testing.T, stdin string, getenv func(string) string, args ...str
 
 func TestHelpOnEveryCommand(t *testing.T) {
 	for _, args := range [][]string{
-		{"--help"}, {"help"}, {"serve", "--help"}, {"demo", "--help"}, {"validate", "-h"}, {"hash-key", "--help"}, {"version", "--help"},
+		{"--help"}, {"help"}, {"serve", "--help"}, {"demo", "--help"}, {"validate", "-h"}, {"hash-key", "--help"}, {"version", "--help"}, {"emulator", "--help"},
 	} {
 		out, _, err := runSync(t, "", nil, args...)
 		if err != nil || !strings.Contains(out, "Usage") && !strings.Contains(out, "usage") {
@@ -359,6 +359,35 @@ func TestServeRefusesABadConfig(t *testing.T) {
 	_, errOut, err := runSync(t, "", nil, "serve", "--config", cfgPath)
 	if !errors.Is(err, errReported) || !strings.Contains(errOut, "upstreams: at least one upstream is required") {
 		t.Errorf("got (%q, %v), want the problems listed", errOut, err)
+	}
+}
+
+func TestEmulatorCommand(t *testing.T) {
+	out, _, stop := start(t, env(nil), "emulator", "--dir", t.TempDir())
+	vars := map[string]string{}
+	for {
+		m := out.await(t, `^(?:export (\w+)=(\S+)|# (ready))$`)
+		if m[3] == "ready" {
+			break
+		}
+		vars[m[1]] = m[2]
+	}
+	if pem, err := os.ReadFile(vars["SSL_CERT_FILE"]); err != nil || !strings.Contains(string(pem), "BEGIN CERTIFICATE") {
+		t.Errorf("SSL_CERT_FILE %q holds no certificate: %v", vars["SSL_CERT_FILE"], err)
+	}
+	req, _ := http.NewRequest("GET", vars["IDENTITY_ENDPOINT"]+"?api-version=2019-08-01&resource=https://cognitiveservices.azure.com", nil)
+	req.Header.Set("X-IDENTITY-HEADER", vars["IDENTITY_HEADER"])
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), "access_token") {
+		t.Errorf("the printed managed identity endpoint answered %d %s", resp.StatusCode, body)
+	}
+	if err := stop(); err != nil {
+		t.Errorf("emulator returned %v, want nil", err)
 	}
 }
 

@@ -164,7 +164,7 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 	if err != nil {
 		return err
 	}
-	adm := admin.New(admin.Options{Gatherer: reg, Registerer: reg, Tokens: b})
+	adm := admin.New(admin.Options{Gatherer: reg, Registerer: reg, Tokens: b, Pprof: cfg.AdminPprof})
 
 	apiLn, err := listen(cfg.Listen, o.fallbackPorts)
 	if err != nil {

@@ -62,4 +62,11 @@ func TestMetrics(t *testing.T) {
 	if code, _ := get(t, h, "/nope"); code != 404 {
 		t.Errorf("got %d for an unknown path, want 404", code)
 	}
+	if code, _ := get(t, h, "/debug/pprof/"); code != 404 {
+		t.Errorf("pprof answered %d while off, want 404", code)
+	}
+	h = New(Options{Gatherer: reg, Tokens: statuses{}, Pprof: true})
+	if code, body := get(t, h, "/debug/pprof/"); code != 200 || !strings.Contains(body, "goroutine") {
+		t.Errorf("pprof on: got %d, want the index", code)
+	}
 }

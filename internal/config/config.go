@@ -40,6 +40,9 @@ type Config struct {
 	Listen string `yaml:"listen"`
 	// AdminListen serves /metrics, /healthz and /readyz, apart from the API.
 	AdminListen string `yaml:"admin_listen"`
+	// AdminPprof adds Go's profiling endpoints (/debug/pprof/) to the admin listener. Off by
+	// default: profiles show memory, which can hold tokens.
+	AdminPprof bool `yaml:"admin_pprof"`
 	// LogLevel is one of debug, info, warn, error.
 	LogLevel string `yaml:"log_level"`
 	// LogFormat is json or console.
