@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"runtime"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -25,9 +26,6 @@ import (
 	"github.com/tokenproxy/tokenproxy/internal/config"
 	"github.com/tokenproxy/tokenproxy/internal/proxy"
 )
-
-// maxHeaderBytes caps a caller's request headers; keys and even Entra tokens are far smaller.
-const maxHeaderBytes = 64 << 10
 
 func runServe(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("serve", "--config FILE", "Run the gateway.", stderr)
@@ -164,6 +162,7 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 	if err != nil {
 		return err
 	}
+	defer api.Close()
 	adm := admin.New(admin.Options{Gatherer: reg, Registerer: reg, Tokens: b, Pprof: cfg.AdminPprof})
 
 	apiLn, err := listen(cfg.Listen, o.fallbackPorts)
@@ -175,15 +174,11 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 		apiLn.Close()
 		return fmt.Errorf("listening for the admin endpoints: %w", err)
 	}
-	errLog := zap.NewStdLog(log.Named("http"))
-	apiSrv := &http.Server{
-		Handler:           api,
-		ReadHeaderTimeout: cfg.Timeouts.ReadHeader,
-		IdleTimeout:       cfg.Timeouts.Idle,
-		MaxHeaderBytes:    maxHeaderBytes,
-		ErrorLog:          errLog,
+	apiSrv := api.NewServer(cfg)
+	adminSrv := &http.Server{
+		Handler: adm, ReadHeaderTimeout: cfg.Timeouts.ReadHeader, IdleTimeout: cfg.Timeouts.Idle,
+		ErrorLog: zap.NewStdLog(log.Named("admin")),
 	}
-	adminSrv := &http.Server{Handler: adm, ReadHeaderTimeout: cfg.Timeouts.ReadHeader, IdleTimeout: cfg.Timeouts.Idle, ErrorLog: errLog}
 
 	apiURL, adminURL := "http://"+apiLn.Addr().String(), "http://"+adminLn.Addr().String()
 	if cfg.AllowUnauthenticated {
@@ -201,7 +196,13 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 	defer stopBroker()
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return b.Run(brokerCtx) })
-	g.Go(func() error { return serveUntilClosed(apiSrv, apiLn) })
+	var stopping atomic.Bool
+	g.Go(func() error {
+		if err := apiSrv.Serve(apiLn); err != nil && !stopping.Load() {
+			return fmt.Errorf("serving the API: %w", err)
+		}
+		return nil
+	})
 	g.Go(func() error { return serveUntilClosed(adminSrv, adminLn) })
 	g.Go(func() error {
 		<-gctx.Done()
@@ -211,12 +212,11 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 			sleep(cfg.Timeouts.ShutdownDelay)
 		}
 		log.Info("closing listeners; waiting for in-flight calls", zap.Duration("shutdown_grace", cfg.Timeouts.ShutdownGrace))
+		stopping.Store(true)
 		sctx, cancel := context.WithTimeout(context.Background(), cfg.Timeouts.ShutdownGrace)
 		defer cancel()
-		err := apiSrv.Shutdown(sctx)
-		if errors.Is(err, context.DeadlineExceeded) {
-			log.Warn("shutdown_grace elapsed; cutting the calls still running")
-			apiSrv.Close()
+		if cut, err := apiSrv.Shutdown(sctx); err != nil {
+			log.Warn("shutdown_grace elapsed; cut the connections still open", zap.Int("connections", cut))
 		}
 		adminSrv.Close()
 		stopBroker()

@@ -1,11 +1,14 @@
 package proxy
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
 	"net/http"
 	"strings"
+
+	"github.com/valyala/fasthttp"
 
 	"github.com/tokenproxy/tokenproxy/internal/config"
 )
@@ -51,49 +54,61 @@ func newKeyring(cfg *config.Config) (*keyring, error) {
 // authenticate identifies the caller from its api-key header (the Azure convention, and what
 // Automation 360's CUSTOM_KEYS sends) or Authorization: Bearer (the OpenAI SDK convention).
 // Exactly one key may be presented: two different ones are refused rather than guessed at.
-func (k *keyring) authenticate(h http.Header) (*caller, *apiError) {
+func (k *keyring) authenticate(h *fasthttp.RequestHeader) (*caller, *apiError) {
 	key, err := presentedKey(h)
 	if err != nil {
 		return nil, err
 	}
-	if key == "" {
+	if len(key) == 0 {
 		if k.unauthenticated {
 			return anonymous, nil
 		}
 		return nil, errorf(http.StatusUnauthorized, CodeUnauthorized,
 			"missing gateway key: send it in the api-key header or as Authorization: Bearer <key>")
 	}
-	if c, ok := k.byHash[sha256.Sum256([]byte(key))]; ok {
+	if c, ok := k.byHash[sha256.Sum256(key)]; ok {
 		return c, nil
 	}
 	return nil, errorf(http.StatusUnauthorized, CodeUnauthorized, "unknown gateway key")
 }
 
-func presentedKey(h http.Header) (string, *apiError) {
-	apiKeys := h["Api-Key"]
-	auths := h["Authorization"]
-	if len(apiKeys) > 1 || len(auths) > 1 {
-		return "", errorf(http.StatusUnauthorized, CodeUnauthorized, "send a single api-key or Authorization header")
-	}
-	var fromAPIKey, fromBearer string
-	if len(apiKeys) == 1 {
-		fromAPIKey = strings.TrimSpace(apiKeys[0])
-		if fromAPIKey == "" {
-			return "", errorf(http.StatusUnauthorized, CodeUnauthorized, "the api-key header is empty")
+// presentedKey returns the key the caller sent (nil if none). The bytes are the request's:
+// valid only while it is being served.
+func presentedKey(h *fasthttp.RequestHeader) ([]byte, *apiError) {
+	var apiKey, auth []byte
+	var apiKeys, auths int
+	for k, v := range h.All() {
+		switch string(k) {
+		case "Api-Key":
+			apiKeys++
+			apiKey = v
+		case "Authorization":
+			auths++
+			auth = v
 		}
 	}
-	if len(auths) == 1 {
-		scheme, token, ok := strings.Cut(strings.TrimSpace(auths[0]), " ")
-		token = strings.TrimSpace(token)
-		if !ok || !strings.EqualFold(scheme, "Bearer") || token == "" {
-			return "", errorf(http.StatusUnauthorized, CodeUnauthorized, "the Authorization header must be Bearer <key>")
+	if apiKeys > 1 || auths > 1 {
+		return nil, errorf(http.StatusUnauthorized, CodeUnauthorized, "send a single api-key or Authorization header")
+	}
+	var fromAPIKey, fromBearer []byte
+	if apiKeys == 1 {
+		fromAPIKey = bytes.TrimSpace(apiKey)
+		if len(fromAPIKey) == 0 {
+			return nil, errorf(http.StatusUnauthorized, CodeUnauthorized, "the api-key header is empty")
+		}
+	}
+	if auths == 1 {
+		scheme, token, ok := bytes.Cut(bytes.TrimSpace(auth), []byte(" "))
+		token = bytes.TrimSpace(token)
+		if !ok || !bytes.EqualFold(scheme, []byte("Bearer")) || len(token) == 0 {
+			return nil, errorf(http.StatusUnauthorized, CodeUnauthorized, "the Authorization header must be Bearer <key>")
 		}
 		fromBearer = token
 	}
-	if fromAPIKey != "" && fromBearer != "" && fromAPIKey != fromBearer {
-		return "", errorf(http.StatusUnauthorized, CodeUnauthorized, "api-key and Authorization carry different credentials; send one")
+	if len(fromAPIKey) > 0 && len(fromBearer) > 0 && !bytes.Equal(fromAPIKey, fromBearer) {
+		return nil, errorf(http.StatusUnauthorized, CodeUnauthorized, "api-key and Authorization carry different credentials; send one")
 	}
-	if fromAPIKey != "" {
+	if len(fromAPIKey) > 0 {
 		return fromAPIKey, nil
 	}
 	return fromBearer, nil

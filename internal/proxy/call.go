@@ -1,94 +1,71 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"strings"
 	"time"
 
+	"github.com/google/uuid"
+	"github.com/valyala/fasthttp"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 )
 
-// call is one request's state. It is also the ResponseWriter every handler and the
-// ReverseProxy write to, which is how the ErrorHandler and the access log find the state
-// without a per-request context value.
+// call is one request's state, from routing to the access log.
 type call struct {
-	w          http.ResponseWriter
+	fc         *fasthttp.RequestCtx
 	start      time.Time
-	proxyStart time.Time // when the call was handed to the upstream's proxy
-	headerAt   time.Time // when response headers were written
+	proxyStart time.Time // when the request was sent upstream
+	headerAt   time.Time // when the upstream's response headers arrived
 	id         string
-	idHeader   []string // {id}, shared by the upstream request and the response
-	path       string   // as received, before any deployment rename
+	path       string // as received, before any deployment rename
+	query      string
 
 	caller, deployment, upstream string
 	code                         string // gateway error code, if the gateway answered
 	err                          error  // what went wrong, for the log
 	status                       int
-	bytesIn, bytesOut            int64
+	bytesIn, bytesOut            int
+	streaming                    bool // the body is streamed; the stream finishes the call
+	aborted                      bool // the response was cut short
+
+	cancel context.CancelFunc // ends the upstream call and any token wait
+	watch  func()             // stops watching for the caller going away
 }
 
-func newCall(w http.ResponseWriter, r *http.Request) *call {
-	id := requestID(r.Header)
-	return &call{w: w, start: time.Now(), id: id, idHeader: []string{id}, path: r.URL.Path, bytesIn: max(r.ContentLength, 0)}
+func newCall(fc *fasthttp.RequestCtx) *call {
+	return &call{fc: fc, start: time.Now(), id: requestID(&fc.Request.Header)}
 }
 
-func (c *call) Header() http.Header { return c.w.Header() }
-
-func (c *call) WriteHeader(code int) {
-	if c.status == 0 || c.status == statusClientClosed {
-		c.status = code
-		c.headerAt = time.Now()
-	}
-	c.w.WriteHeader(code)
-}
-
-func (c *call) Write(b []byte) (int, error) {
-	if c.status == 0 {
-		c.WriteHeader(http.StatusOK)
-	}
-	n, err := c.w.Write(b)
-	c.bytesOut += int64(n)
-	return n, err
-}
-
-// Unwrap lets http.ResponseController (used by ReverseProxy to flush streams) reach the
-// server's writer.
-func (c *call) Unwrap() http.ResponseWriter { return c.w }
-
-// finish runs once per request, last: it recovers panics, then counts and logs the call.
-func (h *Handler) finish(c *call, r *http.Request) {
+// finish runs once per request, last: it ends the upstream call, recovers a panic, then counts
+// and logs the call.
+func (h *Handler) finish(c *call, p any) {
 	h.m.inflight.Dec()
-	p := recover()
-	// aborted: the response cannot be completed, so the connection must be cut (by panicking
-	// with http.ErrAbortHandler, which the server handles quietly) and the caller sees a
-	// truncated response rather than a clean but incomplete one. ReverseProxy itself aborts
-	// this way when the caller or the upstream goes away mid-body.
-	aborted := p == http.ErrAbortHandler
-	if p != nil && !aborted {
+	if c.watch != nil {
+		c.watch()
+	}
+	if c.cancel != nil {
+		c.cancel()
+	}
+	if p != nil {
 		// The panic value and stack are logged; request headers are not, so no credential is.
 		h.log.Error("panic serving request", zap.String("request_id", c.id), zap.Any("panic", p), zap.Stack("stack"))
 		c.code, c.err = CodeInternal, errors.New("internal error")
-		if c.status == 0 {
-			c.Header()["X-Ms-Client-Request-Id"] = c.idHeader
-			writeError(c, errorf(http.StatusInternalServerError, CodeInternal, "internal error (request %s)", c.id))
-		} else {
-			aborted = true
-		}
+		c.fc.Response.Reset()
+		c.status = http.StatusInternalServerError
+		writeError(c.fc, errorf(http.StatusInternalServerError, CodeInternal, "internal error (request %s)", c.id), c.id)
 	}
 	status := c.status
 	if status == 0 {
 		status = statusClientClosed
 	}
 	h.observe(c, status)
-	h.accessLog(c, r, status, aborted)
-	if aborted {
-		panic(http.ErrAbortHandler)
-	}
+	h.accessLog(c, status)
 }
 
-func (h *Handler) accessLog(c *call, r *http.Request, status int, aborted bool) {
+func (h *Handler) accessLog(c *call, status int) {
 	ce := h.log.Check(zapcore.InfoLevel, "request")
 	if ce == nil {
 		return
@@ -100,28 +77,28 @@ func (h *Handler) accessLog(c *call, r *http.Request, status int, aborted bool) 
 		zap.String("caller", c.caller),
 		zap.String("deployment", c.deployment),
 		zap.String("upstream", c.upstream),
-		zap.String("method", r.Method),
+		zap.ByteString("method", c.fc.Request.Header.Method()),
 		// The path only: query strings can carry things that do not belong in logs.
 		zap.String("path", c.path),
 		zap.Int("status", status),
 		zap.Duration("duration", end.Sub(c.start)),
-		zap.Int64("bytes_in", c.bytesIn),
-		zap.Int64("bytes_out", c.bytesOut),
+		zap.Int("bytes_in", c.bytesIn),
+		zap.Int("bytes_out", c.bytesOut),
 	)
-	if v := apiVersion(r.URL.RawQuery); v != "" {
+	if v := apiVersion(c.query); v != "" {
 		fields = append(fields, zap.String("api_version", v))
 	}
-	if !c.proxyStart.IsZero() && !c.headerAt.IsZero() && c.code == "" {
+	if !c.proxyStart.IsZero() && !c.headerAt.IsZero() {
 		fields = append(fields, zap.Duration("upstream_duration", c.headerAt.Sub(c.proxyStart)))
 	}
-	rh := c.Header()
-	if v := rh.Get("Apim-Request-Id"); v != "" {
-		fields = append(fields, zap.String("apim_request_id", v))
+	rh := &c.fc.Response.Header
+	if v := rh.Peek("Apim-Request-Id"); len(v) > 0 {
+		fields = append(fields, zap.ByteString("apim_request_id", v))
 	}
-	if v := rh.Get("X-Ms-Region"); v != "" {
-		fields = append(fields, zap.String("x_ms_region", v))
+	if v := rh.Peek("X-Ms-Region"); len(v) > 0 {
+		fields = append(fields, zap.ByteString("x_ms_region", v))
 	}
-	if strings.HasPrefix(rh.Get("Content-Type"), "text/event-stream") {
+	if c.streaming {
 		fields = append(fields, zap.Bool("stream", true))
 	}
 	if c.code != "" {
@@ -130,7 +107,7 @@ func (h *Handler) accessLog(c *call, r *http.Request, status int, aborted bool) 
 	if c.err != nil {
 		fields = append(fields, zap.String("error", c.err.Error()))
 	}
-	if aborted {
+	if c.aborted {
 		fields = append(fields, zap.Bool("aborted", true))
 	}
 	ce.Write(fields...)
@@ -147,4 +124,27 @@ func apiVersion(rawQuery string) string {
 		}
 	}
 	return ""
+}
+
+// requestID returns the caller's x-ms-client-request-id when it is a sane identifier, else a
+// new UUID. Caller-chosen IDs let a client correlate its logs with the gateway's and Azure's.
+func requestID(h *fasthttp.RequestHeader) string {
+	if v := h.Peek("X-Ms-Client-Request-Id"); saneID(string(v)) {
+		return string(v)
+	}
+	return uuid.NewString()
+}
+
+func saneID(s string) bool {
+	if s == "" || len(s) > 128 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_', c == '.', c == ':':
+		default:
+			return false
+		}
+	}
+	return true
 }

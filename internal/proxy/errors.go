@@ -7,13 +7,15 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"strconv"
+
+	"github.com/valyala/fasthttp"
 
 	"github.com/tokenproxy/tokenproxy/internal/broker"
 )
 
 // Error codes the gateway answers with. They are stable: clients and alerts may match on them.
 const (
+	CodeInvalidRequest      = "InvalidRequest"
 	CodeInvalidPath         = "InvalidPath"
 	CodeMissingAPIVersion   = "MissingApiVersionParameter"
 	CodeInvalidBody         = "InvalidRequestBody"
@@ -75,18 +77,18 @@ func statusFor(err error, upstream string) *apiError {
 
 // writeError answers with the Azure error shape. x-ms-error-code carries the code as Azure does;
 // x-tokenproxy-error marks the answer as the gateway's own, not the upstream's.
-func writeError(w http.ResponseWriter, e *apiError) {
+func writeError(fc *fasthttp.RequestCtx, e *apiError, requestID string) {
 	if e.status == statusClientClosed {
-		return // nobody is listening
+		fc.SetConnectionClose() // nobody is listening
+		return
 	}
-	body := marshalError(e.code, e.message)
-	h := w.Header()
-	h.Set("Content-Type", "application/json")
-	h.Set("Content-Length", strconv.Itoa(len(body)))
-	h.Set("x-ms-error-code", e.code)
-	h.Set("x-tokenproxy-error", e.code)
-	w.WriteHeader(e.status)
-	w.Write(body)
+	resp := &fc.Response
+	resp.SetStatusCode(e.status)
+	resp.Header.SetContentType("application/json")
+	resp.Header.Set("X-Ms-Error-Code", e.code)
+	resp.Header.Set("X-Tokenproxy-Error", e.code)
+	resp.Header.Set("X-Ms-Client-Request-Id", requestID)
+	resp.SetBody(marshalError(e.code, e.message))
 }
 
 type errorBody struct {

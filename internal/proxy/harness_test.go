@@ -6,8 +6,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"io"
+	"net"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -42,7 +42,8 @@ type gateway struct {
 	cfg     *config.Config
 	broker  *broker.Broker
 	handler *Handler
-	srv     *httptest.Server
+	url     string
+	client  *http.Client
 	reg     *prometheus.Registry
 	logs    *syncBuffer
 }
@@ -108,9 +109,31 @@ func startGateway(t *testing.T, emu *emulator.Emulator, cfg *config.Config) *gat
 		t.Fatal(err)
 	}
 	g.broker, g.handler = b, h
-	g.srv = httptest.NewServer(h)
-	t.Cleanup(g.srv.Close)
+	g.url, g.client = serve(t, h, cfg)
 	return g
+}
+
+// serve runs h on a real server on loopback, as `proxy serve` does, and returns its URL and a
+// client for it.
+func serve(t testing.TB, h *Handler, cfg *config.Config) (string, *http.Client) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := h.NewServer(cfg)
+	done := make(chan struct{})
+	go func() { srv.Serve(ln); close(done) }()
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}}
+	t.Cleanup(func() {
+		client.CloseIdleConnections()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+		<-done
+		h.Close()
+	})
+	return "http://" + ln.Addr().String(), client
 }
 
 // do sends a request to the gateway and returns the response with its body read.
@@ -125,7 +148,7 @@ func (g *gateway) doCtx(ctx context.Context, method, path string, header map[str
 	if body != "" {
 		rd = strings.NewReader(body)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, g.srv.URL+path, rd)
+	req, err := http.NewRequestWithContext(ctx, method, g.url+path, rd)
 	if err != nil {
 		g.t.Fatal(err)
 	}
@@ -135,7 +158,7 @@ func (g *gateway) doCtx(ctx context.Context, method, path string, header map[str
 	for k, v := range header {
 		req.Header.Set(k, v)
 	}
-	resp, err := g.srv.Client().Do(req)
+	resp, err := g.client.Do(req)
 	if err != nil {
 		g.t.Fatal(err)
 	}

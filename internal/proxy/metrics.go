@@ -98,15 +98,19 @@ var statusLabels = func() (s [600]string) {
 	return s
 }()
 
-func (h *Handler) observe(c *call, status int) {
-	code := strconv.Itoa(status)
+func statusLabel(status int) string {
 	if status >= 0 && status < len(statusLabels) {
-		code = statusLabels[status]
+		return statusLabels[status]
 	}
+	return strconv.Itoa(status)
+}
+
+func (h *Handler) observe(c *call, status int) {
+	code := statusLabel(status)
 	dep := h.m.deploymentLabel(c.deployment)
 	h.m.requests.WithLabelValues(c.caller, dep, code).Inc()
 	h.m.duration.WithLabelValues(dep).Observe(time.Since(c.start).Seconds())
-	if c.upstream != "" && c.code == "" && !c.headerAt.IsZero() && !c.proxyStart.IsZero() {
+	if c.upstream != "" && !c.headerAt.IsZero() && !c.proxyStart.IsZero() {
 		h.m.upstreamLatency.WithLabelValues(c.upstream).Observe(c.headerAt.Sub(c.proxyStart).Seconds())
 	}
 }

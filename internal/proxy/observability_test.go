@@ -4,8 +4,6 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"strings"
 	"testing"
@@ -169,9 +167,8 @@ func TestPanicIsRecoveredAs500(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewServer(h)
-	defer srv.Close()
-	resp, err := http.Post(srv.URL+"/openai/deployments/d/chat/completions?api-version=1", "application/json", strings.NewReader("{}"))
+	url, client := serve(t, h, cfg)
+	resp, err := client.Post(url+"/openai/deployments/d/chat/completions?api-version=1", "application/json", strings.NewReader("{}"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -184,11 +184,11 @@ func TestRejectedCallsNeverReachUpstreamOrBroker(t *testing.T) {
 					body = io.MultiReader(strings.NewReader(tt.body)) // unknown length: sent chunked
 				}
 			}
-			req, _ := http.NewRequestWithContext(t.Context(), tt.method, g.srv.URL+tt.path, body)
+			req, _ := http.NewRequestWithContext(t.Context(), tt.method, g.url+tt.path, body)
 			for k, v := range tt.header {
 				req.Header.Set(k, v)
 			}
-			resp, err := g.srv.Client().Do(req)
+			resp, err := g.client.Do(req)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -338,7 +338,7 @@ func TestStreamingIsNotBuffered(t *testing.T) {
 	gate := make(chan struct{})
 	g.emu.OpenAI.SetStreamGate(gate)
 	defer close(gate) // on failure, let the held-back stream finish so the servers can close
-	req, _ := http.NewRequestWithContext(t.Context(), "POST", g.srv.URL+chatPath,
+	req, _ := http.NewRequestWithContext(t.Context(), "POST", g.url+chatPath,
 		strings.NewReader(`{"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}`))
 	req.Header.Set("api-key", keyProd)
 	// Headers and events are read in the background so a gateway holding anything back fails
@@ -346,7 +346,7 @@ func TestStreamingIsNotBuffered(t *testing.T) {
 	events := make(chan string, 100)
 	go func() {
 		defer close(events)
-		resp, err := g.srv.Client().Do(req)
+		resp, err := g.client.Do(req)
 		if err != nil {
 			t.Error(err)
 			return
@@ -391,9 +391,9 @@ func TestClientCancelReachesUpstream(t *testing.T) {
 	g := newGateway(t)
 	g.emu.OpenAI.SetStreamGate(make(chan struct{})) // a stream that never ends on its own
 	ctx, cancel := context.WithCancel(t.Context())
-	req, _ := http.NewRequestWithContext(ctx, "POST", g.srv.URL+chatPath, strings.NewReader(`{"stream":true,"messages":[{"role":"user","content":"hi"}]}`))
+	req, _ := http.NewRequestWithContext(ctx, "POST", g.url+chatPath, strings.NewReader(`{"stream":true,"messages":[{"role":"user","content":"hi"}]}`))
 	req.Header.Set("api-key", keyProd)
-	resp, err := g.srv.Client().Do(req)
+	resp, err := g.client.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -465,9 +465,9 @@ func TestConcurrentColdRequestsMakeOneTokenRequest(t *testing.T) {
 	errs := make(chan error, n)
 	for range n {
 		go func() {
-			req, _ := http.NewRequestWithContext(t.Context(), "POST", g.srv.URL+chatPath, strings.NewReader(chatBody))
+			req, _ := http.NewRequestWithContext(t.Context(), "POST", g.url+chatPath, strings.NewReader(chatBody))
 			req.Header.Set("api-key", keyProd)
-			resp, err := g.srv.Client().Do(req)
+			resp, err := g.client.Do(req)
 			if err == nil {
 				io.Copy(io.Discard, resp.Body)
 				resp.Body.Close()

@@ -1,0 +1,137 @@
+package proxy
+
+import (
+	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/valyala/fasthttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/tokenproxy/tokenproxy/internal/broker"
+	"github.com/tokenproxy/tokenproxy/internal/config"
+	"github.com/tokenproxy/tokenproxy/internal/transport"
+)
+
+// chatResponse is a ~1 KB chat.completion, the size the benchmark suite uses.
+var chatResponse = `{"id":"chatcmpl-bench","object":"chat.completion","created":1730746163,"model":"gpt-4.1-mini-2025-04-14","choices":[{"index":0,"message":{"role":"assistant","content":"` +
+	strings.Repeat("x", 700) + `","refusal":null},"finish_reason":"stop"}],"usage":{"prompt_tokens":17,"completion_tokens":959,"total_tokens":976}}`
+
+type staticFetcher struct{}
+
+func (staticFetcher) Fetch(context.Context, string) (broker.Token, error) {
+	return broker.Token{Value: "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9." + strings.Repeat("a", 1400) + ".sig", ExpiresOn: time.Now().Add(time.Hour)}, nil
+}
+
+// benchGateway is the gateway doing its full job (key check, routing, allow-list, token,
+// header hygiene, metrics, an info-level JSON access log) in front of a fixed upstream.
+func benchGateway(b *testing.B) (string, *http.Client) {
+	b.Helper()
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("apim-request-id", "6a1b2c3d-0000-4000-8000-000000000000")
+		w.Header().Set("x-ms-region", "Canada East")
+		io.WriteString(w, chatResponse)
+	}))
+	b.Cleanup(up.Close)
+	cfg := config.Default()
+	cfg.Credentials = map[string]*config.Credential{"c": {Type: config.TypeManagedIdentity}}
+	cfg.Upstreams = map[string]*config.Upstream{"eastca": {URL: up.URL, Credential: "c"}}
+	cfg.Deployments = map[string]*config.Deployment{"gpt-4.1-mini": {Upstream: "eastca", Deployment: "deploy-gpt-4.1"}}
+	cfg.Callers = []*config.Caller{{Name: "a360-prod", KeySHA256: hashKey(keyProd), Deployments: []string{"gpt-4.1-mini"}}}
+	cfg.ApplyDefaults()
+	br, _ := broker.New(broker.Options{Fetchers: map[string]broker.Fetcher{"c": staticFetcher{}}})
+	src, _ := br.Source("c", config.DefaultScope)
+	if _, err := src.Token(context.Background()); err != nil {
+		b.Fatal(err)
+	}
+	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zap.InfoLevel))
+	h, err := New(Options{Config: cfg, Sources: map[string]broker.TokenSource{"eastca": src}, Logger: log, Registerer: prometheus.NewRegistry()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	url, client := serve(b, h, cfg)
+	return url, client
+}
+
+// BenchmarkRoundTrip is a whole proxied call through real sockets: caller → gateway → upstream.
+func BenchmarkRoundTrip(b *testing.B) {
+	gw, client := benchGateway(b)
+	url := gw + chatPath
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			req, _ := http.NewRequest("POST", url, strings.NewReader(chatBody))
+			req.Header.Set("api-key", keyProd)
+			req.Header.Set("Content-Type", "application/json")
+			resp, err := client.Do(req)
+			if err != nil {
+				b.Fatal(err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 {
+				b.Fatalf("status %d", resp.StatusCode)
+			}
+		}
+	})
+}
+
+func BenchmarkCheckPath(b *testing.B) {
+	b.ReportAllocs()
+	for b.Loop() {
+		if checkPath("/openai/deployments/gpt-4.1-mini/chat/completions") != nil {
+			b.Fatal("rejected")
+		}
+	}
+}
+
+func BenchmarkAuthenticate(b *testing.B) {
+	cfg := config.Default()
+	cfg.Callers = []*config.Caller{{Name: "a360-prod", KeySHA256: hashKey(keyProd), Deployments: []string{"gpt-4.1-mini"}}}
+	k, _ := newKeyring(cfg)
+	var h fasthttp.RequestHeader
+	h.Set("Api-Key", keyProd)
+	h.Set("Content-Type", "application/json")
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := k.authenticate(&h); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkJSONModel(b *testing.B) {
+	body := []byte(`{"messages":[{"role":"system","content":"` + strings.Repeat("be brief ", 60) + `"},{"role":"user","content":"some prompt query"}],"model":"gpt-4.1-mini","max_completion_tokens":500}`)
+	b.SetBytes(int64(len(body)))
+	b.ReportAllocs()
+	for b.Loop() {
+		if ref, err := jsonModel(body); err != nil || ref.name != "gpt-4.1-mini" {
+			b.Fatal(ref, err)
+		}
+	}
+}
+
+func BenchmarkRewrite(b *testing.B) {
+	origin, _ := transport.NewOrigin("https://genaitemplateplatformeastca.openai.azure.com")
+	up := &upstream{name: "eastca", origin: origin}
+	var in, out fasthttp.Request
+	in.Header.SetMethod("POST")
+	in.Header.SetRequestURI(chatPath)
+	in.Header.Set("Api-Key", keyProd)
+	in.Header.SetContentType("application/json")
+	in.Header.Set("User-Agent", "AzureOpenAI/Python 1.54.0")
+	body := []byte(chatBody)
+	b.ReportAllocs()
+	for b.Loop() {
+		rewrite(&out, &in, up, "/openai/deployments/deploy-gpt-4.1/chat/completions", "api-version=2025-01-01-preview", body, "Bearer eyJ.x.y", "6a1b2c3d-0000-4000-8000-000000000000")
+		out.Reset()
+	}
+}

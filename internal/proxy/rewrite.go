@@ -1,0 +1,108 @@
+package proxy
+
+import (
+	"bytes"
+	"net/url"
+	"strings"
+
+	"github.com/valyala/fasthttp"
+)
+
+// Request headers never forwarded: hop-by-hop ones (RFC 9110 §7.6.1), the caller's
+// credentials (the only credential that leaves is the gateway's bearer token), and the
+// caller's forwarding trail (the upstream has no use for the caller's addresses).
+var dropRequestHeaders = []string{
+	"Connection", "Keep-Alive", "Proxy-Connection", "Te", "Trailer", "Transfer-Encoding", "Upgrade", "Expect",
+	"Authorization", "Api-Key", "Cookie", "Ocp-Apim-Subscription-Key", "Proxy-Authorization",
+	"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-Port", "X-Real-Ip",
+}
+
+// Response headers never passed back: hop-by-hop ones; the framing is the gateway's own.
+var dropResponseHeaders = []string{
+	"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Te", "Trailer", "Upgrade",
+}
+
+// rewrite builds the upstream request out from the caller's request in: the upstream's Host
+// and base path, the (possibly renamed) path, the caller's query minus key-bearing parameters,
+// the caller's headers minus those above, the bearer token, the request ID and the body read.
+func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body []byte, authorization, requestID string) {
+	in.Header.CopyTo(&out.Header)
+	h := &out.Header
+	for token := range strings.SplitSeq(string(in.Header.Peek("Connection")), ",") {
+		if token = strings.TrimSpace(token); token != "" {
+			h.Del(token)
+		}
+	}
+	for _, k := range dropRequestHeaders {
+		h.Del(k)
+	}
+	h.DelAllCookies()
+	h.ResetConnectionClose()
+	h.Set("Authorization", authorization)
+	h.Set("X-Ms-Client-Request-Id", requestID)
+	h.SetHost(up.origin.Host())
+
+	uri := up.basePath + path
+	if q := stripCredentialParams(query); q != "" {
+		uri += "?" + q
+	}
+	h.SetRequestURI(uri)
+	out.SetBodyRaw(body)
+	h.SetContentLength(len(body))
+}
+
+// cleanResponse removes hop-by-hop headers from an upstream response and makes sure the
+// caller gets the request ID back even if the upstream does not echo it.
+func cleanResponse(h *fasthttp.ResponseHeader, requestID string) {
+	if conn := h.Peek("Connection"); len(conn) > 0 {
+		for token := range bytes.SplitSeq(bytes.Clone(conn), []byte(",")) {
+			if token = bytes.TrimSpace(token); len(token) > 0 {
+				h.DelBytes(token)
+			}
+		}
+	}
+	for _, k := range dropResponseHeaders {
+		h.Del(k)
+	}
+	// An upstream closing its connection says nothing about the caller's.
+	h.ResetConnectionClose()
+	if len(h.Peek("X-Ms-Client-Request-Id")) == 0 {
+		h.Set("X-Ms-Client-Request-Id", requestID)
+	}
+}
+
+// stripCredentialParams removes query parameters some Azure clients use for keys (api-key,
+// subscription-key). The gateway never reads keys from the query, but a caller's key must not
+// reach the upstream, or its logs, whatever the caller did with it. Other parameters keep their
+// order and encoding.
+func stripCredentialParams(rawQuery string) string {
+	lower := strings.ToLower(rawQuery)
+	if !strings.Contains(lower, "api-key") && !strings.Contains(lower, "subscription-key") && !strings.Contains(lower, "%") {
+		return rawQuery
+	}
+	kept := make([]string, 0, 4)
+	for kv := range strings.SplitSeq(rawQuery, "&") {
+		k, _, _ := strings.Cut(kv, "=")
+		if uk, err := url.QueryUnescape(k); err == nil {
+			k = uk
+		}
+		switch strings.ToLower(k) {
+		case "api-key", "subscription-key":
+			continue
+		}
+		kept = append(kept, kv)
+	}
+	return strings.Join(kept, "&")
+}
+
+// hasQueryParam reports whether the raw query has key with a non-empty value.
+func hasQueryParam(rawQuery, key string) bool {
+	for rawQuery != "" {
+		var kv string
+		kv, rawQuery, _ = strings.Cut(rawQuery, "&")
+		if k, v, ok := strings.Cut(kv, "="); ok && k == key && v != "" {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,121 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/valyala/fasthttp"
+	"go.uber.org/zap"
+
+	"github.com/tokenproxy/tokenproxy/internal/config"
+)
+
+// MaxHeaderBytes caps a caller's request line and headers; keys, and even Entra tokens, are far
+// smaller. It is also the per-connection read buffer.
+const MaxHeaderBytes = 32 << 10
+
+// Server serves a Handler on listeners and shuts down gracefully.
+type Server struct {
+	srv *fasthttp.Server
+	log *zap.Logger
+
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+}
+
+// NewServer returns the API server for h with cfg's timeouts and limits.
+func (h *Handler) NewServer(cfg *config.Config) *Server {
+	s := &Server{log: h.log, conns: map[net.Conn]struct{}{}}
+	s.srv = &fasthttp.Server{
+		Handler:      h.ServeFastHTTP,
+		ErrorHandler: h.serverError,
+		// The request line and headers must arrive within read_header; the body is read by the
+		// handler once the caller is authenticated (StreamRequestBody), within idle as a bound.
+		HeaderReceived: func(*fasthttp.RequestHeader) fasthttp.RequestConfig {
+			return fasthttp.RequestConfig{ReadTimeout: cfg.Timeouts.Idle}
+		},
+		ReadTimeout:                  cfg.Timeouts.ReadHeader,
+		IdleTimeout:                  cfg.Timeouts.Idle,
+		ReadBufferSize:               MaxHeaderBytes,
+		MaxRequestBodySize:           int(cfg.MaxRequestBytes),
+		StreamRequestBody:            true,
+		DisablePreParseMultipartForm: true,
+		NoDefaultServerHeader:        true,
+		NoDefaultContentType:         true,
+		SecureErrorLogMessage:        true,
+		ReduceMemoryUsage:            true,
+		CloseOnShutdown:              true,
+		TCPKeepalive:                 true,
+		Logger:                       fasthttpLogger{h.log.Named("http")},
+		ConnState:                    s.track,
+	}
+	return s
+}
+
+// serverError answers requests the server could not read: malformed, too slow, headers too big.
+func (h *Handler) serverError(fc *fasthttp.RequestCtx, err error) {
+	var e *apiError
+	var big *fasthttp.ErrSmallBuffer
+	switch {
+	case errors.As(err, &big):
+		e = errorf(http.StatusRequestHeaderFieldsTooLarge, CodeInvalidRequest, "the request headers exceed %d bytes", MaxHeaderBytes)
+	case errors.Is(err, fasthttp.ErrBodyTooLarge):
+		e = errorf(http.StatusRequestEntityTooLarge, CodeRequestTooLarge, "the request body exceeds the gateway's limit (max_request_bytes)")
+	case isTimeout(err):
+		e = errorf(http.StatusRequestTimeout, CodeInvalidRequest, "the request did not arrive in time")
+	default:
+		e = errorf(http.StatusBadRequest, CodeInvalidRequest, "the request is not valid HTTP/1.1")
+	}
+	h.m.requests.WithLabelValues("", "", statusLabel(e.status)).Inc()
+	fc.SetConnectionClose()
+	writeError(fc, e, requestID(&fc.Request.Header))
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+func (s *Server) track(c net.Conn, state fasthttp.ConnState) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch state {
+	case fasthttp.StateNew:
+		s.conns[c] = struct{}{}
+	case fasthttp.StateClosed, fasthttp.StateHijacked:
+		delete(s.conns, c)
+	}
+}
+
+// Serve serves connections from ln until Shutdown.
+func (s *Server) Serve(ln net.Listener) error { return s.srv.Serve(ln) }
+
+// Shutdown stops accepting connections and waits for in-flight calls and streams to finish
+// until ctx is done; then it closes the connections still open and reports how many there were.
+func (s *Server) Shutdown(ctx context.Context) (cut int, err error) {
+	err = s.srv.ShutdownWithContext(ctx)
+	if err == nil {
+		return 0, nil
+	}
+	s.mu.Lock()
+	for c := range s.conns {
+		c.Close()
+		cut++
+	}
+	s.mu.Unlock()
+	// Give the closed connections' handlers the moment they need to see the close.
+	wctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s.srv.ShutdownWithContext(wctx)
+	return cut, err
+}
+
+// fasthttpLogger sends fasthttp's own messages (failed reads, broken connections) to zap at
+// debug level: with SecureErrorLogMessage they carry no request data.
+type fasthttpLogger struct{ log *zap.Logger }
+
+func (l fasthttpLogger) Printf(format string, args ...any) { l.log.Sugar().Debugf(format, args...) }

@@ -1,0 +1,580 @@
+// Package transport is the gateway's HTTP/1.1 client to upstreams, built for a proxy's hot
+// path on fasthttp's request and response types (zero-allocation parsing and writing).
+//
+// Profiles of net/http's Transport under load showed two costs this avoids: it writes a
+// request's headers and body in separate syscalls, and it hands every request between the
+// caller's goroutine and per-connection read and write goroutines. Here a request is written
+// with one buffered flush and its response read on the caller's goroutine; a cancelled context
+// interrupts the connection through context.AfterFunc, with no goroutine per request. Unlike
+// fasthttp's own client, a context cancels a call at any point, and the response-header
+// timeout does not limit a long stream. Connections are pooled per origin (keep-alive), TLS is
+// verified with the system roots or a given pool, and HTTPS proxies are reached with CONNECT.
+// HTTP/2 is not spoken: Azure OpenAI and Foundry serve HTTP/1.1, where a keep-alive pool does
+// as well.
+package transport
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/valyala/fasthttp"
+)
+
+// Options configure a Transport. Zero values pick the defaults named.
+type Options struct {
+	// DialTimeout bounds connecting (and the proxy CONNECT). If zero, 10s.
+	DialTimeout time.Duration
+	// TLSHandshakeTimeout bounds the TLS handshake. If zero, 10s.
+	TLSHandshakeTimeout time.Duration
+	// ResponseHeaderTimeout bounds the wait for response headers after the request is written.
+	// If zero, there is none.
+	ResponseHeaderTimeout time.Duration
+	// IdleTimeout closes pooled connections idle for longer. If zero, 90s.
+	IdleTimeout time.Duration
+	// MaxIdlePerHost caps pooled idle connections per origin. If zero, 256.
+	MaxIdlePerHost int
+	// BufferLimit is the largest response body (of known length) read into the response;
+	// larger ones, and those of unknown length or of type text/event-stream, are streamed.
+	// If zero, 1 MiB.
+	BufferLimit int
+	// TLSConfig is the base TLS configuration; ServerName is set per origin. If nil, the
+	// system roots and TLS 1.2 or later are used.
+	TLSConfig *tls.Config
+	// Proxy picks the proxy for an https origin (e.g. from HTTPS_PROXY); it is reached with
+	// CONNECT. If nil, or if it returns nil, the origin is dialled directly.
+	Proxy func(origin *url.URL) (*url.URL, error)
+}
+
+func (o Options) dialTimeout() time.Duration { return orDefault(o.DialTimeout, 10*time.Second) }
+func (o Options) handshakeTimeout() time.Duration {
+	return orDefault(o.TLSHandshakeTimeout, 10*time.Second)
+}
+func (o Options) idleTimeout() time.Duration { return orDefault(o.IdleTimeout, 90*time.Second) }
+
+func (o Options) maxIdle() int {
+	if o.MaxIdlePerHost <= 0 {
+		return 256
+	}
+	return o.MaxIdlePerHost
+}
+
+func (o Options) bufferLimit() int {
+	if o.BufferLimit <= 0 {
+		return 1 << 20
+	}
+	return o.BufferLimit
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d <= 0 {
+		return def
+	}
+	return d
+}
+
+// ProxyFromEnvironment adapts http.ProxyFromEnvironment (HTTPS_PROXY, NO_PROXY) to Options.Proxy.
+func ProxyFromEnvironment(origin *url.URL) (*url.URL, error) {
+	return http.ProxyFromEnvironment(&http.Request{URL: origin})
+}
+
+// Origin is where requests go: http or https, host and port. Build it once per upstream.
+type Origin struct {
+	u          *url.URL
+	key, addr  string
+	serverName string
+	tls        bool
+}
+
+// NewOrigin parses an upstream URL (its path and query are ignored).
+func NewOrigin(raw string) (Origin, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return Origin{}, err
+	}
+	if u.Scheme != "http" && u.Scheme != "https" || u.Host == "" {
+		return Origin{}, fmt.Errorf("transport: %q is not an http(s) origin", raw)
+	}
+	port := u.Port()
+	if port == "" {
+		port = map[string]string{"http": "80", "https": "443"}[u.Scheme]
+	}
+	addr := net.JoinHostPort(u.Hostname(), port)
+	return Origin{
+		u:          &url.URL{Scheme: u.Scheme, Host: u.Host},
+		key:        u.Scheme + "://" + addr,
+		addr:       addr,
+		serverName: u.Hostname(),
+		tls:        u.Scheme == "https",
+	}, nil
+}
+
+// Host is the value for the Host header: the origin's host[:port] as written.
+func (o Origin) Host() string { return o.u.Host }
+
+// Transport is an HTTP/1.1 client with a keep-alive pool per origin.
+type Transport struct {
+	opts   Options
+	tlsCfg *tls.Config
+
+	mu     sync.Mutex
+	pools  map[string]*pool
+	closed bool
+	stop   chan struct{}
+	reaped sync.WaitGroup
+}
+
+// New returns a Transport. Close it to release its connections and its idle-connection reaper.
+func New(opts Options) *Transport {
+	cfg := opts.TLSConfig
+	if cfg == nil {
+		cfg = &tls.Config{MinVersion: tls.VersionTLS12}
+	} else {
+		cfg = cfg.Clone()
+	}
+	cfg.NextProtos = []string{"http/1.1"}
+	t := &Transport{opts: opts, tlsCfg: cfg, pools: map[string]*pool{}, stop: make(chan struct{})}
+	t.reaped.Go(t.reap)
+	return t
+}
+
+// Close closes every idle connection and stops the reaper. Connections in use are closed when
+// their response is done.
+func (t *Transport) Close() {
+	t.mu.Lock()
+	if t.closed {
+		t.mu.Unlock()
+		return
+	}
+	t.closed = true
+	pools := t.pools
+	t.mu.Unlock()
+	close(t.stop)
+	t.reaped.Wait()
+	for _, p := range pools {
+		p.closeIdle(time.Time{})
+	}
+}
+
+func (t *Transport) reap() {
+	tick := time.NewTicker(t.opts.idleTimeout() / 2)
+	defer tick.Stop()
+	for {
+		select {
+		case <-t.stop:
+			return
+		case now := <-tick.C:
+			t.closeExpired(now)
+		}
+	}
+}
+
+// closeExpired closes the connections that have been idle longer than IdleTimeout at now.
+func (t *Transport) closeExpired(now time.Time) {
+	t.mu.Lock()
+	pools := make([]*pool, 0, len(t.pools))
+	for _, p := range t.pools {
+		pools = append(pools, p)
+	}
+	t.mu.Unlock()
+	for _, p := range pools {
+		p.closeIdle(now.Add(-t.opts.idleTimeout()))
+	}
+}
+
+// Do sends req to origin and reads the response into resp. req must carry its request URI
+// (path and query) and Host header; its body is sent with a Content-Length.
+//
+// A response body of known length up to BufferLimit is read into resp and the returned Stream
+// is nil. Any other body (server-sent events, unknown length, large) is returned as a Stream,
+// which must be read to EOF or closed; resp must not be reset before then.
+//
+// A request on a reused connection that the server had closed while it sat idle is retried
+// once on a new connection (the body is in req, so it can be sent again) when no response byte
+// had arrived.
+func (t *Transport) Do(ctx context.Context, origin Origin, req *fasthttp.Request, resp *fasthttp.Response) (*Stream, error) {
+	p, err := t.pool(origin)
+	if err != nil {
+		return nil, err
+	}
+	for attempt := 0; ; attempt++ {
+		c, reused, err := p.get(ctx)
+		if err != nil {
+			return nil, err
+		}
+		stream, err := c.do(ctx, req, resp, t.opts.ResponseHeaderTimeout, t.opts.bufferLimit())
+		if err == nil {
+			return stream, nil
+		}
+		c.close()
+		var stale *staleConnError
+		if attempt == 0 && reused && errors.As(err, &stale) && ctx.Err() == nil {
+			resp.Reset()
+			continue
+		}
+		return nil, unwrapStale(err)
+	}
+}
+
+func (t *Transport) pool(o Origin) (*pool, error) {
+	if o.u == nil {
+		return nil, errors.New("transport: zero Origin")
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.closed {
+		return nil, errors.New("transport: closed")
+	}
+	p, ok := t.pools[o.key]
+	if !ok {
+		p = &pool{t: t, origin: o}
+		t.pools[o.key] = p
+	}
+	return p, nil
+}
+
+// pool holds the idle connections to one origin.
+type pool struct {
+	t      *Transport
+	origin Origin
+
+	mu   sync.Mutex
+	idle []*conn // most recently used last
+}
+
+// get returns an idle connection (reused) or a new one.
+func (p *pool) get(ctx context.Context) (*conn, bool, error) {
+	cutoff := time.Now().Add(-p.t.opts.idleTimeout())
+	p.mu.Lock()
+	for n := len(p.idle); n > 0; n = len(p.idle) {
+		c := p.idle[n-1]
+		p.idle[n-1] = nil
+		p.idle = p.idle[:n-1]
+		if c.idleSince.Before(cutoff) {
+			c.nc.Close()
+			continue
+		}
+		p.mu.Unlock()
+		return c, true, nil
+	}
+	p.mu.Unlock()
+	c, err := p.dial(ctx)
+	return c, false, err
+}
+
+func (p *pool) put(c *conn) {
+	c.idleSince = time.Now()
+	p.mu.Lock()
+	if len(p.idle) < p.t.opts.maxIdle() {
+		p.idle = append(p.idle, c)
+		p.mu.Unlock()
+		p.t.mu.Lock()
+		closed := p.t.closed
+		p.t.mu.Unlock()
+		if closed {
+			p.closeIdle(time.Time{})
+		}
+		return
+	}
+	p.mu.Unlock()
+	c.nc.Close()
+}
+
+// closeIdle closes idle connections unused since before cutoff (all of them if cutoff is zero).
+func (p *pool) closeIdle(cutoff time.Time) {
+	p.mu.Lock()
+	keep := p.idle[:0]
+	var drop []*conn
+	for _, c := range p.idle {
+		if cutoff.IsZero() || c.idleSince.Before(cutoff) {
+			drop = append(drop, c)
+		} else {
+			keep = append(keep, c)
+		}
+	}
+	for i := len(keep); i < len(p.idle); i++ {
+		p.idle[i] = nil
+	}
+	p.idle = keep
+	p.mu.Unlock()
+	for _, c := range drop {
+		c.nc.Close()
+	}
+}
+
+func (p *pool) dial(ctx context.Context) (*conn, error) {
+	o := p.t.opts
+	d := net.Dialer{Timeout: o.dialTimeout(), KeepAlive: 30 * time.Second}
+	var proxy *url.URL
+	if p.origin.tls && o.Proxy != nil {
+		var err error
+		if proxy, err = o.Proxy(p.origin.u); err != nil {
+			return nil, fmt.Errorf("choosing a proxy: %w", err)
+		}
+	}
+	target := p.origin.addr
+	if proxy != nil {
+		target = proxyAddr(proxy)
+	}
+	nc, err := d.DialContext(ctx, "tcp", target)
+	if err != nil {
+		return nil, err
+	}
+	if proxy != nil {
+		if err := connectTunnel(ctx, nc, proxy, p.origin.addr, o.dialTimeout()); err != nil {
+			nc.Close()
+			return nil, err
+		}
+	}
+	if p.origin.tls {
+		cfg := p.t.tlsCfg.Clone()
+		cfg.ServerName = p.origin.serverName
+		tc := tls.Client(nc, cfg)
+		hctx, cancel := context.WithTimeout(ctx, o.handshakeTimeout())
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			nc.Close()
+			return nil, err
+		}
+		nc = tc
+	}
+	return &conn{p: p, nc: nc, br: bufio.NewReaderSize(nc, 16<<10), bw: bufio.NewWriterSize(nc, 16<<10)}, nil
+}
+
+func proxyAddr(u *url.URL) string {
+	port := u.Port()
+	if port == "" {
+		port = map[string]string{"http": "80", "https": "443"}[u.Scheme]
+	}
+	return net.JoinHostPort(u.Hostname(), port)
+}
+
+// connectTunnel asks an HTTP proxy for a tunnel to addr.
+func connectTunnel(ctx context.Context, nc net.Conn, proxy *url.URL, addr string, timeout time.Duration) error {
+	if proxy.Scheme != "http" {
+		return fmt.Errorf("transport: proxy scheme %q is not supported (use http://)", proxy.Scheme)
+	}
+	deadline := time.Now().Add(timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	nc.SetDeadline(deadline)
+	defer nc.SetDeadline(time.Time{})
+	req := "CONNECT " + addr + " HTTP/1.1\r\nHost: " + addr + "\r\n"
+	if u := proxy.User; u != nil {
+		pw, _ := u.Password()
+		req += "Proxy-Authorization: Basic " + base64.StdEncoding.EncodeToString([]byte(u.Username()+":"+pw)) + "\r\n"
+	}
+	if _, err := io.WriteString(nc, req+"\r\n"); err != nil {
+		return fmt.Errorf("connecting through proxy %s: %w", proxy.Host, err)
+	}
+	br := bufio.NewReader(nc)
+	var resp fasthttp.ResponseHeader
+	if err := resp.Read(br); err != nil {
+		return fmt.Errorf("connecting through proxy %s: %w", proxy.Host, err)
+	}
+	if resp.StatusCode() != http.StatusOK {
+		return fmt.Errorf("proxy %s refused the tunnel to %s: HTTP %d", proxy.Host, addr, resp.StatusCode())
+	}
+	if br.Buffered() > 0 {
+		return fmt.Errorf("proxy %s sent data before the tunnel was up", proxy.Host)
+	}
+	return nil
+}
+
+// conn is one keep-alive connection.
+type conn struct {
+	p         *pool
+	nc        net.Conn
+	br        *bufio.Reader
+	bw        *bufio.Writer
+	idleSince time.Time
+}
+
+func (c *conn) close() { c.nc.Close() }
+
+// aLongTimeAgo is a deadline in the past, which makes blocked reads and writes return at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// staleConnError marks a failure that happened before the server sent anything on a
+// connection it may have closed while it sat idle.
+type staleConnError struct{ err error }
+
+func (e *staleConnError) Error() string { return e.err.Error() }
+func (e *staleConnError) Unwrap() error { return e.err }
+
+func unwrapStale(err error) error {
+	var s *staleConnError
+	if errors.As(err, &s) {
+		return s.err
+	}
+	return err
+}
+
+// TimeoutError is returned when the response headers do not arrive within
+// ResponseHeaderTimeout. It is a net.Error whose Timeout is true.
+type TimeoutError struct{}
+
+func (TimeoutError) Error() string   { return "timeout awaiting response headers" }
+func (TimeoutError) Timeout() bool   { return true }
+func (TimeoutError) Temporary() bool { return true }
+
+var eventStream = []byte("text/event-stream")
+
+// do writes req and reads the response on this connection.
+func (c *conn) do(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Response, headerTimeout time.Duration, bufferLimit int) (*Stream, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	// Cancelling the call interrupts whatever the connection is blocked on; the goroutine that
+	// runs this starts only if the context is cancelled.
+	stop := context.AfterFunc(ctx, func() { c.nc.SetDeadline(aLongTimeAgo) })
+	fail := func(err error) (*Stream, error) {
+		stop()
+		switch {
+		case ctx.Err() != nil:
+			return nil, ctx.Err()
+		case isTimeout(err):
+			return nil, TimeoutError{}
+		}
+		return nil, err
+	}
+	if err := req.Write(c.bw); err != nil {
+		return fail(&staleConnError{err})
+	}
+	if err := c.bw.Flush(); err != nil {
+		return fail(&staleConnError{err})
+	}
+	if headerTimeout > 0 {
+		c.nc.SetReadDeadline(time.Now().Add(headerTimeout))
+	}
+	// Waiting for the first byte on its own tells a connection the server closed while idle
+	// (nothing at all arrives) from a response cut short.
+	if _, err := c.br.Peek(1); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
+			err = &staleConnError{err}
+		}
+		return fail(err)
+	}
+	if err := readHeader(c.br, &resp.Header); err != nil {
+		return fail(err)
+	}
+	if headerTimeout > 0 {
+		c.nc.SetReadDeadline(time.Time{})
+		if ctx.Err() != nil { // cancelled before the deadline was cleared: honour it
+			return fail(ctx.Err())
+		}
+	}
+	reusable := !resp.Header.ConnectionClose() && !req.Header.ConnectionClose()
+	status := resp.StatusCode()
+	if req.Header.IsHead() || status == fasthttp.StatusNoContent || status == fasthttp.StatusNotModified {
+		resp.SkipBody = true
+		return nil, c.finish(stop, reusable)
+	}
+	cl := resp.Header.ContentLength()
+	if cl >= 0 && cl <= bufferLimit && !bytes.HasPrefix(resp.Header.ContentType(), eventStream) {
+		if err := resp.ReadBody(c.br, bufferLimit); err != nil {
+			return fail(err)
+		}
+		return nil, c.finish(stop, reusable)
+	}
+	resp.StreamBody = true
+	if err := resp.ReadBody(c.br, 0); err != nil {
+		return fail(err)
+	}
+	return &Stream{c: c, resp: resp, r: resp.BodyStream(), stop: stop, ctx: ctx, reusable: reusable && cl != -2}, nil
+}
+
+// readHeader reads the final response header, skipping informational ones (100 Continue,
+// 103 Early Hints).
+func readHeader(br *bufio.Reader, h *fasthttp.ResponseHeader) error {
+	for range 100 {
+		if err := h.Read(br); err != nil {
+			return err
+		}
+		if s := h.StatusCode(); s < 100 || s > 199 || s == fasthttp.StatusSwitchingProtocols {
+			return nil
+		}
+	}
+	return errors.New("transport: too many informational responses")
+}
+
+// finish ends a call whose body is fully read: the connection goes back to the pool if it can.
+func (c *conn) finish(stop func() bool, reusable bool) error {
+	stopped := stop() // false: the context was cancelled and the deadline is poisoned
+	if stopped && reusable && c.br.Buffered() == 0 {
+		c.p.put(c)
+		return nil
+	}
+	c.close()
+	return nil
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// Stream is a response body being read from the upstream. At EOF its connection returns to
+// the pool; closed earlier, the connection is closed.
+type Stream struct {
+	c        *conn
+	resp     *fasthttp.Response
+	r        io.Reader
+	stop     func() bool
+	ctx      context.Context
+	reusable bool
+	mu       sync.Mutex
+	done     bool
+}
+
+// Read reads the body. After the context is cancelled it returns the context's error.
+func (s *Stream) Read(p []byte) (int, error) {
+	n, err := s.r.Read(p)
+	if err == nil {
+		return n, nil
+	}
+	if err == io.EOF {
+		s.finish(true)
+		return n, io.EOF
+	}
+	s.finish(false)
+	if s.ctx.Err() != nil {
+		return n, s.ctx.Err()
+	}
+	return n, err
+}
+
+// Close ends the stream; a body not read to EOF takes its connection with it.
+func (s *Stream) Close() error {
+	s.finish(false)
+	return nil
+}
+
+func (s *Stream) finish(eof bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done {
+		return
+	}
+	s.done = true
+	s.resp.CloseBodyStream()
+	stopped := s.stop()
+	if eof && stopped && s.reusable && s.c.br.Buffered() == 0 {
+		s.c.p.put(s.c)
+		return
+	}
+	s.c.close()
+}

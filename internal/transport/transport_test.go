@@ -1,0 +1,571 @@
+package transport
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/valyala/fasthttp"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// countingServer counts the connections its clients open.
+func countingServer(t *testing.T, h http.HandlerFunc) (*httptest.Server, *atomic.Int32) {
+	t.Helper()
+	var conns atomic.Int32
+	srv := httptest.NewUnstartedServer(h)
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	return srv, &conns
+}
+
+func newTransport(t *testing.T, o Options) *Transport {
+	t.Helper()
+	tr := New(o)
+	t.Cleanup(tr.Close)
+	return tr
+}
+
+// result is a response and, for a streamed body, its stream.
+type result struct {
+	resp   *fasthttp.Response
+	stream *Stream
+}
+
+// body returns the response body, reading the stream if there is one.
+func (r result) body(t *testing.T) string {
+	t.Helper()
+	if r.stream == nil {
+		return string(r.resp.Body())
+	}
+	b, err := io.ReadAll(r.stream)
+	r.stream.Close()
+	if err != nil {
+		t.Fatalf("reading body: %v", err)
+	}
+	return string(b)
+}
+
+func (r result) header(k string) string { return string(r.resp.Header.Peek(k)) }
+
+// request builds a request for srvURL+path as the gateway does.
+func request(t *testing.T, method, rawURL, body string) (Origin, *fasthttp.Request) {
+	t.Helper()
+	u, err := url.Parse(rawURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, err := NewOrigin(u.Scheme + "://" + u.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := &fasthttp.Request{}
+	req.Header.SetMethod(method)
+	req.Header.SetRequestURI(u.RequestURI())
+	req.Header.SetHost(o.Host())
+	if body != "" || method == "POST" {
+		req.SetBodyString(body)
+	}
+	return o, req
+}
+
+func do(t *testing.T, tr *Transport, ctx context.Context, method, rawURL, body string) (result, error) {
+	t.Helper()
+	o, req := request(t, method, rawURL, body)
+	resp := &fasthttp.Response{}
+	stream, err := tr.Do(ctx, o, req, resp)
+	return result{resp, stream}, err
+}
+
+func post(t *testing.T, tr *Transport, ctx context.Context, rawURL, body string) (result, error) {
+	t.Helper()
+	return do(t, tr, ctx, "POST", rawURL, body)
+}
+
+func TestRoundTripAndKeepAlive(t *testing.T) {
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		w.Header().Set("X-Host", r.Host)
+		w.Header().Set("X-Len", r.Header.Get("Content-Length"))
+		w.Header().Set("X-Auth", r.Header.Get("Authorization"))
+		w.Header().Set("X-Query", r.URL.RawQuery)
+		io.WriteString(w, r.Method+" "+r.URL.Path+" "+string(b))
+	})
+	tr := newTransport(t, Options{})
+	for i := range 20 {
+		o, req := request(t, "POST", srv.URL+"/openai/deployments/d/chat/completions?api-version=1&x=%20y", "hello")
+		req.Header.Set("Authorization", "Bearer tok")
+		resp := &fasthttp.Response{}
+		stream, err := tr.Do(t.Context(), o, req, resp)
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		r := result{resp, stream}
+		if stream != nil {
+			t.Fatal("a small response of known length was streamed")
+		}
+		if got := r.body(t); got != "POST /openai/deployments/d/chat/completions hello" {
+			t.Fatalf("got body %q", got)
+		}
+		for h, want := range map[string]string{"X-Host": strings.TrimPrefix(srv.URL, "http://"), "X-Len": "5", "X-Auth": "Bearer tok", "X-Query": "api-version=1&x=%20y"} {
+			if got := r.header(h); got != want {
+				t.Errorf("%s = %q, want %q", h, got, want)
+			}
+		}
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("20 sequential requests opened %d connections, want 1 (keep-alive)", n)
+	}
+}
+
+func TestBodylessRequests(t *testing.T) {
+	srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, r.Method+" len="+r.Header.Get("Content-Length")+" te="+strings.Join(r.TransferEncoding, ","))
+	})
+	tr := newTransport(t, Options{})
+	for _, tt := range []struct{ method, want string }{
+		{"GET", "GET len= te="}, {"POST", "POST len=0 te="}, {"DELETE", "DELETE len=0 te="},
+	} {
+		r, err := do(t, tr, t.Context(), tt.method, srv.URL+"/x", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := r.body(t); got != tt.want {
+			t.Errorf("got %q, want %q", got, tt.want)
+		}
+	}
+	// HEAD has no body to wait for, and the connection stays usable.
+	r, err := do(t, tr, t.Context(), "HEAD", srv.URL+"/x", "")
+	if err != nil || r.stream != nil || len(r.resp.Body()) != 0 {
+		t.Fatalf("HEAD: %v", err)
+	}
+	if r, err = do(t, tr, t.Context(), "GET", srv.URL+"/x", ""); err != nil || r.body(t) != "GET len= te=" {
+		t.Errorf("GET after HEAD: %v", err)
+	}
+}
+
+func TestBufferedAndStreamedBodies(t *testing.T) {
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/small":
+			io.WriteString(w, "small")
+		case "/large":
+			w.Header().Set("Content-Length", "3000")
+			io.WriteString(w, strings.Repeat("L", 3000))
+		case "/chunked":
+			io.WriteString(w, "part one,")
+			w.(http.Flusher).Flush()
+			io.WriteString(w, "part two")
+		case "/sse":
+			w.Header().Set("Content-Type", "text/event-stream")
+			w.Header().Set("Content-Length", "11")
+			io.WriteString(w, "data: x\n\n\n\n")
+		}
+	})
+	tr := newTransport(t, Options{BufferLimit: 1000})
+	for _, tt := range []struct {
+		path, want string
+		streamed   bool
+	}{
+		{"/small", "small", false},
+		{"/large", strings.Repeat("L", 3000), true},
+		{"/chunked", "part one,part two", true},
+		{"/sse", "data: x\n\n\n\n", true},
+		{"/small", "small", false},
+	} {
+		r, err := do(t, tr, t.Context(), "GET", srv.URL+tt.path, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if (r.stream != nil) != tt.streamed {
+			t.Errorf("%s: streamed = %v, want %v", tt.path, r.stream != nil, tt.streamed)
+		}
+		if got := r.body(t); got != tt.want {
+			t.Errorf("%s: got %q, want %q", tt.path, got, tt.want)
+		}
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("got %d connections, want 1: streams read to EOF give their connection back", n)
+	}
+}
+
+// flakyServer answers each request and then closes the connection without saying so, as a
+// server whose idle timeout fired would: the next request on that connection finds it dead.
+func flakyServer(t *testing.T) (string, *atomic.Int32) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns atomic.Int32
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			wg.Go(func() {
+				defer c.Close()
+				req, err := http.ReadRequest(bufio.NewReader(c))
+				if err != nil {
+					return
+				}
+				io.Copy(io.Discard, req.Body)
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+			})
+		}
+	})
+	return "http://" + ln.Addr().String(), &conns
+}
+
+func TestStaleConnectionIsRetriedOnce(t *testing.T) {
+	url, conns := flakyServer(t)
+	tr := newTransport(t, Options{})
+	for i := range 3 {
+		r, err := post(t, tr, t.Context(), url, "body")
+		if err != nil {
+			t.Fatalf("request %d on a connection the server dropped: %v", i, err)
+		}
+		if got := r.body(t); got != "ok" {
+			t.Fatalf("got %q", got)
+		}
+	}
+	if n := conns.Load(); n != 3 {
+		t.Errorf("got %d connections, want 3 (each stale one replaced)", n)
+	}
+}
+
+func TestResponseHeaderTimeout(t *testing.T) {
+	release := make(chan struct{})
+	srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) { <-release })
+	defer close(release)
+	tr := newTransport(t, Options{ResponseHeaderTimeout: 50 * time.Millisecond})
+	_, err := post(t, tr, t.Context(), srv.URL, "x")
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() || !errors.As(err, new(TimeoutError)) {
+		t.Errorf("got %v, want a timeout error", err)
+	}
+}
+
+func TestCancelWhileWaitingForHeaders(t *testing.T) {
+	release := make(chan struct{})
+	arrived := make(chan struct{})
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			close(arrived)
+			<-release
+		}
+	})
+	defer close(release)
+	tr := newTransport(t, Options{})
+	ctx, cancel := context.WithCancel(t.Context())
+	go func() { <-arrived; cancel() }()
+	_, err := post(t, tr, ctx, srv.URL+"/slow", "x")
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("got %v, want context.Canceled", err)
+	}
+	// The interrupted connection is not pooled: the next call dials afresh and works.
+	r, err := post(t, tr, t.Context(), srv.URL+"/fast", "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.body(t)
+	if n := conns.Load(); n != 2 {
+		t.Errorf("got %d connections, want 2", n)
+	}
+}
+
+func TestStreamingAndCancelMidBody(t *testing.T) {
+	next := make(chan struct{})
+	done := make(chan struct{})
+	srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		defer close(done)
+		w.Header().Set("Content-Type", "text/event-stream")
+		for i := 0; ; i++ {
+			if _, err := io.WriteString(w, "data: chunk\n\n"); err != nil {
+				return
+			}
+			w.(http.Flusher).Flush()
+			select {
+			case <-next:
+			case <-r.Context().Done():
+				return
+			}
+		}
+	})
+	const headerTimeout = 50 * time.Millisecond
+	tr := newTransport(t, Options{ResponseHeaderTimeout: headerTimeout})
+	ctx, cancel := context.WithCancel(t.Context())
+	r, err := post(t, tr, ctx, srv.URL, "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.stream == nil {
+		t.Fatal("an event stream was not streamed")
+	}
+	br := bufio.NewReader(r.stream)
+	for i := range 3 {
+		line, err := br.ReadString('\n')
+		if err != nil || line != "data: chunk\n" {
+			t.Fatalf("event %d: got %q, %v", i, line, err)
+		}
+		br.ReadString('\n')
+		if i == 1 {
+			// The header timeout bounds only the wait for headers: a stream that goes quiet
+			// for longer than it lives on. (This wait is the behaviour under test.)
+			<-time.After(3 * headerTimeout)
+		}
+		next <- struct{}{}
+	}
+	cancel()
+	if _, err := io.ReadAll(br); !errors.Is(err, context.Canceled) {
+		t.Errorf("reading after cancel got %v, want context.Canceled", err)
+	}
+	r.stream.Close()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the upstream handler did not see the stream end")
+	}
+}
+
+func TestInformationalResponsesAreSkipped(t *testing.T) {
+	srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Link", "</style.css>; rel=preload")
+		w.WriteHeader(http.StatusEarlyHints)
+		w.Header().Del("Link")
+		w.WriteHeader(http.StatusCreated)
+		io.WriteString(w, "made")
+	})
+	tr := newTransport(t, Options{})
+	r, err := post(t, tr, t.Context(), srv.URL, "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body := r.body(t); r.resp.StatusCode() != 201 || body != "made" {
+		t.Errorf("got %d %q, want 201 made", r.resp.StatusCode(), body)
+	}
+}
+
+func TestConnectionCloseIsHonoured(t *testing.T) {
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Connection", "close")
+		io.WriteString(w, "bye")
+	})
+	tr := newTransport(t, Options{})
+	for range 3 {
+		r, err := post(t, tr, t.Context(), srv.URL, "x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.body(t)
+	}
+	if n := conns.Load(); n != 3 {
+		t.Errorf("got %d connections, want 3: a closed connection must not be reused", n)
+	}
+}
+
+func TestUnreadBodyIsNotReused(t *testing.T) {
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, strings.Repeat("x", 100000))
+	})
+	tr := newTransport(t, Options{})
+	for range 2 {
+		r, err := post(t, tr, t.Context(), srv.URL, "x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.stream.Close() // abandoned half-read
+	}
+	if n := conns.Load(); n != 2 {
+		t.Errorf("got %d connections, want 2: a connection with unread data must not be reused", n)
+	}
+}
+
+func TestTLS(t *testing.T) {
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, r.TLS.NegotiatedProtocol+" "+r.Proto)
+	}))
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0) // the refused handshake below is expected
+	srv.StartTLS()
+	defer srv.Close()
+	pool := x509.NewCertPool()
+	pool.AddCert(srv.Certificate())
+
+	tr := newTransport(t, Options{TLSConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}})
+	r, err := post(t, tr, t.Context(), srv.URL, "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := r.body(t); got != "http/1.1 HTTP/1.1" {
+		t.Errorf("got %q, want HTTP/1.1 negotiated by ALPN", got)
+	}
+
+	// Without the CA the certificate is refused: there is no switch to turn verification off.
+	untrusting := newTransport(t, Options{})
+	if _, err := post(t, untrusting, t.Context(), srv.URL, "x"); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("got %v, want a certificate verification error", err)
+	}
+}
+
+// connectProxy is a minimal HTTP CONNECT proxy that records the Proxy-Authorization it got.
+func connectProxy(t *testing.T) (*url.URL, *atomic.Value) {
+	t.Helper()
+	var auth atomic.Value
+	auth.Store("")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var open []net.Conn
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range open {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				req, err := http.ReadRequest(br)
+				if err != nil || req.Method != http.MethodConnect {
+					io.WriteString(c, "HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+					return
+				}
+				auth.Store(req.Header.Get("Proxy-Authorization"))
+				up, err := net.Dial("tcp", req.Host)
+				if err != nil {
+					io.WriteString(c, "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+					return
+				}
+				mu.Lock()
+				open = append(open, c, up)
+				mu.Unlock()
+				io.WriteString(c, "HTTP/1.1 200 Connection Established\r\n\r\n")
+				go func() { io.Copy(up, br); up.Close() }()
+				io.Copy(c, up)
+			})
+		}
+	})
+	u := &url.URL{Scheme: "http", Host: ln.Addr().String(), User: url.UserPassword("user", "pass")}
+	return u, &auth
+}
+
+func TestHTTPSThroughConnectProxy(t *testing.T) {
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "through") }))
+	defer srv.Close()
+	pool := x509.NewCertPool()
+	pool.AddCert(srv.Certificate())
+	proxyURL, auth := connectProxy(t)
+	tr := newTransport(t, Options{
+		TLSConfig: &tls.Config{RootCAs: pool},
+		Proxy:     func(*url.URL) (*url.URL, error) { return proxyURL, nil },
+	})
+	defer tr.Close() // before the servers: the tunnel is an idle pooled connection
+	r, err := post(t, tr, t.Context(), srv.URL, "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := r.body(t); got != "through" {
+		t.Errorf("got %q", got)
+	}
+	if got := auth.Load().(string); got != "Basic dXNlcjpwYXNz" {
+		t.Errorf("proxy saw Proxy-Authorization %q, want the proxy URL's credentials", got)
+	}
+}
+
+func TestIdleConnectionsExpire(t *testing.T) {
+	var closed atomic.Int32
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateClosed {
+			closed.Add(1)
+		}
+	}
+	srv.Start()
+	defer srv.Close()
+	tr := New(Options{IdleTimeout: time.Minute})
+	r, err := post(t, tr, t.Context(), srv.URL, "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.body(t)
+
+	tr.closeExpired(time.Now()) // not idle for a minute yet: kept
+	if r, err = post(t, tr, t.Context(), srv.URL, "x"); err != nil {
+		t.Fatal(err)
+	}
+	r.body(t)
+	tr.closeExpired(time.Now().Add(2 * time.Minute)) // what the reaper does a minute on
+	for closed.Load() != 1 {
+		runtime.Gosched() // the server notices the close on its own goroutine
+	}
+
+	tr.Close()
+	if _, err := post(t, tr, t.Context(), srv.URL, "x"); err == nil {
+		t.Error("a closed transport still sends requests")
+	}
+}
+
+func TestConcurrentRequests(t *testing.T) {
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		w.Write(b)
+	})
+	tr := newTransport(t, Options{MaxIdlePerHost: 8})
+	var wg sync.WaitGroup
+	for i := range 32 {
+		wg.Go(func() {
+			for j := range 50 {
+				body := strings.Repeat(string(rune('a'+i%26)), 10+j)
+				r, err := post(t, tr, t.Context(), srv.URL, body)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if got := r.body(t); got != body {
+					t.Errorf("got %q, want %q: responses crossed", got, body)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if n := conns.Load(); n > 32+8 {
+		t.Errorf("1600 requests from 32 workers opened %d connections", n)
+	}
+}
