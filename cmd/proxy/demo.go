@@ -49,11 +49,11 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("demo configuration: %w", err)
 	}
-	log, err := newLogger("info", *logFormat, stderr)
+	log, flush, err := newLogger("info", *logFormat, stderr)
 	if err != nil {
 		return err
 	}
-	defer log.Sync()
+	defer flush()
 	return serveGateway(ctx, gatewayOptions{
 		cfg: cfg, log: log, stdout: stdout, fallbackPorts: true,
 		entra:  entra.Options{HTTPClient: emu.CA().Client()},

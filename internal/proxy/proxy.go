@@ -185,6 +185,10 @@ func (h *Handler) ServeFastHTTP(fc *fasthttp.RequestCtx) {
 		h.fail(c, e)
 		return
 	}
+	if e := checkHeaders(&fc.Request.Header); e != nil {
+		h.fail(c, e)
+		return
+	}
 	switch {
 	case strings.HasPrefix(path, prefixDeployments):
 		h.serveDeployment(c, path[len(prefixDeployments):])

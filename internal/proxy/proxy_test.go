@@ -7,10 +7,13 @@ import (
 	"fmt"
 	"io"
 	"mime/multipart"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/valyala/fasthttp"
 
 	"github.com/tokenproxy/tokenproxy/internal/config"
 	"github.com/tokenproxy/tokenproxy/internal/emulator"
@@ -118,6 +121,52 @@ func TestCallerCredentialsNeverReachUpstream(t *testing.T) {
 	}
 	if got := reqs[len(reqs)-1].RawQuery; got != "api-version=2025-01-01-preview&x=1" {
 		t.Errorf("upstream query %q, want the other parameters kept in order", got)
+	}
+}
+
+func TestHeaderInjectionIsRefused(t *testing.T) {
+	g := newGateway(t)
+	for _, evil := range []string{
+		"X-Evil: a\rInjected: yes",
+		"X-Evil: a\x00b",
+		"X-Evil: a\x7fb",
+	} {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(g.url, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(conn, "POST %s HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\n%s\r\nContent-Length: %d\r\n\r\n%s", chatPath, keyProd, evil, len(chatBody), chatBody)
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		conn.Close()
+		if err != nil {
+			t.Fatalf("%q: %v", evil, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 400 {
+			t.Errorf("%q: got %d, want 400", evil, resp.StatusCode)
+		}
+	}
+	if n := len(g.emu.OpenAI.Requests()); n != 0 {
+		t.Errorf("%d requests with control characters in a header reached the upstream", n)
+	}
+}
+
+func TestCheckHeaders(t *testing.T) {
+	// Whatever the server's parser lets through, a header with control characters is refused
+	// before it could be copied upstream. (fasthttp already turns CR and LF inside a value into
+	// spaces, and its parser refuses a bare CR; the other control characters are checked here.)
+	for _, v := range []string{"a\x00b", "a\x7f", "\x01", "a\x1bb"} {
+		var h fasthttp.RequestHeader
+		h.Set("Content-Type", "application/json")
+		h.Set("X-Evil", v)
+		if checkHeaders(&h) == nil {
+			t.Errorf("header value %q accepted", v)
+		}
+	}
+	var h fasthttp.RequestHeader
+	h.Set("X-Fine", "tab\there, unicode é")
+	if e := checkHeaders(&h); e != nil {
+		t.Errorf("a valid header refused: %v", e)
 	}
 }
 

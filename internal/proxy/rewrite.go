@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"net/http"
 	"net/url"
 	"strings"
 
@@ -25,6 +26,7 @@ var dropResponseHeaders = []string{
 // rewrite builds the upstream request out from the caller's request in: the upstream's Host
 // and base path, the (possibly renamed) path, the caller's query minus key-bearing parameters,
 // the caller's headers minus those above, the bearer token, the request ID and the body read.
+// The caller's headers have passed checkHeaders.
 func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body []byte, authorization, requestID string) {
 	in.Header.CopyTo(&out.Header)
 	h := &out.Header
@@ -49,6 +51,28 @@ func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body [
 	h.SetRequestURI(uri)
 	out.SetBodyRaw(body)
 	h.SetContentLength(len(body))
+}
+
+// checkHeaders refuses caller headers carrying control characters: a bare CR that one HTTP
+// parser keeps inside a value, another may take for a line break, which would let a caller
+// inject headers into the upstream request.
+func checkHeaders(h *fasthttp.RequestHeader) *apiError {
+	for k, v := range h.All() {
+		if !validHeaderValue(v) || !validHeaderValue(k) {
+			return errorf(http.StatusBadRequest, CodeInvalidRequest, "a request header holds control characters")
+		}
+	}
+	return nil
+}
+
+// validHeaderValue reports whether v has no control characters other than horizontal tab.
+func validHeaderValue(v []byte) bool {
+	for _, c := range v {
+		if c < ' ' && c != '\t' || c == 0x7f {
+			return false
+		}
+	}
+	return true
 }
 
 // cleanResponse removes hop-by-hop headers from an upstream response and makes sure the
