@@ -210,23 +210,34 @@ func post(t *testing.T, ctx context.Context, url, key, body string) *http.Respon
 	return resp
 }
 
-func TestServeWithManagedIdentityAndGracefulShutdown(t *testing.T) {
+// served is `proxy serve` running against the emulator with a managed identity credential.
+type served struct {
+	emu        *emulator.Emulator
+	mi         emulator.ManagedIdentity
+	key        string
+	api, admin string
+	logs       *syncBuffer
+	stop       func() error
+	chat       string
+}
+
+func startServe(t *testing.T, timeouts string) *served {
+	t.Helper()
 	emu, err := emulator.Start(emulator.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer emu.Close()
+	t.Cleanup(emu.Close)
 	endpoint, header := emu.ManagedIdentityEnv()
 	t.Setenv("IDENTITY_ENDPOINT", endpoint) // read by azidentity itself
 	t.Setenv("IDENTITY_HEADER", header)
-	mi := emu.AddManagedIdentity(emulator.ManagedIdentity{TenantID: emu.TenantID, ClientID: uuid.NewString()})
-
-	key := newKey()
+	s := &served{emu: emu, key: newKey()}
+	s.mi = emu.AddManagedIdentity(emulator.ManagedIdentity{TenantID: emu.TenantID, ClientID: uuid.NewString()})
 	cfgPath := filepath.Join(t.TempDir(), "proxy.yaml")
 	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`
 listen: 127.0.0.1:0
 admin_listen: 127.0.0.1:0
-timeouts: {shutdown_delay: 2s, shutdown_grace: 30s}
+timeouts: %s
 credentials:
   aks-identity: {type: managed_identity, client_id: %s}
 upstreams:
@@ -235,49 +246,55 @@ deployments:
   gpt-4.1-mini: {upstream: eastca, deployment: deploy-gpt-4.1}
 callers:
   - {name: app, key_sha256: %s, deployments: [gpt-4.1-mini]}
-`, mi.ClientID, emu.OpenAI.URL(), hashKey(key))), 0o600)
-
-	out, logs, stop := start(t, env(map[string]string{"PROXY_CONFIG": cfgPath}), "serve")
+`, timeouts, s.mi.ClientID, emu.OpenAI.URL(), hashKey(s.key))), 0o600)
+	var out *lines
+	out, s.logs, s.stop = start(t, env(map[string]string{"PROXY_CONFIG": cfgPath}), "serve")
 	m := out.await(t, `^proxy: serving the API on (\S+), admin on (\S+)$`)
-	api, adm := m[1], m[2]
-	chat := api + "/openai/deployments/gpt-4.1-mini/chat/completions?api-version=2024-10-21"
+	s.api, s.admin = m[1], m[2]
+	s.chat = s.api + "/openai/deployments/gpt-4.1-mini/chat/completions?api-version=2024-10-21"
+	return s
+}
 
-	resp := post(t, t.Context(), chat, key, `{"messages":[{"role":"user","content":"hi"}]}`)
+func (s *served) ready(t *testing.T) int {
+	t.Helper()
+	r, err := http.Get(s.admin + "/readyz")
+	if err != nil {
+		t.Fatalf("readyz: %v", err)
+	}
+	r.Body.Close()
+	return r.StatusCode
+}
+
+func TestServeWithManagedIdentityAndGracefulShutdown(t *testing.T) {
+	s := startServe(t, "{shutdown_delay: 2s, shutdown_grace: 30s}")
+	resp := post(t, t.Context(), s.chat, s.key, `{"messages":[{"role":"user","content":"hi"}]}`)
 	io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
 	if resp.StatusCode != 200 {
 		t.Fatalf("got %d, want 200", resp.StatusCode)
 	}
-	if got := emu.OpenAI.Requests()[0].Claims.ObjectID; got != mi.ObjectID {
-		t.Errorf("upstream saw a token for %q, want the managed identity %q", got, mi.ObjectID)
+	if got := s.emu.OpenAI.Requests()[0].Claims.ObjectID; got != s.mi.ObjectID {
+		t.Errorf("upstream saw a token for %q, want the managed identity %q", got, s.mi.ObjectID)
 	}
-	if r, err := http.Get(adm + "/readyz"); err != nil || r.StatusCode != 200 {
-		t.Fatalf("readyz: %v %v, want 200", r, err)
+	if code := s.ready(t); code != 200 {
+		t.Fatalf("readyz %d, want 200", code)
 	}
 
 	// A stream is running when SIGTERM arrives.
-	emu.OpenAI.SetChunkInterval(100 * time.Millisecond)
-	stream := post(t, t.Context(), chat, key, `{"stream":true,"messages":[{"role":"user","content":"a long answer please"}]}`)
+	s.emu.OpenAI.SetChunkInterval(100 * time.Millisecond)
+	stream := post(t, t.Context(), s.chat, s.key, `{"stream":true,"messages":[{"role":"user","content":"a long answer please"}]}`)
 	defer stream.Body.Close()
 	sc := bufio.NewScanner(stream.Body)
 	if !sc.Scan() {
 		t.Fatal("the stream did not start")
 	}
 	stopped := make(chan error, 1)
-	go func() { stopped <- stop() }()
+	go func() { stopped <- s.stop() }()
 
 	// Readiness goes false at once; calls are still served during shutdown_delay.
-	for {
-		r, err := http.Get(adm + "/readyz")
-		if err != nil {
-			t.Fatalf("readyz: %v", err)
-		}
-		r.Body.Close()
-		if r.StatusCode == 503 {
-			break
-		}
+	for s.ready(t) != 503 {
 	}
-	resp = post(t, t.Context(), chat, key, `{"messages":[{"role":"user","content":"during the delay"}]}`)
+	resp = post(t, t.Context(), s.chat, s.key, `{"messages":[{"role":"user","content":"during the delay"}]}`)
 	resp.Body.Close()
 	if resp.StatusCode != 200 {
 		t.Errorf("a call during shutdown_delay got %d, want 200", resp.StatusCode)
@@ -296,12 +313,69 @@ callers:
 	if err := <-stopped; err != nil {
 		t.Errorf("serve returned %v after SIGTERM, want nil", err)
 	}
-	if _, err := http.Get(adm + "/healthz"); err == nil {
+	if _, err := http.Get(s.admin + "/healthz"); err == nil {
 		t.Error("the admin listener is still open after shutdown")
 	}
-	if !strings.Contains(logs.String(), `"msg":"stopped"`) {
-		t.Errorf("no shutdown log; got:\n%s", logs)
+	if !strings.Contains(s.logs.String(), `"msg":"stopped"`) {
+		t.Errorf("no shutdown log; got:\n%s", s.logs)
 	}
+}
+
+func TestShutdownWithAHundredStreams(t *testing.T) {
+	s := startServe(t, "{shutdown_delay: 500ms, shutdown_grace: 60s}")
+	gate := make(chan struct{})
+	s.emu.OpenAI.SetStreamGate(gate)
+
+	const n = 100
+	client := &http.Client{Transport: &http.Transport{MaxConnsPerHost: n + 10, MaxIdleConnsPerHost: n + 10}}
+	var readers []*bufio.Reader
+	for range n {
+		req, _ := http.NewRequest("POST", s.chat, strings.NewReader(`{"stream":true,"messages":[{"role":"user","content":"hold on"}]}`))
+		req.Header.Set("api-key", s.key)
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		br := bufio.NewReader(resp.Body)
+		if _, err := br.ReadString('\n'); err != nil { // the first event: the stream is live
+			t.Fatal(err)
+		}
+		readers = append(readers, br)
+	}
+	stopped := make(chan error, 1)
+	go func() { stopped <- s.stop() }()
+	for s.ready(t) != 503 { // not ready at once
+	}
+	// After shutdown_delay the listener is closed: new calls are refused.
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		if _, err := http.Post(s.chat, "application/json", strings.NewReader("{}")); err != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("new calls are still accepted long after shutdown_delay")
+		}
+	}
+	close(gate) // the upstream finishes every stream
+	for i, br := range readers {
+		b, err := io.ReadAll(br)
+		if err != nil || !strings.HasSuffix(strings.TrimSpace(string(b)), "data: [DONE]") {
+			t.Fatalf("stream %d: %v, ended with %q; want all %d streams to finish", i, err, tail(string(b)), n)
+		}
+	}
+	if err := <-stopped; err != nil {
+		t.Errorf("serve returned %v, want nil (exit 0)", err)
+	}
+	if strings.Contains(s.logs.String(), "cut the connections") {
+		t.Error("connections were cut although every stream finished within the grace")
+	}
+}
+
+func tail(s string) string {
+	if len(s) > 60 {
+		return "…" + s[len(s)-60:]
+	}
+	return s
 }
 
 func TestServeStartsWithoutATokenAndSaysWhy(t *testing.T) {

@@ -195,6 +195,10 @@ func (b *Broker) Run(ctx context.Context) error {
 	return nil
 }
 
+// Close cancels acquisitions in progress and any to come; Run does it on return. A broker that
+// never ran (tests) must be closed.
+func (b *Broker) Close() { b.cancel() }
+
 // Status is a source's state, for /readyz and operators.
 type Status struct {
 	Credential string    `json:"credential"`

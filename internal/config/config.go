@@ -53,6 +53,8 @@ type Config struct {
 	MaxRequestBytes int64 `yaml:"max_request_bytes"`
 	// Timeouts bound every phase of a call; see Timeouts.
 	Timeouts Timeouts `yaml:"timeouts"`
+	// Resilience governs failover between a deployment's backends.
+	Resilience Resilience `yaml:"resilience"`
 
 	Credentials map[string]*Credential `yaml:"credentials"`
 	Upstreams   map[string]*Upstream   `yaml:"upstreams"`
@@ -158,12 +160,68 @@ type Upstream struct {
 	Scope string `yaml:"scope"`
 }
 
-// Deployment says where a deployment name exposed to callers lives.
+// Deployment says where a deployment name exposed to callers lives: one upstream (Upstream and
+// Deployment) or a pool of Backends, not both.
 type Deployment struct {
 	// Upstream names the entry of upstreams serving this deployment.
 	Upstream string `yaml:"upstream"`
 	// Deployment is the deployment's name on the upstream; the exposed name when empty.
 	Deployment string `yaml:"deployment"`
+	// Backends are several places serving the deployment (regions, PTU and pay-as-you-go).
+	// Calls go to the lowest priority with a healthy member, spread by weight within it, and
+	// fail over to the next on 429, 408, 5xx or a connection failure.
+	Backends []*Backend `yaml:"backends"`
+}
+
+// Backend is one member of a deployment's pool.
+type Backend struct {
+	Upstream string `yaml:"upstream"`
+	// Deployment is the deployment's name on that upstream; the exposed name when empty.
+	Deployment string `yaml:"deployment"`
+	// Priority orders the pool: lower first. If zero, 1.
+	Priority int `yaml:"priority"`
+	// Weight spreads calls within a priority. If zero, 1.
+	Weight int `yaml:"weight"`
+}
+
+// Pool returns the deployment's backends, the single-upstream form being a pool of one.
+func (d *Deployment) Pool() []*Backend {
+	if len(d.Backends) > 0 {
+		return d.Backends
+	}
+	return []*Backend{{Upstream: d.Upstream, Deployment: d.Deployment, Priority: 1, Weight: 1}}
+}
+
+// Resilience governs failover between a deployment's backends.
+type Resilience struct {
+	// MaxAttempts caps the backends one call tries.
+	MaxAttempts int `yaml:"max_attempts"`
+	// RetryBudget is the fraction of calls that may be retried (pool-wide), so a failing region
+	// cannot multiply load; MinRetriesPerSecond is allowed regardless, for low traffic.
+	RetryBudget         float64 `yaml:"retry_budget"`
+	MinRetriesPerSecond float64 `yaml:"min_retries_per_second"`
+	// BreakerFailures consecutive failures open a backend's circuit for BreakerOpen (doubling
+	// on each failed half-open probe, up to 10 times).
+	BreakerFailures int           `yaml:"breaker_failures"`
+	BreakerOpen     time.Duration `yaml:"breaker_open"`
+	// DefaultCooldown rests a backend that answered 429 without saying for how long;
+	// MaxCooldown caps what a Retry-After may ask.
+	DefaultCooldown time.Duration `yaml:"default_cooldown"`
+	MaxCooldown     time.Duration `yaml:"max_cooldown"`
+	// WaitForCapacity, when positive, lets a call wait up to that long for the soonest backend
+	// to recover instead of answering 429 at once.
+	WaitForCapacity time.Duration `yaml:"wait_for_capacity"`
+}
+
+// DefaultResilience is used for every Resilience field left unset.
+var DefaultResilience = Resilience{
+	MaxAttempts:         3,
+	RetryBudget:         0.2,
+	MinRetriesPerSecond: 10,
+	BreakerFailures:     5,
+	BreakerOpen:         30 * time.Second,
+	DefaultCooldown:     10 * time.Second,
+	MaxCooldown:         time.Hour,
 }
 
 // Caller is a client allowed to call the gateway.
@@ -207,6 +265,7 @@ func Default() *Config {
 		LogFormat:       DefaultLogFormat,
 		MaxRequestBytes: DefaultMaxRequestBytes,
 		Timeouts:        DefaultTimeouts,
+		Resilience:      DefaultResilience,
 	}
 }
 
@@ -219,8 +278,25 @@ func (c *Config) ApplyDefaults() {
 		}
 	}
 	for name, d := range c.Deployments {
-		if d != nil && d.Deployment == "" {
+		if d == nil {
+			continue
+		}
+		if d.Deployment == "" && d.Upstream != "" {
 			d.Deployment = name
+		}
+		for _, b := range d.Backends {
+			if b == nil {
+				continue
+			}
+			if b.Deployment == "" {
+				b.Deployment = name
+			}
+			if b.Priority == 0 {
+				b.Priority = 1
+			}
+			if b.Weight == 0 {
+				b.Weight = 1
+			}
 		}
 	}
 }

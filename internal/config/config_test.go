@@ -28,6 +28,7 @@ func TestLoadIssueExample(t *testing.T) {
 		LogFormat:       "json",
 		MaxRequestBytes: 32 << 20,
 		Timeouts:        DefaultTimeouts,
+		Resilience:      DefaultResilience,
 		Credentials: map[string]*Credential{"corp-app": {
 			Type:         TypeClientSecret,
 			TenantID:     "00000000-0000-0000-0000-000000000000",
@@ -262,6 +263,66 @@ upstreams:
 	}
 }
 
+func TestBackendPools(t *testing.T) {
+	// The issue's pool form loads as written, beside the single-backend form.
+	cfg, err := Parse([]byte(`
+credentials: {app: {type: managed_identity}}
+upstreams:
+  eastca-ptu: {url: "https://a.openai.azure.com", credential: app}
+  eastus: {url: "https://b.openai.azure.com", credential: app}
+  westeu: {url: "https://c.openai.azure.com", credential: app}
+deployments:
+  gpt-4.1-mini:
+    backends:
+      - {upstream: eastca-ptu, deployment: gpt41mini, priority: 1}
+      - {upstream: eastus,     deployment: gpt41mini, priority: 2, weight: 3}
+      - {upstream: westeu,     deployment: gpt-41-mini, priority: 2, weight: 1}
+  gpt-4o: {upstream: eastus}
+resilience: {max_attempts: 4, wait_for_capacity: 2s}
+allow_unauthenticated: true
+`), t.TempDir(), env(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []*Backend{
+		{Upstream: "eastca-ptu", Deployment: "gpt41mini", Priority: 1, Weight: 1},
+		{Upstream: "eastus", Deployment: "gpt41mini", Priority: 2, Weight: 3},
+		{Upstream: "westeu", Deployment: "gpt-41-mini", Priority: 2, Weight: 1},
+	}
+	if diff := cmp.Diff(want, cfg.Deployments["gpt-4.1-mini"].Pool()); diff != "" {
+		t.Errorf("pool mismatch (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff([]*Backend{{Upstream: "eastus", Deployment: "gpt-4o", Priority: 1, Weight: 1}}, cfg.Deployments["gpt-4o"].Pool()); diff != "" {
+		t.Errorf("single form as a pool (-want +got):\n%s", diff)
+	}
+	if r := cfg.Resilience; r.MaxAttempts != 4 || r.WaitForCapacity != 2*time.Second || r.BreakerFailures != DefaultResilience.BreakerFailures {
+		t.Errorf("got resilience %+v", r)
+	}
+
+	_, err = Parse([]byte(`
+credentials: {app: {type: managed_identity}}
+upstreams: {u: {url: "https://a.openai.azure.com", credential: app}}
+deployments:
+  d:
+    upstream: u
+    backends: [{upstream: nowhere, weight: -1}]
+resilience: {max_attempts: 0, retry_budget: 2, breaker_open: 0s}
+allow_unauthenticated: true
+`), t.TempDir(), env(nil))
+	for _, w := range []string{
+		"deployments.d: set upstream (one backend) or backends (a pool), not both",
+		`deployments.d.backends[0].upstream: unknown upstream "nowhere"`,
+		"deployments.d.backends[0].weight: must not be negative",
+		"resilience.max_attempts: must be at least 1",
+		"resilience.retry_budget: must be between 0 and 1",
+		"resilience.breaker_open: must be positive",
+	} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("error lacks %q: %v", w, err)
+		}
+	}
+}
+
 func TestExampleConfigLoads(t *testing.T) {
 	dir := t.TempDir()
 	for _, f := range []string{"app.pfx", "app.pfx.password"} {
@@ -279,7 +340,7 @@ func TestExampleConfigLoads(t *testing.T) {
 	}
 	// Every default it states is the real default.
 	d := Default()
-	if cfg.Timeouts != d.Timeouts || cfg.MaxRequestBytes != d.MaxRequestBytes || cfg.Listen != d.Listen || cfg.AdminListen != d.AdminListen {
+	if cfg.Timeouts != d.Timeouts || cfg.Resilience != d.Resilience || cfg.MaxRequestBytes != d.MaxRequestBytes || cfg.Listen != d.Listen || cfg.AdminListen != d.AdminListen {
 		t.Errorf("examples/proxy.yaml states defaults that are not the defaults: %+v vs %+v", cfg.Timeouts, d.Timeouts)
 	}
 }

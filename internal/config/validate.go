@@ -70,19 +70,73 @@ func (c *Config) Validate() error {
 		if !ValidDeploymentName(name) {
 			v.add(p, "%q is not a valid deployment name (letters, digits, '.', '-', '_'; at most 64)", name)
 		}
-		if !ValidDeploymentName(d.Deployment) {
-			v.add(p+".deployment", "%q is not a valid deployment name (letters, digits, '.', '-', '_'; at most 64)", d.Deployment)
+		if len(d.Backends) > 0 {
+			if len(d.Backends) > 64 {
+				v.add(p+".backends", "at most 64 backends per deployment")
+			}
+			if d.Upstream != "" || d.Deployment != "" {
+				v.add(p, "set upstream (one backend) or backends (a pool), not both")
+			}
+			for i, b := range d.Backends {
+				bp := fmt.Sprintf("%s.backends[%d]", p, i)
+				if b == nil {
+					v.add(bp, "is empty")
+					continue
+				}
+				c.validateBackendTarget(v, bp, b.Upstream, b.Deployment)
+				if b.Priority < 0 {
+					v.add(bp+".priority", "must not be negative")
+				}
+				if b.Weight < 0 {
+					v.add(bp+".weight", "must not be negative")
+				}
+			}
+			continue
 		}
-		switch {
-		case d.Upstream == "":
-			v.add(p+".upstream", "is required")
-		case c.Upstreams[d.Upstream] == nil:
-			v.add(p+".upstream", "unknown upstream %q%s", d.Upstream, known(c.Upstreams))
-		}
+		c.validateBackendTarget(v, p, d.Upstream, d.Deployment)
 	}
+	c.Resilience.validate(v)
 
 	c.validateCallers(v)
 	return errors.Join(v.errs...)
+}
+
+func (c *Config) validateBackendTarget(v *validator, p, upstream, deployment string) {
+	if !ValidDeploymentName(deployment) {
+		v.add(p+".deployment", "%q is not a valid deployment name (letters, digits, '.', '-', '_'; at most 64)", deployment)
+	}
+	switch {
+	case upstream == "":
+		v.add(p+".upstream", "is required")
+	case c.Upstreams[upstream] == nil:
+		v.add(p+".upstream", "unknown upstream %q%s", upstream, known(c.Upstreams))
+	}
+}
+
+func (r Resilience) validate(v *validator) {
+	if r.MaxAttempts < 1 {
+		v.add("resilience.max_attempts", "must be at least 1")
+	}
+	if r.RetryBudget < 0 || r.RetryBudget > 1 {
+		v.add("resilience.retry_budget", "must be between 0 and 1")
+	}
+	if r.MinRetriesPerSecond < 0 {
+		v.add("resilience.min_retries_per_second", "must not be negative")
+	}
+	if r.BreakerFailures < 1 {
+		v.add("resilience.breaker_failures", "must be at least 1")
+	}
+	for _, f := range []struct {
+		name string
+		d    time.Duration
+	}{{"breaker_open", r.BreakerOpen}, {"default_cooldown", r.DefaultCooldown}, {"max_cooldown", r.MaxCooldown}} {
+		if f.d <= 0 {
+			v.add("resilience."+f.name, "must be positive")
+		}
+	}
+	if r.WaitForCapacity < 0 {
+		v.add("resilience.wait_for_capacity", "must not be negative")
+	}
 }
 
 func (c *Config) validateCallers(v *validator) {

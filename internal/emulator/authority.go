@@ -96,6 +96,7 @@ type Authority struct {
 	lifetime   time.Duration
 	refreshIn  time.Duration
 	down       bool
+	downApps   map[string]bool // client IDs whose token requests fail
 	latency    time.Duration
 	counts     map[string]int // token endpoint requests by client ID (any outcome)
 	issued     map[string]int // tokens issued by client ID
@@ -129,6 +130,7 @@ func NewAuthority(opts AuthorityOptions) (*Authority, error) {
 		refreshIn: opts.RefreshIn,
 		counts:    map[string]int{},
 		issued:    map[string]int{},
+		downApps:  map[string]bool{},
 	}
 	if a.lifetime == 0 {
 		a.lifetime = 3599 * time.Second
@@ -225,6 +227,14 @@ func (a *Authority) App(clientID string) (App, bool) {
 func (a *Authority) SetDown(down bool) {
 	a.mu.Lock()
 	a.down = down
+	a.mu.Unlock()
+}
+
+// SetAppDown makes token requests for one client ID answer 503 (AADSTS90033) until called
+// with false, as if that app's tenant were having an outage.
+func (a *Authority) SetAppDown(clientID string, down bool) {
+	a.mu.Lock()
+	a.downApps[clientID] = down
 	a.mu.Unlock()
 }
 
@@ -396,7 +406,12 @@ func (a *Authority) token(w http.ResponseWriter, r *http.Request) {
 	clientID := f.Get("client_id")
 	a.mu.Lock()
 	a.counts[clientID]++
+	appDown := a.downApps[clientID]
 	a.mu.Unlock()
+	if appDown {
+		aadError(w, a.url, http.StatusServiceUnavailable, "temporarily_unavailable", 90033, "A transient error has occurred. Please try again.")
+		return
+	}
 
 	tid, ok := a.tenant(seg)
 	if !ok {

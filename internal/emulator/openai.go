@@ -63,6 +63,9 @@ type Fault struct {
 	RetryAfter time.Duration
 	// Count is how many requests fail; zero means every request until ClearFaults.
 	Count int
+	// Every, when above 1, applies the fault to one request in Every (the Every-th, 2×Every-th,
+	// …) instead of to consecutive ones; Count is then ignored.
+	Every int
 }
 
 // Request is what the emulator received, for tests to inspect.
@@ -94,6 +97,8 @@ type OpenAI struct {
 	latency       time.Duration
 	chunkInterval time.Duration
 	gate          <-chan struct{}
+	cutAfter      int // streams are cut after this many events (0: never)
+	served        int // requests answered, for Fault.Every
 	requests      []Request
 	finished      chan Request
 }
@@ -180,6 +185,14 @@ func (o *OpenAI) SetStreamGate(gate <-chan struct{}) {
 	o.mu.Unlock()
 }
 
+// CutStreamsAfter makes streams break off (the connection closed, no [DONE]) after n events;
+// zero restores complete streams.
+func (o *OpenAI) CutStreamsAfter(n int) {
+	o.mu.Lock()
+	o.cutAfter = n
+	o.mu.Unlock()
+}
+
 // DenyPrincipal makes calls by the object ID fail as when the role assignment is missing.
 func (o *OpenAI) DenyPrincipal(objectID string) {
 	o.mu.Lock()
@@ -240,13 +253,21 @@ func (o *OpenAI) serve(w http.ResponseWriter, r *http.Request) {
 
 	o.mu.Lock()
 	latency := o.latency
+	o.served++
 	var fault *Fault
 	if len(o.faults) > 0 {
 		f := o.faults[0]
-		fault = &f
-		if o.faults[0].Count > 0 {
-			if o.faults[0].Count--; o.faults[0].Count == 0 {
-				o.faults = o.faults[1:]
+		switch {
+		case f.Every > 1:
+			if o.served%f.Every == 0 {
+				fault = &f
+			}
+		default:
+			fault = &f
+			if o.faults[0].Count > 0 {
+				if o.faults[0].Count--; o.faults[0].Count == 0 {
+					o.faults = o.faults[1:]
+				}
 			}
 		}
 	}
@@ -421,7 +442,7 @@ func (o *OpenAI) complete(w http.ResponseWriter, model Model, reply string, u to
 // a finish chunk, a usage chunk when asked for, then [DONE]; each flushed on its own.
 func (o *OpenAI) stream(w http.ResponseWriter, r *http.Request, model Model, reply string, u tokenUsage, includeUsage bool) {
 	o.mu.Lock()
-	interval, gate := o.chunkInterval, o.gate
+	interval, gate, cutAfter := o.chunkInterval, o.gate, o.cutAfter
 	o.mu.Unlock()
 	w.Header().Set("Content-Type", "text/event-stream; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-cache")
@@ -472,6 +493,9 @@ func (o *OpenAI) stream(w http.ResponseWriter, r *http.Request, model Model, rep
 	}
 	events = append(events, "[DONE]")
 	for i, ev := range events {
+		if cutAfter > 0 && i == cutAfter {
+			panic(http.ErrAbortHandler) // the server drops the connection mid-stream
+		}
 		if i > 0 && gate != nil {
 			select {
 			case <-gate:

@@ -11,6 +11,9 @@ import (
 	"github.com/valyala/fasthttp"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+
+	"github.com/tokenproxy/tokenproxy/internal/backend"
+	"github.com/tokenproxy/tokenproxy/internal/transport"
 )
 
 // call is one request's state, from routing to the access log.
@@ -28,8 +31,16 @@ type call struct {
 	err                          error  // what went wrong, for the log
 	status                       int
 	bytesIn, bytesOut            int
-	streaming                    bool // the body is streamed; the stream finishes the call
-	aborted                      bool // the response was cut short
+	streaming                    bool   // the body is streamed; the stream finishes the call
+	aborted                      bool   // the response was cut short
+	attempts                     int    // backends tried
+	backend                      string // the last one, "upstream/deployment"
+
+	// A failed attempt's answer, kept in case no other backend does better.
+	heldResp    *fasthttp.Response
+	heldStream  *transport.Stream
+	heldErr     error
+	heldBackend *backend.Backend // where heldResp came from
 
 	cancel context.CancelFunc // ends the upstream call and any token wait
 	watch  func()             // stops watching for the caller going away
@@ -42,7 +53,8 @@ func newCall(fc *fasthttp.RequestCtx) *call {
 // finish runs once per request, last: it ends the upstream call, recovers a panic, then counts
 // and logs the call.
 func (h *Handler) finish(c *call, p any) {
-	h.m.inflight.Dec()
+	defer h.m.inflight.Dec() // last: a call counts as in flight until it is logged
+	c.discardHeld()
 	if c.watch != nil {
 		c.watch()
 	}
@@ -97,6 +109,12 @@ func (h *Handler) accessLog(c *call, status int) {
 	}
 	if v := rh.Peek("X-Ms-Region"); len(v) > 0 {
 		fields = append(fields, zap.ByteString("x_ms_region", v))
+	}
+	if c.backend != "" {
+		fields = append(fields, zap.String("backend", c.backend))
+	}
+	if c.attempts > 1 {
+		fields = append(fields, zap.Int("attempts", c.attempts))
 	}
 	if c.streaming {
 		fields = append(fields, zap.Bool("stream", true))

@@ -27,6 +27,7 @@ const (
 	CodeRequestTooLarge     = "RequestTooLarge"
 	CodeUpstreamUnreachable = "UpstreamUnreachable"
 	CodeTokenUnavailable    = "TokenUnavailable"
+	CodeNoCapacity          = "NoCapacity"
 	CodeUpstreamTimeout     = "UpstreamTimeout"
 	CodeClientClosed        = "ClientClosedRequest"
 	CodeInternal            = "InternalError"

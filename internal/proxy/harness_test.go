@@ -5,11 +5,13 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -46,7 +48,15 @@ type gateway struct {
 	client  *http.Client
 	reg     *prometheus.Registry
 	logs    *syncBuffer
+	clock   *testClock
 }
+
+// testClock is the wall clock plus an offset tests move forward to skip cooldowns and open
+// circuits without waiting.
+type testClock struct{ offset atomic.Int64 }
+
+func (c *testClock) now() time.Time          { return time.Now().Add(time.Duration(c.offset.Load())) }
+func (c *testClock) advance(d time.Duration) { c.offset.Add(int64(d)) }
 
 type gatewayOption func(*config.Config)
 
@@ -84,7 +94,7 @@ func newGateway(t *testing.T, opts ...gatewayOption) *gateway {
 
 func startGateway(t *testing.T, emu *emulator.Emulator, cfg *config.Config) *gateway {
 	t.Helper()
-	g := &gateway{t: t, emu: emu, cfg: cfg, reg: prometheus.NewPedanticRegistry(), logs: &syncBuffer{}}
+	g := &gateway{t: t, emu: emu, cfg: cfg, reg: prometheus.NewPedanticRegistry(), logs: &syncBuffer{}, clock: &testClock{}}
 	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(g.logs), zap.DebugLevel))
 	fetchers := map[string]broker.Fetcher{}
 	for name, c := range cfg.Credentials {
@@ -98,13 +108,14 @@ func startGateway(t *testing.T, emu *emulator.Emulator, cfg *config.Config) *gat
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(b.Close)
 	sources := map[string]broker.TokenSource{}
 	for name, u := range cfg.Upstreams {
 		if sources[name], err = b.Source(u.Credential, u.Scope); err != nil {
 			t.Fatal(err)
 		}
 	}
-	h, err := New(Options{Config: cfg, Sources: sources, Logger: log, Registerer: g.reg})
+	h, err := New(Options{Config: cfg, Sources: sources, Logger: log, Registerer: g.reg, Now: g.clock.now})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,6 +145,50 @@ func serve(t testing.TB, h *Handler, cfg *config.Config) (string, *http.Client) 
 		h.Close()
 	})
 	return "http://" + ln.Addr().String(), client
+}
+
+// newPoolGateway is a gateway whose deployment gpt-4.1-mini is served by n emulated upstreams
+// b0 (priority 1) and b1… (priority 2, equal weights), all trusting the same Entra.
+func newPoolGateway(t *testing.T, n int, opts ...gatewayOption) (*gateway, []*emulator.OpenAI) {
+	t.Helper()
+	emu, err := emulator.Start(emulator.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(emu.Close)
+	cfg := config.Default()
+	cfg.Credentials = map[string]*config.Credential{"corp-app": {
+		Type: config.TypeClientSecret, TenantID: emu.TenantID, ClientID: emu.ClientID,
+		ClientSecret: config.Secret(emu.ClientSecret), AuthorityHost: emu.URL(),
+	}}
+	cfg.Upstreams = map[string]*config.Upstream{}
+	var backends []*config.Backend
+	var planes []*emulator.OpenAI
+	for i := range n {
+		o, err := emulator.NewOpenAI(emulator.OpenAIOptions{Verifier: emu.Authority, Region: fmt.Sprintf("region-%d", i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(o.Close)
+		planes = append(planes, o)
+		name := fmt.Sprintf("b%d", i)
+		cfg.Upstreams[name] = &config.Upstream{URL: o.URL(), Credential: "corp-app"}
+		prio := 2
+		if i == 0 {
+			prio = 1
+		}
+		backends = append(backends, &config.Backend{Upstream: name, Deployment: "deploy-gpt-4.1", Priority: prio})
+	}
+	cfg.Deployments = map[string]*config.Deployment{"gpt-4.1-mini": {Backends: backends}}
+	cfg.Callers = []*config.Caller{{Name: "a360-prod", KeySHA256: hashKey(keyProd), Deployments: []string{"*"}}}
+	for _, o := range opts {
+		o(cfg)
+	}
+	cfg.ApplyDefaults()
+	if err := cfg.Validate(); err != nil {
+		t.Fatalf("test config: %v", err)
+	}
+	return startGateway(t, emu, cfg), planes
 }
 
 // do sends a request to the gateway and returns the response with its body read.

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tokenproxy/tokenproxy/internal/backend"
 )
 
 // maxPassthroughLabels bounds the deployment label values when deployments pass through
@@ -21,6 +23,11 @@ type metrics struct {
 	duration        *prometheus.HistogramVec
 	upstreamLatency *prometheus.HistogramVec
 	inflight        prometheus.Gauge
+	attempts        *prometheus.CounterVec
+	failovers       *prometheus.CounterVec
+	budgetExhausted prometheus.Counter
+	shutdownCut     prometheus.Counter
+	backends        *backendCollector
 
 	// Deployment label values: the configured names, or in pass-through mode the first
 	// maxPassthroughLabels names seen.
@@ -30,8 +37,34 @@ type metrics struct {
 	seen        map[string]bool
 }
 
-func newMetrics(passthrough bool, configured map[string]bool) *metrics {
+func newMetrics(passthrough bool, configured map[string]bool, reg *backend.Registry) *metrics {
 	return &metrics{
+		attempts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "tokenproxy",
+			Name:      "backend_attempts_total",
+			Help:      "Attempts sent to each backend (upstream/deployment), by the upstream's status or the failure (connect_error, timeout, token_unavailable).",
+		}, []string{"backend", "result"}),
+		failovers: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "tokenproxy",
+			Name:      "backend_failovers_total",
+			Help:      "Calls moved from a backend to another, by the reason (429, 408, 5xx, connect_error, timeout, token_unavailable).",
+		}, []string{"backend", "reason"}),
+		budgetExhausted: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "tokenproxy",
+			Name:      "retry_budget_exhausted_total",
+			Help:      "Failovers not made because the retry budget was spent; the caller got the last answer.",
+		}),
+		shutdownCut: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "tokenproxy",
+			Name:      "shutdown_cut_connections_total",
+			Help:      "Connections (calls or streams still running) closed because shutdown_grace ran out.",
+		}),
+		backends: &backendCollector{reg: reg,
+			state: prometheus.NewDesc("tokenproxy_backend_state",
+				"1 for the backend's current state (healthy, cooldown, open, half_open), else 0.", []string{"backend", "state"}, nil),
+			cooldown: prometheus.NewDesc("tokenproxy_backend_cooldown_seconds_total",
+				"Time the backend has spent resting from rate limits (429 Retry-After).", []string{"backend"}, nil),
+		},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "tokenproxy",
 			Name:      "requests_total",
@@ -61,7 +94,34 @@ func newMetrics(passthrough bool, configured map[string]bool) *metrics {
 }
 
 func (m *metrics) register(reg prometheus.Registerer) error {
-	return errors.Join(reg.Register(m.requests), reg.Register(m.duration), reg.Register(m.upstreamLatency), reg.Register(m.inflight))
+	return errors.Join(reg.Register(m.requests), reg.Register(m.duration), reg.Register(m.upstreamLatency),
+		reg.Register(m.inflight), reg.Register(m.attempts), reg.Register(m.failovers), reg.Register(m.budgetExhausted),
+		reg.Register(m.shutdownCut), reg.Register(m.backends))
+}
+
+// backendCollector reports backend health at scrape time.
+type backendCollector struct {
+	reg             *backend.Registry
+	state, cooldown *prometheus.Desc
+}
+
+func (b *backendCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- b.state
+	ch <- b.cooldown
+}
+
+func (b *backendCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, be := range b.reg.All() {
+		cur := be.State()
+		for _, s := range []backend.State{backend.Healthy, backend.Cooldown, backend.Open, backend.HalfOpen} {
+			v := 0.0
+			if s == cur {
+				v = 1
+			}
+			ch <- prometheus.MustNewConstMetric(b.state, prometheus.GaugeValue, v, be.Key, s.String())
+		}
+		ch <- prometheus.MustNewConstMetric(b.cooldown, prometheus.CounterValue, be.CooldownSeconds(), be.Key)
+	}
 }
 
 // deploymentLabel bounds the label's values: a name a caller made up is counted under "".

@@ -12,7 +12,6 @@
 package proxy
 
 import (
-	"context"
 	"fmt"
 	"io"
 	"net/http"
@@ -24,6 +23,7 @@ import (
 	"github.com/valyala/fasthttp"
 	"go.uber.org/zap"
 
+	"github.com/tokenproxy/tokenproxy/internal/backend"
 	"github.com/tokenproxy/tokenproxy/internal/broker"
 	"github.com/tokenproxy/tokenproxy/internal/config"
 	"github.com/tokenproxy/tokenproxy/internal/transport"
@@ -44,6 +44,8 @@ type Options struct {
 	// Transport carries requests to upstreams. If nil, one with Config's timeouts and the
 	// environment's proxy settings is made, and Close releases it.
 	Transport *transport.Transport
+	// Now is the clock for backend health. If nil, time.Now.
+	Now func() time.Time
 }
 
 func (o Options) logger() *zap.Logger {
@@ -59,12 +61,15 @@ type Handler struct {
 	keys        *keyring
 	upstreams   map[string]*upstream
 	only        *upstream // the single upstream, when there is exactly one
-	deployments map[string]target
+	deployments map[string]*deployment
 	passthrough bool // no deployments section: names pass through to the only upstream
 	maxBody     int
 	m           *metrics
 	transport   *transport.Transport
 	own         bool // transport made here, closed by Close
+	backends    *backend.Registry
+	budget      *backend.Budget
+	res         config.Resilience
 }
 
 // upstream is one configured resource.
@@ -73,13 +78,6 @@ type upstream struct {
 	origin   transport.Origin
 	basePath string // the upstream URL's path, prefixed to every forwarded path
 	src      broker.TokenSource
-}
-
-// target is where an exposed deployment name leads.
-type target struct {
-	name       string // the exposed name, as configured (a stable string for metric labels)
-	up         *upstream
-	deployment string // the name on the upstream
 }
 
 // New builds the handler.
@@ -96,10 +94,16 @@ func New(opts Options) (*Handler, error) {
 		log:         opts.logger(),
 		keys:        keys,
 		upstreams:   map[string]*upstream{},
-		deployments: map[string]target{},
+		deployments: map[string]*deployment{},
 		passthrough: len(cfg.Deployments) == 0,
 		maxBody:     int(cfg.MaxRequestBytes),
 		transport:   opts.Transport,
+		res:         cfg.Resilience,
+		backends: backend.NewRegistry(backend.Options{
+			BreakerFailures: cfg.Resilience.BreakerFailures, BreakerOpen: cfg.Resilience.BreakerOpen,
+			DefaultCooldown: cfg.Resilience.DefaultCooldown, MaxCooldown: cfg.Resilience.MaxCooldown, Now: opts.Now,
+		}),
+		budget: backend.NewBudget(cfg.Resilience.RetryBudget, cfg.Resilience.MinRetriesPerSecond, opts.Now),
 	}
 	if h.transport == nil {
 		h.transport, h.own = NewTransport(cfg.Timeouts), true
@@ -108,7 +112,7 @@ func New(opts Options) (*Handler, error) {
 	for name := range cfg.Deployments {
 		configured[name] = true
 	}
-	h.m = newMetrics(h.passthrough, configured)
+	h.m = newMetrics(h.passthrough, configured, h.backends)
 	if opts.Registerer != nil {
 		if err := h.m.register(opts.Registerer); err != nil {
 			return nil, fmt.Errorf("registering proxy metrics: %w", err)
@@ -135,7 +139,18 @@ func New(opts Options) (*Handler, error) {
 		}
 	}
 	for name, d := range cfg.Deployments {
-		h.deployments[name] = target{name: name, up: h.upstreams[d.Upstream], deployment: d.Deployment}
+		dep := &deployment{name: name}
+		var members []backend.Member
+		for _, b := range d.Pool() {
+			members = append(members, backend.Member{Backend: h.backends.Backend(b.Upstream, b.Deployment), Priority: b.Priority, Weight: b.Weight})
+		}
+		dep.pool = h.backends.NewPool(members)
+		for _, m := range dep.pool.Members() {
+			dep.ups = append(dep.ups, h.upstreams[m.Upstream])
+			dep.names = append(dep.names, m.Deployment)
+			dep.renames = dep.renames || m.Deployment != name
+		}
+		h.deployments[name] = dep
 	}
 	return h, nil
 }
@@ -221,7 +236,7 @@ func (h *Handler) serveDeployment(c *call, rest string) {
 			"the api-version query parameter is required, e.g. ?api-version=2024-10-21"))
 		return
 	}
-	t, e := h.resolve(c, cl, name)
+	d, e := h.resolve(c, cl, name)
 	if e != nil {
 		h.fail(c, e)
 		return
@@ -231,7 +246,7 @@ func (h *Handler) serveDeployment(c *call, rest string) {
 		h.fail(c, e)
 		return
 	}
-	h.forward(c, t.up, prefixDeployments+t.deployment+"/"+op, body)
+	h.forward(c, d, &plan{op: op, body: body})
 }
 
 func (h *Handler) serveBodyRouted(c *call, apiVersionRequired bool) {
@@ -265,23 +280,20 @@ func (h *Handler) serveBodyRouted(c *call, apiVersionRequired bool) {
 				"the request body must name the deployment in \"model\""))
 			return
 		}
-		h.forward(c, h.only, c.path, body)
+		h.forward(c, &deployment{ups: []*upstream{h.only}}, &plan{path: c.path, body: body})
 		return
 	}
-	t, e := h.resolve(c, cl, ref.name)
+	d, e := h.resolve(c, cl, ref.name)
 	if e != nil {
 		h.fail(c, e)
 		return
 	}
-	if t.deployment != ref.name {
-		if ref.start < 0 {
-			h.fail(c, errorf(http.StatusBadRequest, CodeInvalidBody,
-				"deployment %q is renamed by the gateway, which multipart bodies do not support; call it through /openai/deployments/%s/…", ref.name, ref.name))
-			return
-		}
-		body = renameModel(body, ref, t.deployment)
+	if d.renames && ref.start < 0 {
+		h.fail(c, errorf(http.StatusBadRequest, CodeInvalidBody,
+			"deployment %q is renamed by the gateway, which multipart bodies do not support; call it through /openai/deployments/%s/…", ref.name, ref.name))
+		return
 	}
-	h.forward(c, t.up, c.path, body)
+	h.forward(c, d, &plan{path: c.path, body: body, ref: ref})
 }
 
 // readBody reads the whole request body, bounded by max_request_bytes. Bodies are read after
@@ -330,64 +342,26 @@ func tooLarge(limit int) *apiError {
 // resolve authorises the caller for an exposed deployment name and finds where it lives. A
 // caller not allowed the name gets 403 whether or not it exists, so the allow-list does not
 // leak the set of deployments.
-func (h *Handler) resolve(c *call, cl *caller, name string) (target, *apiError) {
+func (h *Handler) resolve(c *call, cl *caller, name string) (*deployment, *apiError) {
 	if !config.ValidDeploymentName(name) {
-		return target{}, errorf(http.StatusBadRequest, CodeInvalidPath,
+		return nil, errorf(http.StatusBadRequest, CodeInvalidPath,
 			"%q is not a valid deployment name (letters, digits, '.', '-', '_'; at most 64)", name)
 	}
 	c.deployment = name
 	if !cl.may(name) {
-		return target{}, errorf(http.StatusForbidden, CodeForbidden,
+		return nil, errorf(http.StatusForbidden, CodeForbidden,
 			"caller %q may not use deployment %q", cl.name, name)
 	}
 	if h.passthrough {
-		return target{name: name, up: h.only, deployment: name}, nil
+		// Names pass through to the only upstream, which alone decides; there is no pool.
+		return &deployment{name: name, ups: []*upstream{h.only}, names: []string{name}}, nil
 	}
-	t, ok := h.deployments[name]
+	d, ok := h.deployments[name]
 	if !ok {
-		return target{}, errorf(http.StatusNotFound, CodeDeploymentNotFound,
+		return nil, errorf(http.StatusNotFound, CodeDeploymentNotFound,
 			"the gateway has no deployment named %q", name)
 	}
-	return t, nil
-}
-
-// forward sends the call to up with the path given (renamed if need be) and answers with the
-// upstream's response, streamed if it is a stream.
-func (h *Handler) forward(c *call, up *upstream, path string, body []byte) {
-	c.upstream = up.name
-	ctx, cancel := context.WithCancel(context.Background())
-	c.cancel = cancel
-	c.watch = watchDisconnect(c.fc.Conn(), cancel)
-
-	tok, err := up.src.Token(ctx)
-	if err != nil {
-		h.proxyError(c, err)
-		return
-	}
-	out := fasthttp.AcquireRequest()
-	defer fasthttp.ReleaseRequest(out)
-	rewrite(out, &c.fc.Request, up, path, c.query, body, tok.AuthorizationHeader()[0], c.id)
-
-	c.proxyStart = time.Now()
-	upResp := fasthttp.AcquireResponse()
-	stream, err := h.transport.Do(ctx, up.origin, out, upResp)
-	if err != nil {
-		fasthttp.ReleaseResponse(upResp)
-		h.proxyError(c, err)
-		return
-	}
-	c.headerAt = time.Now()
-	resp := &c.fc.Response
-	upResp.Header.CopyTo(&resp.Header)
-	cleanResponse(&resp.Header, c.id)
-	c.status = resp.StatusCode()
-	if stream == nil {
-		resp.SetBody(upResp.Body())
-		c.bytesOut = len(upResp.Body())
-		fasthttp.ReleaseResponse(upResp)
-		return
-	}
-	h.stream(c, stream, upResp)
+	return d, nil
 }
 
 // fail answers with a gateway error.

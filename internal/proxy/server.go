@@ -22,6 +22,7 @@ const MaxHeaderBytes = 32 << 10
 type Server struct {
 	srv *fasthttp.Server
 	log *zap.Logger
+	m   *metrics
 
 	mu    sync.Mutex
 	conns map[net.Conn]struct{}
@@ -29,7 +30,7 @@ type Server struct {
 
 // NewServer returns the API server for h with cfg's timeouts and limits.
 func (h *Handler) NewServer(cfg *config.Config) *Server {
-	s := &Server{log: h.log, conns: map[net.Conn]struct{}{}}
+	s := &Server{log: h.log, m: h.m, conns: map[net.Conn]struct{}{}}
 	s.srv = &fasthttp.Server{
 		Handler:      h.ServeFastHTTP,
 		ErrorHandler: h.serverError,
@@ -107,6 +108,7 @@ func (s *Server) Shutdown(ctx context.Context) (cut int, err error) {
 		cut++
 	}
 	s.mu.Unlock()
+	s.m.shutdownCut.Add(float64(cut))
 	// Give the closed connections' handlers the moment they need to see the close.
 	wctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

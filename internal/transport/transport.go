@@ -350,7 +350,10 @@ func (p *pool) dial(ctx context.Context) (*conn, error) {
 		}
 		nc = tc
 	}
-	return &conn{p: p, nc: nc, br: bufio.NewReaderSize(nc, 16<<10), bw: bufio.NewWriterSize(nc, 16<<10)}, nil
+	c := &conn{p: p, nc: nc, bw: bufio.NewWriterSize(nc, 16<<10)}
+	c.br = bufio.NewReaderSize(&c.src, 16<<10)
+	c.src.Conn = nc
+	return c, nil
 }
 
 func proxyAddr(u *url.URL) string {
@@ -398,9 +401,26 @@ func connectTunnel(ctx context.Context, nc net.Conn, proxy *url.URL, addr string
 type conn struct {
 	p         *pool
 	nc        net.Conn
+	src       eofConn // what br reads from
 	br        *bufio.Reader
 	bw        *bufio.Writer
 	idleSince time.Time
+}
+
+// eofConn notes when the server closed the connection. fasthttp's chunked body reader reports a
+// connection closed at a chunk boundary as a clean io.EOF; knowing the server hung up tells a
+// cut stream from a finished one.
+type eofConn struct {
+	net.Conn
+	eof bool
+}
+
+func (c *eofConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err == io.EOF {
+		c.eof = true
+	}
+	return n, err
 }
 
 func (c *conn) close() { c.nc.Close() }
@@ -494,7 +514,7 @@ func (c *conn) do(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Res
 	if err := resp.ReadBody(c.br, 0); err != nil {
 		return fail(err)
 	}
-	return &Stream{c: c, resp: resp, r: resp.BodyStream(), stop: stop, ctx: ctx, reusable: reusable && cl != -2}, nil
+	return &Stream{c: c, resp: resp, r: resp.BodyStream(), stop: stop, ctx: ctx, reusable: reusable && cl != -2, framed: cl != -2}, nil
 }
 
 // readHeader reads the final response header, skipping informational ones (100 Continue,
@@ -536,15 +556,20 @@ type Stream struct {
 	stop     func() bool
 	ctx      context.Context
 	reusable bool
+	framed   bool // the body's end is marked (length or final chunk), not the connection's close
 	mu       sync.Mutex
 	done     bool
 }
 
-// Read reads the body. After the context is cancelled it returns the context's error.
+// Read reads the body. After the context is cancelled it returns the context's error; if the
+// server hangs up before a framed body's end, it returns io.ErrUnexpectedEOF.
 func (s *Stream) Read(p []byte) (int, error) {
 	n, err := s.r.Read(p)
 	if err == nil {
 		return n, nil
+	}
+	if err == io.EOF && s.framed && s.c.src.eof {
+		err = io.ErrUnexpectedEOF
 	}
 	if err == io.EOF {
 		s.finish(true)

@@ -353,6 +353,27 @@ func TestStreamingAndCancelMidBody(t *testing.T) {
 	}
 }
 
+func TestCutStreamIsNotAnEnd(t *testing.T) {
+	// A chunked stream whose server hangs up between chunks must not read as complete.
+	srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: one\n\n")
+		w.(http.Flusher).Flush()
+		panic(http.ErrAbortHandler) // drop the connection
+	})
+	srv.Config.ErrorLog = log.New(io.Discard, "", 0)
+	tr := newTransport(t, Options{})
+	r, err := post(t, tr, t.Context(), srv.URL, "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := io.ReadAll(r.stream)
+	r.stream.Close()
+	if string(b) != "data: one\n\n" || !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Errorf("got %q, %v; want the first event, then io.ErrUnexpectedEOF", b, err)
+	}
+}
+
 func TestInformationalResponsesAreSkipped(t *testing.T) {
 	srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Link", "</style.css>; rel=preload")

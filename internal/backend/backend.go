@@ -1,0 +1,428 @@
+// Package backend keeps the health of the places a deployment can be served from and picks
+// where each attempt of a call goes. A backend is one deployment on one upstream; its state is
+// shared by every exposed deployment that lists it, because Azure's rate limits and outages
+// belong to the deployment and resource, not to the name a caller used.
+//
+// A backend that answers 429 rests for as long as its Retry-After asks. One that keeps failing
+// (5xx, 408, connection failures) opens its circuit: no calls for a while, then one probe,
+// whose outcome closes the circuit or opens it again for twice as long. Selection takes the
+// lowest priority with an eligible member and spreads calls by weight within it. A pool-wide
+// retry budget keeps retries to a fraction of calls, so a failing region cannot multiply load.
+package backend
+
+import (
+	"math/rand/v2"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// Options configure a Registry.
+type Options struct {
+	// BreakerFailures consecutive failures open a circuit. If zero, 5.
+	BreakerFailures int
+	// BreakerOpen is how long a circuit first stays open. If zero, 30s.
+	BreakerOpen time.Duration
+	// DefaultCooldown rests a backend that answered 429 without a Retry-After. If zero, 10s.
+	DefaultCooldown time.Duration
+	// MaxCooldown caps the rest a Retry-After may ask for. If zero, an hour.
+	MaxCooldown time.Duration
+	// Now is the clock. If nil, time.Now.
+	Now func() time.Time
+}
+
+func (o Options) now() time.Time {
+	if o.Now == nil {
+		return time.Now()
+	}
+	return o.Now()
+}
+
+// maxOpenDoublings caps how far a failed probe stretches the open period.
+const maxOpenDoublings = 10
+
+// State is a backend's health.
+type State int
+
+// States, as reported in metrics.
+const (
+	Healthy  State = iota // takes calls
+	Cooldown              // rate-limited: resting until Retry-After
+	Open                  // circuit open after repeated failures
+	HalfOpen              // open period over: one probe call allowed
+)
+
+func (s State) String() string {
+	return [...]string{"healthy", "cooldown", "open", "half_open"}[s]
+}
+
+// Backend is one deployment on one upstream.
+type Backend struct {
+	// Key is "upstream/deployment", its name in logs and metrics.
+	Key        string
+	Upstream   string
+	Deployment string
+
+	opts *Options
+
+	mu            sync.Mutex
+	failures      int       // consecutive
+	cooldownUntil time.Time // rate-limited until then
+	openUntil     time.Time // circuit open until then
+	opens         int       // consecutive openings, for the doubling
+	probing       bool      // a half-open probe is under way
+	cooldownTotal time.Duration
+}
+
+// Registry holds every backend, one per (upstream, deployment).
+type Registry struct {
+	opts     Options
+	mu       sync.Mutex
+	backends map[string]*Backend
+}
+
+// NewRegistry returns an empty registry.
+func NewRegistry(opts Options) *Registry {
+	if opts.BreakerFailures <= 0 {
+		opts.BreakerFailures = 5
+	}
+	if opts.BreakerOpen <= 0 {
+		opts.BreakerOpen = 30 * time.Second
+	}
+	if opts.DefaultCooldown <= 0 {
+		opts.DefaultCooldown = 10 * time.Second
+	}
+	if opts.MaxCooldown <= 0 {
+		opts.MaxCooldown = time.Hour
+	}
+	return &Registry{opts: opts, backends: map[string]*Backend{}}
+}
+
+// Backend returns the backend for (upstream, deployment), creating it on first use.
+func (r *Registry) Backend(upstream, deployment string) *Backend {
+	key := upstream + "/" + deployment
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if b, ok := r.backends[key]; ok {
+		return b
+	}
+	b := &Backend{Key: key, Upstream: upstream, Deployment: deployment, opts: &r.opts}
+	r.backends[key] = b
+	return b
+}
+
+// All returns every backend.
+func (r *Registry) All() []*Backend {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]*Backend, 0, len(r.backends))
+	for _, b := range r.backends {
+		out = append(out, b)
+	}
+	return out
+}
+
+// State reports the backend's state now.
+func (b *Backend) State() State {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.stateLocked(b.opts.now())
+}
+
+func (b *Backend) stateLocked(now time.Time) State {
+	switch {
+	case now.Before(b.openUntil):
+		return Open
+	case !b.openUntil.IsZero():
+		return HalfOpen
+	case now.Before(b.cooldownUntil):
+		return Cooldown
+	}
+	return Healthy
+}
+
+// CooldownSeconds is the total time the backend has spent rate-limited.
+func (b *Backend) CooldownSeconds() float64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	total := b.cooldownTotal
+	if now := b.opts.now(); now.Before(b.cooldownUntil) {
+		total -= b.cooldownUntil.Sub(now) // not spent yet
+	}
+	return total.Seconds()
+}
+
+// take reserves the backend for an attempt if it is eligible now; a half-open backend admits
+// one probe at a time.
+func (b *Backend) take(now time.Time) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch b.stateLocked(now) {
+	case Healthy:
+		return true
+	case HalfOpen:
+		if b.probing {
+			return false
+		}
+		b.probing = true
+		return true
+	}
+	return false
+}
+
+// recovery is when the backend will next take a call, and whether it is resting from a rate
+// limit (rather than a failure).
+func (b *Backend) recovery(now time.Time) (time.Time, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch b.stateLocked(now) {
+	case Open:
+		return b.openUntil, false
+	case Cooldown:
+		return b.cooldownUntil, true
+	case HalfOpen:
+		// A probe is under way; its outcome decides. Suggest a short wait.
+		return now.Add(time.Second), false
+	}
+	return now, false
+}
+
+// Succeeded records an attempt that got an answer (any status but the failover ones).
+func (b *Backend) Succeeded() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.failures, b.opens, b.probing = 0, 0, false
+	b.openUntil = time.Time{}
+}
+
+// Failed records a failed attempt (5xx, 408, connection failure, timeout).
+func (b *Backend) Failed() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	now := b.opts.now()
+	wasProbe := b.probing
+	b.probing = false
+	b.failures++
+	if wasProbe || b.failures >= b.opts.BreakerFailures {
+		open := b.opts.BreakerOpen << min(b.opens, maxOpenDoublings)
+		b.openUntil = now.Add(open)
+		b.opens++
+		b.failures = 0
+	}
+}
+
+// RateLimited records a 429 asking to retry after d (zero: not said).
+func (b *Backend) RateLimited(d time.Duration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	now := b.opts.now()
+	if d <= 0 {
+		d = b.opts.DefaultCooldown
+	}
+	d = min(d, b.opts.MaxCooldown)
+	until := now.Add(d)
+	if until.After(b.cooldownUntil) {
+		if now.Before(b.cooldownUntil) {
+			b.cooldownTotal += until.Sub(b.cooldownUntil)
+		} else {
+			b.cooldownTotal += d
+		}
+		b.cooldownUntil = until
+	}
+	// A rate limit is not a failure: the backend answered, and the circuit is not involved.
+	if b.probing {
+		b.probing = false
+		b.openUntil, b.opens = time.Time{}, 0
+	}
+}
+
+// Abandoned releases a reservation whose attempt ended without an outcome (the caller left).
+func (b *Backend) Abandoned() {
+	b.mu.Lock()
+	b.probing = false
+	b.mu.Unlock()
+}
+
+// Member is a backend in a deployment's pool.
+type Member struct {
+	*Backend
+	Priority, Weight int
+}
+
+// Pool is a deployment's backends in priority order.
+type Pool struct {
+	members []Member
+	opts    *Options
+}
+
+// NewPool returns a pool of the members (any order).
+func (r *Registry) NewPool(members []Member) *Pool {
+	m := append([]Member(nil), members...)
+	// Insertion sort by priority, stable, so configuration order breaks ties.
+	for i := 1; i < len(m); i++ {
+		for j := i; j > 0 && m[j].Priority < m[j-1].Priority; j-- {
+			m[j], m[j-1] = m[j-1], m[j]
+		}
+	}
+	return &Pool{members: m, opts: &r.opts}
+}
+
+// Members returns the pool's members in priority order.
+func (p *Pool) Members() []Member { return p.members }
+
+// Tried records which members of a pool a call has tried (by index).
+type Tried uint64
+
+// Pick reserves a backend for the next attempt: the lowest priority with an eligible member not
+// yet tried, weighted within it. It returns -1 when none is eligible.
+func (p *Pool) Pick(tried Tried) int {
+	now := p.opts.now()
+	for i := 0; i < len(p.members); {
+		prio := p.members[i].Priority
+		j := i
+		total := 0
+		for ; j < len(p.members) && p.members[j].Priority == prio; j++ {
+			if tried&(1<<j) == 0 && p.members[j].State() != Open && p.members[j].State() != Cooldown {
+				total += max(p.members[j].Weight, 0)
+			}
+		}
+		// Draw by weight among this priority's candidates; fall back to each in turn if the
+		// drawn one cannot be reserved (a half-open probe already running).
+		for total > 0 {
+			r := rand.IntN(total)
+			for k := i; k < j; k++ {
+				m := p.members[k]
+				if tried&(1<<k) != 0 || m.State() == Open || m.State() == Cooldown {
+					continue
+				}
+				if r -= max(m.Weight, 0); r < 0 {
+					if m.take(now) {
+						return k
+					}
+					tried |= 1 << k
+					total -= max(m.Weight, 0)
+					break
+				}
+			}
+		}
+		i = j
+	}
+	return -1
+}
+
+// Available reports whether some member could take a call now (not resting, not open).
+func (p *Pool) Available() bool {
+	for _, m := range p.members {
+		if s := m.State(); s == Healthy || s == HalfOpen {
+			return true
+		}
+	}
+	return false
+}
+
+// Recovery is when the soonest backend of the pool (but those in except) will take calls
+// again, which backend that is (nil if except leaves none), and whether every backend out of
+// reach is resting from a rate limit (429) rather than failing (503).
+func (p *Pool) Recovery(except Tried) (time.Time, *Backend, bool) {
+	now := p.opts.now()
+	var soonest time.Time
+	var first *Backend
+	rateLimited := true
+	for i, m := range p.members {
+		if except&(1<<i) != 0 {
+			continue
+		}
+		t, rl := m.recovery(now)
+		if first == nil || t.Before(soonest) {
+			soonest, first = t, m.Backend
+		}
+		if !rl {
+			rateLimited = false
+		}
+	}
+	return soonest, first, rateLimited
+}
+
+// Cooling reports when the soonest rate-limited member will take calls again, and which one;
+// ok is false when no member is resting from a rate limit.
+func (p *Pool) Cooling() (until time.Time, first *Backend, ok bool) {
+	now := p.opts.now()
+	for _, m := range p.members {
+		if t, rl := m.recovery(now); rl && (first == nil || t.Before(until)) {
+			until, first = t, m.Backend
+		}
+	}
+	return until, first, first != nil
+}
+
+// Budget is a retry budget: each call deposits Ratio of a retry, each retry withdraws one, and
+// MinPerSecond retries per second are allowed on top, so quiet traffic can still retry.
+type Budget struct {
+	ratio, minPerSecond float64
+	now                 func() time.Time
+
+	mu      sync.Mutex
+	balance float64
+	last    time.Time
+}
+
+// NewBudget returns a budget; now may be nil. It starts with a second's worth of the minimum,
+// so a gateway that has just started can fail over at once.
+func NewBudget(ratio, minPerSecond float64, now func() time.Time) *Budget {
+	if now == nil {
+		now = time.Now
+	}
+	return &Budget{ratio: ratio, minPerSecond: minPerSecond, now: now, last: now(), balance: min(minPerSecond, maxBalance)}
+}
+
+// maxBalance bounds the retries saved up, so a long quiet spell cannot fund a retry storm.
+const maxBalance = 100
+
+func (b *Budget) refillLocked() {
+	now := b.now()
+	b.balance = min(b.balance+now.Sub(b.last).Seconds()*b.minPerSecond, maxBalance)
+	b.last = now
+}
+
+// Deposit records a call.
+func (b *Budget) Deposit() {
+	b.mu.Lock()
+	b.refillLocked()
+	b.balance = min(b.balance+b.ratio, maxBalance)
+	b.mu.Unlock()
+}
+
+// Withdraw takes one retry, reporting whether the budget allowed it.
+func (b *Budget) Withdraw() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.refillLocked()
+	if b.balance < 1-1e-9 { // ten deposits of 0.2 make 1.9999999999999998
+		return false
+	}
+	b.balance = max(b.balance-1, 0)
+	return true
+}
+
+// RetryAfter reads how long a 429 asks the caller to wait: retry-after-ms, then
+// x-ms-retry-after-ms, then retry-after (seconds, or an HTTP date), as Azure sends them.
+func RetryAfter(get func(string) []byte, now time.Time) time.Duration {
+	for _, h := range []string{"Retry-After-Ms", "X-Ms-Retry-After-Ms"} {
+		if v := get(h); len(v) > 0 {
+			if ms, err := strconv.ParseFloat(string(v), 64); err == nil && ms >= 0 {
+				return time.Duration(ms * float64(time.Millisecond))
+			}
+		}
+	}
+	v := get("Retry-After")
+	if len(v) == 0 {
+		return 0
+	}
+	if s, err := strconv.ParseFloat(string(v), 64); err == nil && s >= 0 {
+		return time.Duration(s * float64(time.Second))
+	}
+	if t, err := time.Parse(time.RFC1123, string(v)); err == nil && t.After(now) {
+		return t.Sub(now)
+	}
+	return 0
+}

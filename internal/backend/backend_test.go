@@ -1,0 +1,213 @@
+package backend
+
+import (
+	"net/http"
+	"testing"
+	"time"
+)
+
+type clock struct{ t time.Time }
+
+func (c *clock) now() time.Time          { return c.t }
+func (c *clock) advance(d time.Duration) { c.t = c.t.Add(d) }
+func newClock() *clock                   { return &clock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)} }
+func settle(p *Pool, i int) *Backend     { b := p.members[i].Backend; b.Succeeded(); return b }
+
+// pool builds the example: eastca-ptu (1), eastus (2, w3), westeu (2, w1).
+func pool(c *clock) (*Registry, *Pool) {
+	r := NewRegistry(Options{BreakerFailures: 3, BreakerOpen: 10 * time.Second, DefaultCooldown: 5 * time.Second, MaxCooldown: time.Minute, Now: c.now})
+	return r, r.NewPool([]Member{
+		{Backend: r.Backend("westeu", "gpt-41-mini"), Priority: 2, Weight: 1},
+		{Backend: r.Backend("eastca-ptu", "gpt41mini"), Priority: 1, Weight: 1},
+		{Backend: r.Backend("eastus", "gpt41mini"), Priority: 2, Weight: 3},
+	})
+}
+
+func TestPriorityThenWeight(t *testing.T) {
+	c := newClock()
+	_, p := pool(c)
+	if got := p.members[0].Key; got != "eastca-ptu/gpt41mini" {
+		t.Fatalf("first member %s, want the priority-1 backend", got)
+	}
+	for range 100 {
+		if i := p.Pick(0); i != 0 {
+			t.Fatalf("picked %d with the priority-1 backend healthy, want 0", i)
+		}
+	}
+	counts := map[string]int{}
+	const n = 10000
+	for range n {
+		i := p.Pick(1) // the priority-1 backend already tried
+		counts[p.members[i].Key]++
+	}
+	if share := float64(counts["eastus/gpt41mini"]) / n; share < 0.72 || share > 0.78 {
+		t.Errorf("eastus got %.3f of the calls, want about 0.75 (weight 3 of 4)", share)
+	}
+	if i := p.Pick(0b111); i != -1 {
+		t.Errorf("picked %d with every member tried, want -1", i)
+	}
+}
+
+func TestCooldownFromRetryAfter(t *testing.T) {
+	c := newClock()
+	_, p := pool(c)
+	ptu := p.members[0].Backend
+	ptu.RateLimited(2 * time.Second)
+	if s := ptu.State(); s != Cooldown {
+		t.Fatalf("state %v, want cooldown", s)
+	}
+	for range 50 {
+		if i := p.Pick(0); i == 0 {
+			t.Fatal("picked a backend in cooldown")
+		}
+	}
+	c.advance(2 * time.Second)
+	if i := p.Pick(0); i != 0 {
+		t.Errorf("picked %d after the cooldown, want the priority-1 backend again", i)
+	}
+	if got := ptu.CooldownSeconds(); got != 2 {
+		t.Errorf("cooldown total %v, want 2s", got)
+	}
+	ptu.RateLimited(0) // no Retry-After: the default
+	if until, rl := p.members[0].recovery(c.now()); !rl || until.Sub(c.now()) != 5*time.Second {
+		t.Errorf("recovery in %v (rate limited %v), want 5s", until.Sub(c.now()), rl)
+	}
+	ptu.RateLimited(time.Hour) // capped
+	if until, _ := p.members[0].recovery(c.now()); until.Sub(c.now()) != time.Minute {
+		t.Errorf("recovery in %v, want the 1m cap", until.Sub(c.now()))
+	}
+}
+
+func TestBreakerOpensProbesAndCloses(t *testing.T) {
+	c := newClock()
+	_, p := pool(c)
+	b := p.members[0].Backend
+	b.Failed()
+	b.Failed()
+	if s := b.State(); s != Healthy {
+		t.Fatalf("after 2 failures state %v, want healthy (threshold 3)", s)
+	}
+	b.Failed()
+	if s := b.State(); s != Open {
+		t.Fatalf("after 3 failures state %v, want open", s)
+	}
+	c.advance(10 * time.Second)
+	if s := b.State(); s != HalfOpen {
+		t.Fatalf("after the open period state %v, want half-open", s)
+	}
+	if i := p.Pick(0); i != 0 {
+		t.Fatalf("the half-open backend was not probed (picked %d)", i)
+	}
+	if i := p.Pick(0); i == 0 {
+		t.Fatal("a second probe was let through while the first is running")
+	}
+	b.Failed() // the probe fails: open again, twice as long
+	c.advance(19 * time.Second)
+	if s := b.State(); s != Open {
+		t.Fatalf("19s after a failed probe state %v, want still open (20s)", s)
+	}
+	c.advance(time.Second)
+	if p.Pick(0) != 0 {
+		t.Fatal("no probe after the doubled open period")
+	}
+	b.Succeeded()
+	if s := b.State(); s != Healthy {
+		t.Errorf("after a good probe state %v, want healthy", s)
+	}
+	b.Failed()
+	if s := b.State(); s != Healthy {
+		t.Errorf("one failure after recovery opened the circuit; the count must restart")
+	}
+}
+
+func TestRecoveryOfAnExhaustedPool(t *testing.T) {
+	c := newClock()
+	_, p := pool(c)
+	p.members[0].RateLimited(30 * time.Second)
+	p.members[1].RateLimited(7 * time.Second)
+	p.members[2].RateLimited(20 * time.Second)
+	if i := p.Pick(0); i != -1 {
+		t.Fatalf("picked %d with every backend cooling down", i)
+	}
+	until, first, rl := p.Recovery(0)
+	if until.Sub(c.now()) != 7*time.Second || !rl || first != p.members[1].Backend {
+		t.Errorf("recovery in %v by %s (rate limited %v), want 7s by the second member, rate limited", until.Sub(c.now()), first.Key, rl)
+	}
+	for range 3 {
+		p.members[1].Failed()
+	}
+	if _, _, rl := p.Recovery(0); rl {
+		t.Error("a pool with an open circuit reported as only rate limited")
+	}
+	if until, first, _ := p.Recovery(0b010); first != p.members[2].Backend || until.Sub(c.now()) != 20*time.Second {
+		t.Errorf("recovery without the second member: %v by %v, want 20s by the third", until.Sub(c.now()), first)
+	}
+}
+
+func TestBackendsAreShared(t *testing.T) {
+	r := NewRegistry(Options{})
+	if r.Backend("u", "d") != r.Backend("u", "d") || r.Backend("u", "d") == r.Backend("u", "e") {
+		t.Error("backends are not one per (upstream, deployment)")
+	}
+}
+
+func TestBudget(t *testing.T) {
+	c := newClock()
+	b := NewBudget(0.2, 0, c.now)
+	for range 10 {
+		b.Deposit()
+	}
+	got := 0
+	for b.Withdraw() {
+		got++
+	}
+	if got != 2 {
+		t.Errorf("10 calls at 20%% funded %d retries, want 2", got)
+	}
+	b = NewBudget(0.2, 5, c.now)
+	got = 0
+	for b.Withdraw() {
+		got++
+	}
+	if got != 5 {
+		t.Errorf("a new budget funded %d retries, want a second's minimum (5)", got)
+	}
+	c.advance(time.Second)
+	got = 0
+	for b.Withdraw() {
+		got++
+	}
+	if got != 5 {
+		t.Errorf("a quiet second funded %d retries, want the minimum 5", got)
+	}
+	c.advance(time.Hour)
+	got = 0
+	for b.Withdraw() {
+		got++
+	}
+	if got != maxBalance {
+		t.Errorf("an idle hour funded %d retries, want the cap %d", got, maxBalance)
+	}
+}
+
+func TestRetryAfter(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for _, tt := range []struct {
+		name   string
+		header http.Header
+		want   time.Duration
+	}{
+		{"ms first", http.Header{"Retry-After-Ms": {"1500"}, "Retry-After": {"9"}}, 1500 * time.Millisecond},
+		{"x-ms", http.Header{"X-Ms-Retry-After-Ms": {"250"}, "Retry-After": {"9"}}, 250 * time.Millisecond},
+		{"seconds", http.Header{"Retry-After": {"3"}}, 3 * time.Second},
+		{"date", http.Header{"Retry-After": {"Thu, 01 Jan 2026 00:00:30 GMT"}}, 30 * time.Second},
+		{"garbage", http.Header{"Retry-After": {"soon"}}, 0},
+		{"negative", http.Header{"Retry-After-Ms": {"-5"}}, 0},
+		{"none", http.Header{}, 0},
+	} {
+		get := func(k string) []byte { return []byte(tt.header.Get(k)) }
+		if got := RetryAfter(get, now); got != tt.want {
+			t.Errorf("%s: got %v, want %v", tt.name, got, tt.want)
+		}
+	}
+}
