@@ -5,6 +5,7 @@
 package config
 
 import (
+	"strings"
 	"time"
 )
 
@@ -43,6 +44,13 @@ type Config struct {
 	// AdminPprof adds Go's profiling endpoints (/debug/pprof/) to the admin listener. Off by
 	// default: profiles show memory, which can hold tokens.
 	AdminPprof bool `yaml:"admin_pprof"`
+	// AdminKeySHA256, when set, is the SHA-256 of a key /metrics and /debug/pprof/ require
+	// (Authorization: Bearer); /healthz and /readyz stay open for probes.
+	AdminKeySHA256 string `yaml:"admin_key_sha256"`
+	// TLS serves the API over TLS (and verifies client certificates for mtls callers).
+	TLS *TLS `yaml:"tls"`
+	// AdminTLS serves the admin endpoints over TLS.
+	AdminTLS *TLS `yaml:"admin_tls"`
 	// LogLevel is one of debug, info, warn, error.
 	LogLevel string `yaml:"log_level"`
 	// LogFormat is json or console.
@@ -51,6 +59,9 @@ type Config struct {
 	AllowUnauthenticated bool `yaml:"allow_unauthenticated"`
 	// MaxRequestBytes caps request bodies; larger ones get 413.
 	MaxRequestBytes int64 `yaml:"max_request_bytes"`
+	// MaxConcurrent caps the calls in flight across all callers (streams included); past it, 429.
+	// Zero: no cap.
+	MaxConcurrent int `yaml:"max_concurrent"`
 	// Timeouts bound every phase of a call; see Timeouts.
 	Timeouts Timeouts `yaml:"timeouts"`
 	// Resilience governs failover between a deployment's backends.
@@ -149,6 +160,18 @@ type Credential struct {
 	secretFromFile, passwordFromFile bool
 }
 
+// TLS configures a listener's TLS. Certificate and key are re-read when their files change.
+type TLS struct {
+	// CertFile and KeyFile hold the certificate chain and private key, in PEM.
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+	// ClientCAFile (API listener only) holds the CAs that client certificates must chain to;
+	// with it, clients may present one (mtls callers), without being required to.
+	ClientCAFile string `yaml:"client_ca_file"`
+	// MinVersion is "1.2" (the default) or "1.3".
+	MinVersion string `yaml:"min_version"`
+}
+
 // Upstream is an Azure OpenAI / Azure AI Foundry resource.
 type Upstream struct {
 	// URL is the resource endpoint, e.g. https://myresource.openai.azure.com. Plain http is
@@ -158,6 +181,12 @@ type Upstream struct {
 	Credential string `yaml:"credential"`
 	// Scope is the Entra scope requested; DefaultScope when empty.
 	Scope string `yaml:"scope"`
+	// CAFile holds the CAs (PEM) to verify the upstream's certificate with, instead of the
+	// system roots: for a private endpoint behind a corporate CA. Verification cannot be
+	// turned off.
+	CAFile string `yaml:"ca_file"`
+	// CA is the content of CAFile, read by Load.
+	CA []byte `yaml:"-"`
 }
 
 // Deployment says where a deployment name exposed to callers lives: one upstream (Upstream and
@@ -224,14 +253,65 @@ var DefaultResilience = Resilience{
 	MaxCooldown:         time.Hour,
 }
 
-// Caller is a client allowed to call the gateway.
+// Caller is a client allowed to call the gateway. It is one of three kinds: it presents a key
+// (any of the key fields), an Entra ID access token (Entra), or a TLS client certificate (MTLS).
 type Caller struct {
 	// Name identifies the caller in logs and metrics.
 	Name string `yaml:"name"`
-	// KeySHA256 is the lowercase hex SHA-256 of the caller's key (see `proxy hash-key`).
-	KeySHA256 string `yaml:"key_sha256"`
+
+	// KeySHA256 is the lowercase hex SHA-256 of the caller's key (see `proxy hash-key`);
+	// KeysSHA256 lists more, so a key can be rotated without downtime (add the new one, move
+	// the caller over, remove the old one).
+	KeySHA256  string   `yaml:"key_sha256"`
+	KeysSHA256 []string `yaml:"keys_sha256"`
+	// KeyFiles name files holding raw keys, one per line (a Kubernetes secret, say), and KeyEnv
+	// environment variables holding one each; they are hashed when the configuration is
+	// loaded and never kept.
+	KeyFiles []string `yaml:"key_files"`
+	KeyEnv   []string `yaml:"key_env"`
+
+	// Entra admits callers presenting an Entra ID access token (Authorization: Bearer).
+	Entra *EntraCaller `yaml:"entra"`
+	// MTLS admits callers presenting a TLS client certificate (the API listener's tls must set
+	// client_ca_file).
+	MTLS *MTLSCaller `yaml:"mtls"`
+
 	// Deployments is the caller's allow-list of exposed deployment names; "*" allows all.
 	Deployments []string `yaml:"deployments"`
+	// MaxConcurrent caps the caller's calls in flight (streams included); past it, 429. Zero: no cap.
+	MaxConcurrent int `yaml:"max_concurrent"`
+
+	// KeyHashes are every key's SHA-256 (hex), from all the key fields, filled in by Load.
+	KeyHashes []string `yaml:"-"`
+}
+
+// EntraCaller says which Entra ID access tokens identify a caller. A token must be signed by
+// the tenant's keys, unexpired, for one of Audiences, and match every condition that is set
+// (at least one must be).
+type EntraCaller struct {
+	// TenantID is the tenant (GUID) whose tokens are accepted.
+	TenantID string `yaml:"tenant_id"`
+	// Audiences are the gateway's app ID URI and/or client ID, e.g. api://tokenproxy.
+	Audiences []string `yaml:"audiences"`
+	// AppIDs are the calling applications (the azp or appid claim).
+	AppIDs []string `yaml:"app_ids"`
+	// ObjectIDs are the calling principals (the oid claim).
+	ObjectIDs []string `yaml:"object_ids"`
+	// Roles are app roles of which the token must carry one (the roles claim).
+	Roles []string `yaml:"roles"`
+	// AuthorityHost is the tenant's cloud, e.g. https://login.microsoftonline.us/. If empty, the
+	// public cloud.
+	AuthorityHost string `yaml:"authority_host"`
+}
+
+// MTLSCaller says which client certificates identify a caller: one whose subject is Subject,
+// or whose SANs include one of DNSNames or URIs. The certificate must chain to the listener's
+// client_ca_file.
+type MTLSCaller struct {
+	// Subject as written by Go's pkix.Name.String, e.g. "CN=batch-job,O=Contoso".
+	Subject  string   `yaml:"subject"`
+	DNSNames []string `yaml:"dns_names"`
+	URIs     []string `yaml:"uris"`
 }
 
 // Secret is a configuration value that must never be printed. Its String, GoString and
@@ -275,6 +355,17 @@ func (c *Config) ApplyDefaults() {
 	for _, u := range c.Upstreams {
 		if u != nil && u.Scope == "" {
 			u.Scope = DefaultScope
+		}
+	}
+	for _, cl := range c.Callers {
+		if cl != nil && cl.KeyHashes == nil {
+			// Programmatic configurations (no files or environment to read) hash inline keys only.
+			if cl.KeySHA256 != "" {
+				cl.KeyHashes = append(cl.KeyHashes, strings.ToLower(cl.KeySHA256))
+			}
+			for _, h := range cl.KeysSHA256 {
+				cl.KeyHashes = append(cl.KeyHashes, strings.ToLower(h))
+			}
 		}
 	}
 	for name, d := range c.Deployments {

@@ -1,6 +1,8 @@
 package config
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -45,6 +47,7 @@ func TestLoadIssueExample(t *testing.T) {
 			Name:        "a360-prod",
 			KeySHA256:   "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
 			Deployments: []string{"gpt-4.1-mini"},
+			KeyHashes:   []string{"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"},
 		}},
 	}
 	if diff := cmp.Diff(want, cfg, cmpopts.IgnoreUnexported(Credential{})); diff != "" {
@@ -156,7 +159,7 @@ callers:
 				`callers[0].deployments: is required`,
 				`callers[1].name: "x y" may hold only letters`,
 				`callers[1].deployments[0]: unknown deployment "unknown" (defined: bad/name, ok)`,
-				`callers[2].key_sha256: is the same key as callers[1]`,
+				`callers[2]: has a key that callers[1] also has`,
 			},
 		},
 		{
@@ -342,6 +345,100 @@ func TestExampleConfigLoads(t *testing.T) {
 	d := Default()
 	if cfg.Timeouts != d.Timeouts || cfg.Resilience != d.Resilience || cfg.MaxRequestBytes != d.MaxRequestBytes || cfg.Listen != d.Listen || cfg.AdminListen != d.AdminListen {
 		t.Errorf("examples/proxy.yaml states defaults that are not the defaults: %+v vs %+v", cfg.Timeouts, d.Timeouts)
+	}
+}
+
+func TestCallerKinds(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "keys"), []byte("# rotation: new key first\nnew-key-0123456789abcdef\nold-key-0123456789abcdef\n"), 0o600)
+	os.WriteFile(filepath.Join(dir, "short"), []byte("tiny\n"), 0o600)
+	hash := func(k string) string { s := sha256.Sum256([]byte(k)); return hex.EncodeToString(s[:]) }
+	cfg, err := Parse([]byte(`
+credentials: {app: {type: managed_identity}}
+upstreams: {u: {url: "https://a.openai.azure.com", credential: app}}
+max_concurrent: 500
+callers:
+  - name: rotating
+    key_sha256: `+hash("inline-key-0123456789")+`
+    keys_sha256: [`+strings.ToUpper(hash("second-inline-key-0123"))+`]
+    key_files: [keys]
+    key_env: [A360_KEY]
+    deployments: ["*"]
+    max_concurrent: 20
+  - name: a360-oauth
+    entra:
+      tenant_id: 00000000-0000-0000-0000-000000000000
+      audiences: ["api://tokenproxy"]
+      app_ids: ["44444444-4444-4444-4444-444444444444"]
+    deployments: ["*"]
+`), dir, env(map[string]string{"A360_KEY": "env-key-0123456789abcdef"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{hash("inline-key-0123456789"), hash("second-inline-key-0123"), hash("new-key-0123456789abcdef"),
+		hash("old-key-0123456789abcdef"), hash("env-key-0123456789abcdef")}
+	if diff := cmp.Diff(want, cfg.Callers[0].KeyHashes); diff != "" {
+		t.Errorf("key hashes (-want +got):\n%s", diff)
+	}
+	if cfg.MaxConcurrent != 500 || cfg.Callers[0].MaxConcurrent != 20 || cfg.Callers[1].Entra.AppIDs[0] != "44444444-4444-4444-4444-444444444444" {
+		t.Errorf("got %+v", cfg)
+	}
+
+	_, err = Parse([]byte(`
+credentials: {app: {type: managed_identity}}
+upstreams: {u: {url: "https://a.openai.azure.com", credential: app}}
+callers:
+  - {name: nokey, deployments: ["*"]}
+  - name: both
+    key_sha256: `+hash("x")+`
+    entra: {tenant_id: t, audiences: [], app_ids: [a]}
+    deployments: ["*"]
+  - name: open-tenant
+    entra: {tenant_id: contoso.onmicrosoft.com, audiences: [api://tp]}
+    deployments: ["*"]
+  - {name: short, key_files: [short], key_env: [UNSET], deployments: ["*"]}
+  - {name: cert, mtls: {}, deployments: ["*"]}
+`), dir, env(nil))
+	for _, w := range []string{
+		"callers[0]: needs a key",
+		"callers[1]: is one kind of caller",
+		"callers[1].entra.audiences: is required",
+		"callers[2].entra.tenant_id: must be the tenant's ID (a GUID)",
+		"callers[2].entra: set app_ids, object_ids or roles",
+		"callers[3].key_files[0]: the key is shorter than 16 characters",
+		"callers[3].key_env[0] (UNSET): holds no key",
+		"callers[4].mtls: set subject, dns_names or uris",
+		"callers[4].mtls: needs tls.client_ca_file",
+	} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("error lacks %q: %v", w, err)
+		}
+	}
+	if err != nil && (strings.Contains(err.Error(), "tiny") || strings.Contains(err.Error(), "0123456789")) {
+		t.Errorf("an error echoes a raw key: %v", err)
+	}
+}
+
+func TestTLSSettings(t *testing.T) {
+	_, err := Parse([]byte(`
+credentials: {app: {type: managed_identity}}
+upstreams: {u: {url: "https://a.openai.azure.com", credential: app, ca_file: nope.pem}}
+allow_unauthenticated: true
+tls: {cert_file: cert.pem, min_version: "1.1"}
+admin_tls: {cert_file: a.pem, key_file: a.key, client_ca_file: ca.pem}
+admin_key_sha256: not-a-hash
+`), t.TempDir(), env(nil))
+	for _, w := range []string{
+		"upstreams.u.ca_file: open",
+		"tls: cert_file and key_file are both required",
+		`tls.min_version: "1.1" is not 1.2 or 1.3`,
+		"admin_tls: loading",
+		"admin_tls.client_ca_file: is for the API listener only",
+		"admin_key_sha256: is not a SHA-256 in hex",
+	} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("error lacks %q: %v", w, err)
+		}
 	}
 }
 

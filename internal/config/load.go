@@ -2,6 +2,8 @@ package config
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -54,9 +56,10 @@ func Parse(data []byte, dir string, getenv Getenv) (*Config, error) {
 	if err := root.Decode(cfg); err != nil {
 		return nil, fmt.Errorf("parsing config: %w", err)
 	}
-	cfg.ApplyDefaults()
 	cfg.fillFromEnv(getenv)
 	errs = append(errs, cfg.readFiles(dir)...)
+	errs = append(errs, cfg.hashKeys(dir, getenv)...)
+	cfg.ApplyDefaults()
 	if err := cfg.Validate(); err != nil {
 		errs = append(errs, err)
 	}
@@ -126,6 +129,81 @@ func (c *Config) readFiles(dir string) []error {
 		}
 		if cr.TokenFile != "" && !filepath.IsAbs(cr.TokenFile) {
 			cr.TokenFile = filepath.Join(dir, cr.TokenFile)
+		}
+	}
+	for _, name := range sortedKeys(c.Upstreams) {
+		if u := c.Upstreams[name]; u != nil && u.CAFile != "" {
+			u.CA = read(u.CAFile, "upstreams."+name+".ca_file")
+		}
+	}
+	abs := func(p *string) {
+		if *p != "" && !filepath.IsAbs(*p) {
+			*p = filepath.Join(dir, *p)
+		}
+	}
+	for _, t := range []*TLS{c.TLS, c.AdminTLS} {
+		if t != nil {
+			abs(&t.CertFile)
+			abs(&t.KeyFile)
+			abs(&t.ClientCAFile)
+		}
+	}
+	return errs
+}
+
+// minRawKeyLength is the shortest raw key accepted from a file or the environment.
+const minRawKeyLength = 16
+
+// hashKeys gathers every caller's key hashes: the ones written in the configuration and the
+// SHA-256 of the raw keys in key_files and key_env, which are not kept.
+func (c *Config) hashKeys(dir string, getenv Getenv) []error {
+	var errs []error
+	for i, cl := range c.Callers {
+		if cl == nil {
+			continue
+		}
+		p := fmt.Sprintf("callers[%d]", i)
+		cl.KeyHashes = nil
+		if cl.KeySHA256 != "" {
+			cl.KeyHashes = append(cl.KeyHashes, strings.ToLower(cl.KeySHA256))
+		}
+		for _, h := range cl.KeysSHA256 {
+			cl.KeyHashes = append(cl.KeyHashes, strings.ToLower(h))
+		}
+		raw := func(key, where string) {
+			switch {
+			case key == "":
+				errs = append(errs, fmt.Errorf("%s: holds no key", where))
+			case len(key) < minRawKeyLength:
+				errs = append(errs, fmt.Errorf("%s: the key is shorter than %d characters; use `proxy hash-key --generate`", where, minRawKeyLength))
+			default:
+				sum := sha256.Sum256([]byte(key))
+				cl.KeyHashes = append(cl.KeyHashes, hex.EncodeToString(sum[:]))
+			}
+		}
+		for j, f := range cl.KeyFiles {
+			where := fmt.Sprintf("%s.key_files[%d]", p, j)
+			if !filepath.IsAbs(f) {
+				f = filepath.Join(dir, f)
+			}
+			b, err := os.ReadFile(f)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", where, err))
+				continue
+			}
+			n := 0
+			for line := range strings.SplitSeq(string(b), "\n") {
+				if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
+					raw(line, where)
+					n++
+				}
+			}
+			if n == 0 {
+				errs = append(errs, fmt.Errorf("%s: holds no key", where))
+			}
+		}
+		for j, name := range cl.KeyEnv {
+			raw(strings.TrimSpace(getenv(name)), fmt.Sprintf("%s.key_env[%d] (%s)", p, j, name))
 		}
 	}
 	return errs

@@ -30,6 +30,15 @@ func (c *Config) Validate() error {
 		v.add("max_request_bytes", "must be positive")
 	}
 	c.Timeouts.validate(v)
+	if c.TLS != nil {
+		c.TLS.validate(v, "tls", true)
+	}
+	if c.AdminTLS != nil {
+		c.AdminTLS.validate(v, "admin_tls", false)
+	}
+	if c.AdminKeySHA256 != "" && !isSHA256Hex(c.AdminKeySHA256) {
+		v.add("admin_key_sha256", "is not a SHA-256 in hex; store the hash from `proxy hash-key`, never the key")
+	}
 
 	for _, name := range sortedKeys(c.Credentials) {
 		c.Credentials[name].validate(v, "credentials."+name)
@@ -46,6 +55,9 @@ func (c *Config) Validate() error {
 			continue
 		}
 		v.upstreamURL(p+".url", u.URL)
+		if _, err := u.Pool(); err != nil {
+			v.add(p+".ca_file", "%v", err)
+		}
 		switch {
 		case u.Credential == "":
 			v.add(p+".credential", "is required")
@@ -143,6 +155,9 @@ func (c *Config) validateCallers(v *validator) {
 	if len(c.Callers) == 0 && !c.AllowUnauthenticated {
 		v.add("callers", "no callers are configured: add at least one (see `proxy hash-key`), or set allow_unauthenticated: true to run an open gateway")
 	}
+	if c.MaxConcurrent < 0 {
+		v.add("max_concurrent", "must not be negative")
+	}
 	names := map[string]int{}
 	keys := map[string]int{}
 	for i, cl := range c.Callers {
@@ -162,18 +177,55 @@ func (c *Config) validateCallers(v *validator) {
 			}
 			names[cl.Name] = i
 		}
-		switch {
-		case cl.KeySHA256 == "":
-			v.add(p+".key_sha256", "is required (generate one with `proxy hash-key --generate`)")
-		case !isSHA256Hex(cl.KeySHA256):
-			// Not echoed: a raw key pasted here by mistake must not reach the logs.
-			v.add(p+".key_sha256", "is not a SHA-256 in hex (64 characters 0-9a-f); store the hash from `proxy hash-key`, never the key")
-		default:
-			k := strings.ToLower(cl.KeySHA256)
-			if j, dup := keys[k]; dup {
-				v.add(p+".key_sha256", "is the same key as callers[%d]: each caller needs its own key", j)
+		hasKeys := cl.KeySHA256 != "" || len(cl.KeysSHA256) > 0 || len(cl.KeyFiles) > 0 || len(cl.KeyEnv) > 0
+		kinds := 0
+		for _, k := range []bool{hasKeys, cl.Entra != nil, cl.MTLS != nil} {
+			if k {
+				kinds++
 			}
-			keys[k] = i
+		}
+		switch {
+		case kinds == 0:
+			v.add(p, "needs a key (key_sha256 from `proxy hash-key --generate`, keys_sha256, key_files or key_env), an entra section or an mtls section")
+		case kinds > 1:
+			v.add(p, "is one kind of caller: keys, entra or mtls, not several")
+		}
+		for j, h := range append([]string{cl.KeySHA256}, cl.KeysSHA256...) {
+			field := p + ".key_sha256"
+			if j > 0 {
+				field = fmt.Sprintf("%s.keys_sha256[%d]", p, j-1)
+			} else if h == "" {
+				continue
+			}
+			if !isSHA256Hex(h) {
+				// Not echoed: a raw key pasted here by mistake must not reach the logs.
+				v.add(field, "is not a SHA-256 in hex (64 characters 0-9a-f); store the hash from `proxy hash-key`, never the key")
+			}
+		}
+		seen := map[string]bool{}
+		for _, h := range cl.KeyHashes {
+			if seen[h] {
+				continue
+			}
+			seen[h] = true
+			if j, dup := keys[h]; dup && j != i {
+				v.add(p, "has a key that callers[%d] also has: each caller needs its own keys", j)
+			}
+			keys[h] = i
+		}
+		if cl.Entra != nil {
+			cl.Entra.validate(v, p+".entra")
+		}
+		if cl.MTLS != nil {
+			if cl.MTLS.Subject == "" && len(cl.MTLS.DNSNames) == 0 && len(cl.MTLS.URIs) == 0 {
+				v.add(p+".mtls", "set subject, dns_names or uris to say which certificates identify the caller")
+			}
+			if c.TLS == nil || c.TLS.ClientCAFile == "" {
+				v.add(p+".mtls", "needs tls.client_ca_file on the API listener to verify client certificates")
+			}
+		}
+		if cl.MaxConcurrent < 0 {
+			v.add(p+".max_concurrent", "must not be negative")
 		}
 		if len(cl.Deployments) == 0 {
 			v.add(p+".deployments", `is required: list the deployments this caller may use, or ["*"] for all`)
@@ -192,6 +244,42 @@ func (c *Config) validateCallers(v *validator) {
 			}
 		}
 	}
+}
+
+func (e *EntraCaller) validate(v *validator, p string) {
+	if !isGUID(e.TenantID) {
+		v.add(p+".tenant_id", "must be the tenant's ID (a GUID): tokens name their tenant by ID")
+	}
+	if len(e.Audiences) == 0 {
+		v.add(p+".audiences", "is required: the gateway's app ID URI (api://…) and/or its client ID")
+	}
+	if len(e.AppIDs) == 0 && len(e.ObjectIDs) == 0 && len(e.Roles) == 0 {
+		v.add(p, "set app_ids, object_ids or roles: without one, any application in the tenant could call")
+	}
+	if e.AuthorityHost != "" {
+		u, err := url.Parse(e.AuthorityHost)
+		if err != nil || u.Scheme != "https" || u.Host == "" {
+			v.add(p+".authority_host", "%q is not an https URL such as https://login.microsoftonline.us/", e.AuthorityHost)
+		}
+	}
+}
+
+func isGUID(s string) bool {
+	if len(s) != 36 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case i == 8 || i == 13 || i == 18 || i == 23:
+			if c != '-' {
+				return false
+			}
+		case c >= '0' && c <= '9', c >= 'a' && c <= 'f', c >= 'A' && c <= 'F':
+		default:
+			return false
+		}
+	}
+	return true
 }
 
 func (t Timeouts) validate(v *validator) {

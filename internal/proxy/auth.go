@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	"github.com/valyala/fasthttp"
 
@@ -18,35 +20,45 @@ type caller struct {
 	name    string
 	all     bool            // "*": every deployment
 	allowed map[string]bool // exposed deployment names
+	max     int64           // calls in flight allowed; 0: no cap
+	load    *atomic.Int64   // calls in flight (shared by the caller's versions across reloads)
 }
 
 func (c *caller) may(deployment string) bool { return c.all || c.allowed[deployment] }
 
-// anonymous stands for every caller when allow_unauthenticated is set and no key is sent.
-var anonymous = &caller{name: "anonymous", all: true}
-
-// keyring finds callers by the SHA-256 of their key. Only hashes are held, so a memory dump
-// or a leaked config does not reveal usable keys.
-type keyring struct {
+// callers is the set of callers in force; a reload replaces it whole.
+type callers struct {
 	byHash          map[[sha256.Size]byte]*caller
+	anonymous       *caller
 	unauthenticated bool
 }
 
-func newKeyring(cfg *config.Config) (*keyring, error) {
-	k := &keyring{byHash: map[[sha256.Size]byte]*caller{}, unauthenticated: cfg.AllowUnauthenticated}
+// loads keeps each caller name's in-flight count across reloads, so a reload cannot reset it.
+type loads struct{ m sync.Map }
+
+func (l *loads) get(name string) *atomic.Int64 {
+	v, _ := l.m.LoadOrStore(name, new(atomic.Int64))
+	return v.(*atomic.Int64)
+}
+
+func newCallers(cfg *config.Config, l *loads) (*callers, error) {
+	k := &callers{byHash: map[[sha256.Size]byte]*caller{}, unauthenticated: cfg.AllowUnauthenticated}
+	k.anonymous = &caller{name: "anonymous", all: true, load: l.get("anonymous")}
 	for _, c := range cfg.Callers {
-		var h [sha256.Size]byte
-		if n, err := hex.Decode(h[:], []byte(strings.ToLower(c.KeySHA256))); err != nil || n != len(h) {
-			return nil, fmt.Errorf("caller %q: key_sha256 is not a hex SHA-256", c.Name)
-		}
-		cl := &caller{name: c.Name, allowed: map[string]bool{}}
+		cl := &caller{name: c.Name, allowed: map[string]bool{}, max: int64(c.MaxConcurrent), load: l.get(c.Name)}
 		for _, d := range c.Deployments {
 			if d == config.AllDeployments {
 				cl.all = true
 			}
 			cl.allowed[d] = true
 		}
-		k.byHash[h] = cl
+		for _, hx := range c.KeyHashes {
+			var h [sha256.Size]byte
+			if n, err := hex.Decode(h[:], []byte(strings.ToLower(hx))); err != nil || n != len(h) {
+				return nil, fmt.Errorf("caller %q: a key hash is not a hex SHA-256", c.Name)
+			}
+			k.byHash[h] = cl
+		}
 	}
 	return k, nil
 }
@@ -54,14 +66,14 @@ func newKeyring(cfg *config.Config) (*keyring, error) {
 // authenticate identifies the caller from its api-key header (the Azure convention, and what
 // Automation 360's CUSTOM_KEYS sends) or Authorization: Bearer (the OpenAI SDK convention).
 // Exactly one key may be presented: two different ones are refused rather than guessed at.
-func (k *keyring) authenticate(h *fasthttp.RequestHeader) (*caller, *apiError) {
+func (k *callers) authenticate(h *fasthttp.RequestHeader) (*caller, *apiError) {
 	key, err := presentedKey(h)
 	if err != nil {
 		return nil, err
 	}
 	if len(key) == 0 {
 		if k.unauthenticated {
-			return anonymous, nil
+			return k.anonymous, nil
 		}
 		return nil, errorf(http.StatusUnauthorized, CodeUnauthorized,
 			"missing gateway key: send it in the api-key header or as Authorization: Bearer <key>")

@@ -96,7 +96,8 @@ func BenchmarkCheckPath(b *testing.B) {
 func BenchmarkAuthenticate(b *testing.B) {
 	cfg := config.Default()
 	cfg.Callers = []*config.Caller{{Name: "a360-prod", KeySHA256: hashKey(keyProd), Deployments: []string{"gpt-4.1-mini"}}}
-	k, _ := newKeyring(cfg)
+	cfg.ApplyDefaults()
+	k, _ := newCallers(cfg, &loads{})
 	var h fasthttp.RequestHeader
 	h.Set("Api-Key", keyProd)
 	h.Set("Content-Type", "application/json")

@@ -42,6 +42,8 @@ type call struct {
 	heldErr     error
 	heldBackend *backend.Backend // where heldResp came from
 
+	admitted *caller // holds places in the concurrency limits until finish
+
 	cancel context.CancelFunc // ends the upstream call and any token wait
 	watch  func()             // stops watching for the caller going away
 }
@@ -54,6 +56,7 @@ func newCall(fc *fasthttp.RequestCtx) *call {
 // and logs the call.
 func (h *Handler) finish(c *call, p any) {
 	defer h.m.inflight.Dec() // last: a call counts as in flight until it is logged
+	h.release(c)
 	c.discardHeld()
 	if c.watch != nil {
 		c.watch()

@@ -5,8 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/http"
+	"strconv"
+	"time"
 
 	"github.com/valyala/fasthttp"
 
@@ -28,6 +31,7 @@ const (
 	CodeUpstreamUnreachable = "UpstreamUnreachable"
 	CodeTokenUnavailable    = "TokenUnavailable"
 	CodeNoCapacity          = "NoCapacity"
+	CodeTooManyCalls        = "TooManyConcurrentCalls"
 	CodeUpstreamTimeout     = "UpstreamTimeout"
 	CodeClientClosed        = "ClientClosedRequest"
 	CodeInternal            = "InternalError"
@@ -38,9 +42,10 @@ const statusClientClosed = 499
 
 // apiError is an answer the gateway decides itself.
 type apiError struct {
-	status  int
-	code    string
-	message string
+	status     int
+	code       string
+	message    string
+	retryAfter time.Duration // if set, sent as Retry-After
 }
 
 func (e *apiError) Error() string { return e.code + ": " + e.message }
@@ -89,6 +94,9 @@ func writeError(fc *fasthttp.RequestCtx, e *apiError, requestID string) {
 	resp.Header.Set("X-Ms-Error-Code", e.code)
 	resp.Header.Set("X-Tokenproxy-Error", e.code)
 	resp.Header.Set("X-Ms-Client-Request-Id", requestID)
+	if e.retryAfter > 0 {
+		resp.Header.Set("Retry-After", strconv.Itoa(int(math.Ceil(e.retryAfter.Seconds()))))
+	}
 	resp.SetBody(marshalError(e.code, e.message))
 }
 

@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -58,7 +59,10 @@ func (o Options) logger() *zap.Logger {
 // Handler serves the gateway's API.
 type Handler struct {
 	log         *zap.Logger
-	keys        *keyring
+	callers     atomic.Pointer[callers]
+	loads       loads
+	maxAll      int64        // calls in flight allowed in all; 0: no cap
+	inflight    atomic.Int64 // calls in flight in all
 	upstreams   map[string]*upstream
 	only        *upstream // the single upstream, when there is exactly one
 	deployments map[string]*deployment
@@ -86,13 +90,9 @@ func New(opts Options) (*Handler, error) {
 	if cfg == nil {
 		return nil, fmt.Errorf("proxy: Options.Config is required")
 	}
-	keys, err := newKeyring(cfg)
-	if err != nil {
-		return nil, err
-	}
 	h := &Handler{
 		log:         opts.logger(),
-		keys:        keys,
+		maxAll:      int64(cfg.MaxConcurrent),
 		upstreams:   map[string]*upstream{},
 		deployments: map[string]*deployment{},
 		passthrough: len(cfg.Deployments) == 0,
@@ -138,6 +138,9 @@ func New(opts Options) (*Handler, error) {
 			h.only = up
 		}
 	}
+	if err := h.SetCallers(cfg); err != nil {
+		return nil, err
+	}
 	for name, d := range cfg.Deployments {
 		dep := &deployment{name: name}
 		var members []backend.Member
@@ -153,6 +156,25 @@ func New(opts Options) (*Handler, error) {
 		h.deployments[name] = dep
 	}
 	return h, nil
+}
+
+// SetCallers puts cfg's callers (and allow_unauthenticated) in force for the calls that start
+// from now on; calls in flight keep the callers they started with.
+func (h *Handler) SetCallers(cfg *config.Config) error {
+	for _, c := range cfg.Callers {
+		if c.Entra != nil || c.MTLS != nil {
+			return fmt.Errorf("caller %q: entra and mtls callers are not supported by this build", c.Name)
+		}
+	}
+	if cfg.TLS != nil || cfg.AdminTLS != nil || cfg.AdminKeySHA256 != "" {
+		return fmt.Errorf("tls, admin_tls and admin_key_sha256 are not supported by this build")
+	}
+	k, err := newCallers(cfg, &h.loads)
+	if err != nil {
+		return err
+	}
+	h.callers.Store(k)
+	return nil
 }
 
 // NewTransport returns the upstream transport for Config's timeouts, with the environment's
@@ -225,12 +247,11 @@ func (h *Handler) serveDeployment(c *call, rest string) {
 		h.fail(c, errorf(http.StatusNotFound, CodeNotFound, "no operation after the deployment name"))
 		return
 	}
-	cl, e := h.keys.authenticate(&c.fc.Request.Header)
+	cl, e := h.admit(c)
 	if e != nil {
 		h.fail(c, e)
 		return
 	}
-	c.caller = cl.name
 	if !hasQueryParam(c.query, "api-version") {
 		h.fail(c, errorf(http.StatusBadRequest, CodeMissingAPIVersion,
 			"the api-version query parameter is required, e.g. ?api-version=2024-10-21"))
@@ -250,12 +271,11 @@ func (h *Handler) serveDeployment(c *call, rest string) {
 }
 
 func (h *Handler) serveBodyRouted(c *call, apiVersionRequired bool) {
-	cl, e := h.keys.authenticate(&c.fc.Request.Header)
+	cl, e := h.admit(c)
 	if e != nil {
 		h.fail(c, e)
 		return
 	}
-	c.caller = cl.name
 	if apiVersionRequired && !hasQueryParam(c.query, "api-version") {
 		h.fail(c, errorf(http.StatusBadRequest, CodeMissingAPIVersion,
 			"the api-version query parameter is required, e.g. ?api-version=2024-05-01-preview"))
@@ -294,6 +314,42 @@ func (h *Handler) serveBodyRouted(c *call, apiVersionRequired bool) {
 		return
 	}
 	h.forward(c, d, &plan{path: c.path, body: body, ref: ref})
+}
+
+// admit authenticates the caller and takes its places in the concurrency limits (given back by
+// finish): the caller's own max_concurrent, then the gateway's.
+func (h *Handler) admit(c *call) (*caller, *apiError) {
+	cl, e := h.callers.Load().authenticate(&c.fc.Request.Header)
+	if e != nil {
+		return nil, e
+	}
+	c.caller = cl.name
+	if n := cl.load.Add(1); cl.max > 0 && n > cl.max {
+		cl.load.Add(-1)
+		return nil, tooBusy("caller %q has %d calls in flight, its max_concurrent", cl.name, cl.max)
+	}
+	if n := h.inflight.Add(1); h.maxAll > 0 && n > h.maxAll {
+		h.inflight.Add(-1)
+		cl.load.Add(-1)
+		return nil, tooBusy("the gateway has %d calls in flight, its max_concurrent", h.maxAll)
+	}
+	c.admitted = cl
+	return cl, nil
+}
+
+// release gives back a call's places in the concurrency limits.
+func (h *Handler) release(c *call) {
+	if c.admitted != nil {
+		c.admitted.load.Add(-1)
+		h.inflight.Add(-1)
+		c.admitted = nil
+	}
+}
+
+func tooBusy(format string, args ...any) *apiError {
+	e := errorf(http.StatusTooManyRequests, CodeTooManyCalls, format, args...)
+	e.retryAfter = time.Second
+	return e
 }
 
 // readBody reads the whole request body, bounded by max_request_bytes. Bodies are read after

@@ -9,6 +9,7 @@ import (
 	"mime/multipart"
 	"net"
 	"net/http"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -167,6 +168,72 @@ func TestCheckHeaders(t *testing.T) {
 	h.Set("X-Fine", "tab\there, unicode é")
 	if e := checkHeaders(&h); e != nil {
 		t.Errorf("a valid header refused: %v", e)
+	}
+}
+
+func TestKeyRotationAndConcurrencyLimits(t *testing.T) {
+	const newKey = "tp-test-key-prod-rotated-0123456789"
+	g := newGateway(t, func(c *config.Config) {
+		c.Callers[0].KeysSHA256 = []string{hashKey(newKey)} // old and new keys both work
+		c.Callers[0].MaxConcurrent = 2
+		c.MaxConcurrent = 3
+	})
+	for _, k := range []string{keyProd, newKey} {
+		if resp, _ := g.do("POST", chatPath, map[string]string{"api-key": k}, chatBody); resp.StatusCode != 200 {
+			t.Errorf("key %s…: got %d, want 200", k[:8], resp.StatusCode)
+		}
+	}
+
+	// Hold streams open: the caller's third concurrent call and the gateway's fourth get 429.
+	g.emu.OpenAI.SetStreamGate(make(chan struct{}))
+	open := func(key string) *http.Response {
+		req, _ := http.NewRequestWithContext(t.Context(), "POST", g.url+"/openai/deployments/gpt-4.1-mini/chat/completions?api-version=1", strings.NewReader(`{"stream":true,"messages":[]}`))
+		if key == keyAdmin {
+			req.URL.Path = "/openai/deployments/gpt-4o/chat/completions"
+		}
+		req.Header.Set("api-key", key)
+		resp, err := g.client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	var held []*http.Response
+	for _, k := range []string{keyProd, newKey} { // both a360-prod's
+		resp := open(k)
+		if resp.StatusCode != 200 {
+			t.Fatalf("a stream to hold got %d", resp.StatusCode)
+		}
+		bufio.NewReader(resp.Body).ReadString('\n')
+		held = append(held, resp)
+	}
+	resp := open(keyProd)
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 429 || resp.Header.Get("Retry-After") != "1" || !strings.Contains(string(b), CodeTooManyCalls) {
+		t.Errorf("a360-prod's third concurrent call got %d %s, want 429 TooManyConcurrentCalls with Retry-After", resp.StatusCode, b)
+	}
+	held = append(held, open(keyAdmin))
+	bufio.NewReader(held[2].Body).ReadString('\n')
+	resp = open(keyAdmin)
+	b, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 429 || !strings.Contains(string(b), "the gateway has 3 calls in flight") {
+		t.Errorf("the gateway's fourth concurrent call got %d %s, want 429", resp.StatusCode, b)
+	}
+	for _, r := range held {
+		r.Body.Close()
+	}
+	// Places are given back when calls end: limits do not leak.
+	g.emu.OpenAI.SetStreamGate(nil)
+	for deadline := time.Now().Add(10 * time.Second); g.handler.inflight.Load() != 0; {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d places still taken after every call ended", g.handler.inflight.Load())
+		}
+		runtime.Gosched()
+	}
+	if resp, _ := g.do("POST", chatPath, map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 200 {
+		t.Errorf("after the streams ended got %d, want 200", resp.StatusCode)
 	}
 }
 
