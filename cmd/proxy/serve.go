@@ -42,7 +42,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 		return err
 	}
 	defer flush()
-	return serveGateway(ctx, gatewayOptions{cfg: cfg, log: log, stdout: stdout})
+	return serveGateway(ctx, gatewayOptions{cfg: cfg, log: log, stdout: stdout, configPath: *path, getenv: getenv})
 }
 
 func runValidate(args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -124,6 +124,9 @@ type gatewayOptions struct {
 	banner func(apiURL, adminURL string)
 	// fallbackPorts lets the listeners move to a free port when the configured one is taken.
 	fallbackPorts bool
+	// configPath, if set, is reloaded (callers only) on SIGHUP and when it or a key file changes.
+	configPath string
+	getenv     func(string) string
 }
 
 // serveGateway runs the gateway until ctx is done, then shuts down: readiness goes false at
@@ -198,6 +201,12 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 	brokerCtx, stopBroker := context.WithCancel(context.Background())
 	defer stopBroker()
 	g, gctx := errgroup.WithContext(ctx)
+	if o.configPath != "" {
+		r := &reloader{path: o.configPath, getenv: o.getenv, log: log.Named("reload"), api: api, current: cfg}
+		if err := r.start(gctx, reg); err != nil {
+			return err
+		}
+	}
 	g.Go(func() error { return b.Run(brokerCtx) })
 	var stopping atomic.Bool
 	g.Go(func() error {

@@ -61,7 +61,7 @@ type Handler struct {
 	log         *zap.Logger
 	callers     atomic.Pointer[callers]
 	loads       loads
-	maxAll      int64        // calls in flight allowed in all; 0: no cap
+	maxAll      atomic.Int64 // calls in flight allowed in all; 0: no cap
 	inflight    atomic.Int64 // calls in flight in all
 	upstreams   map[string]*upstream
 	only        *upstream // the single upstream, when there is exactly one
@@ -92,7 +92,6 @@ func New(opts Options) (*Handler, error) {
 	}
 	h := &Handler{
 		log:         opts.logger(),
-		maxAll:      int64(cfg.MaxConcurrent),
 		upstreams:   map[string]*upstream{},
 		deployments: map[string]*deployment{},
 		passthrough: len(cfg.Deployments) == 0,
@@ -174,6 +173,7 @@ func (h *Handler) SetCallers(cfg *config.Config) error {
 		return err
 	}
 	h.callers.Store(k)
+	h.maxAll.Store(int64(cfg.MaxConcurrent))
 	return nil
 }
 
@@ -328,10 +328,10 @@ func (h *Handler) admit(c *call) (*caller, *apiError) {
 		cl.load.Add(-1)
 		return nil, tooBusy("caller %q has %d calls in flight, its max_concurrent", cl.name, cl.max)
 	}
-	if n := h.inflight.Add(1); h.maxAll > 0 && n > h.maxAll {
+	if n, limit := h.inflight.Add(1), h.maxAll.Load(); limit > 0 && n > limit {
 		h.inflight.Add(-1)
 		cl.load.Add(-1)
-		return nil, tooBusy("the gateway has %d calls in flight, its max_concurrent", h.maxAll)
+		return nil, tooBusy("the gateway has %d calls in flight, its max_concurrent", limit)
 	}
 	c.admitted = cl
 	return cl, nil
