@@ -141,6 +141,22 @@ func TestConcurrentColdRequestsShareOneAcquisition(t *testing.T) {
 	})
 }
 
+func TestLateWaiterDoesNotStartASecondAcquisition(t *testing.T) {
+	// A request that found no token just before a shared acquisition finished enters wait when
+	// the token is already there: it must take it, not fetch another.
+	f := &fakeFetcher{lifetime: time.Hour}
+	_, s := newBroker(t, f, Options{})
+	if _, err := s.Token(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.wait(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(f.callTimes()); n != 1 {
+		t.Errorf("got %d acquisitions, want 1: a late waiter fetched a second token", n)
+	}
+}
+
 func TestRefreshesBeforeExpiryWithoutRequestsWaiting(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeFetcher{lifetime: time.Hour, latency: 5 * time.Second}

@@ -85,7 +85,14 @@ func (s *Source) wait(ctx context.Context) (*Token, error) {
 	}
 	s.mu.Unlock()
 
-	ch := s.flight.DoChan("", func() (any, error) { return s.acquire() })
+	ch := s.flight.DoChan("", func() (any, error) {
+		// A request may get here just after a shared acquisition finished (it saw no token, then
+		// the flight ended before it joined): the token is there, so no second fetch.
+		if t := s.cur.Load(); t != nil && time.Now().Before(t.ExpiresOn.Add(-expiryMargin)) {
+			return t, nil
+		}
+		return s.acquire()
+	})
 	select {
 	case r := <-ch:
 		if r.Err != nil {
