@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/tokenproxy/tokenproxy/internal/certs"
 	"github.com/tokenproxy/tokenproxy/internal/config"
 	"github.com/tokenproxy/tokenproxy/internal/proxy"
 	"github.com/tokenproxy/tokenproxy/internal/watch"
@@ -26,6 +27,7 @@ type reloader struct {
 	getenv func(string) string
 	log    *zap.Logger
 	api    *proxy.Handler
+	certs  []*certs.Source // listener certificates, reloaded when their files change
 
 	mu      sync.Mutex
 	current *config.Config
@@ -57,10 +59,29 @@ func (r *reloader) start(ctx context.Context, reg prometheus.Registerer) error {
 				return
 			case <-hup:
 				r.reload(ctx, "SIGHUP")
+				r.reloadCerts("SIGHUP")
 			}
 		}
 	}()
+	for _, c := range r.certs {
+		if err := watch.Files(ctx, c.Files(), 250*time.Millisecond, func() { r.reloadCerts("file change") }); err != nil {
+			return err
+		}
+	}
 	return r.watch(ctx)
+}
+
+// reloadCerts reads the listeners' certificates and client CAs again; a broken file is refused
+// and the certificates in use stay.
+func (r *reloader) reloadCerts(why string) {
+	for _, c := range r.certs {
+		if err := c.Reload(); err != nil {
+			r.reloads.WithLabelValues("error").Inc()
+			r.log.Error("certificate reload refused; the current certificate stays", zap.String("trigger", why), zap.Error(err))
+			continue
+		}
+		r.log.Info("certificates reloaded", zap.String("trigger", why), zap.Strings("files", c.Files()))
+	}
 }
 
 // watch (re)starts the file watch for the current configuration's files.

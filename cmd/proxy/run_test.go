@@ -3,9 +3,11 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -493,6 +495,144 @@ callers:
 	if err != nil || !strings.HasSuffix(strings.TrimSpace(string(b)), "data: [DONE]") {
 		t.Errorf("the stream across the reloads ended with %v after %q", err, tail(string(b)))
 	}
+	if err := stop(); err != nil {
+		t.Errorf("serve returned %v", err)
+	}
+}
+
+func TestServeTLSAndMTLS(t *testing.T) {
+	emu, err := emulator.Start(emulator.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer emu.Close()
+	endpoint, header := emu.ManagedIdentityEnv()
+	t.Setenv("IDENTITY_ENDPOINT", endpoint)
+	t.Setenv("IDENTITY_HEADER", header)
+	mi := emu.AddManagedIdentity(emulator.ManagedIdentity{TenantID: emu.TenantID, ClientID: uuid.NewString()})
+
+	dir := t.TempDir()
+	serverCA, _ := emulator.NewCA()
+	clientCA, _ := emulator.NewCA()
+	rogueCA, _ := emulator.NewCA()
+	writePEM := func(name string, b []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	issue := func(ca *emulator.CA, leaf emulator.Leaf, name string) tls.Certificate {
+		certPEM, keyPEM, err := ca.IssuePEM(leaf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		writePEM(name+".pem", certPEM)
+		writePEM(name+".key", keyPEM)
+		c, _ := tls.X509KeyPair(certPEM, keyPEM)
+		return c
+	}
+	issue(serverCA, emulator.Leaf{CommonName: "gateway-v1", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}}, "server")
+	writePEM("client-ca.pem", clientCA.CertPEM())
+	batch := issue(clientCA, emulator.Leaf{CommonName: "batch-job", Client: true}, "batch")
+	other := issue(clientCA, emulator.Leaf{CommonName: "someone-else", Client: true}, "other")
+	rogue := issue(rogueCA, emulator.Leaf{CommonName: "batch-job", Client: true}, "rogue")
+	key := newKey()
+	adminKey := newKey()
+	cfgPath := writePEM("proxy.yaml", []byte(fmt.Sprintf(`
+listen: 127.0.0.1:0
+admin_listen: 127.0.0.1:0
+timeouts: {shutdown_delay: 0s}
+tls: {cert_file: server.pem, key_file: server.key, client_ca_file: client-ca.pem}
+admin_tls: {cert_file: server.pem, key_file: server.key, min_version: "1.3"}
+admin_key_sha256: %s
+credentials: {mi: {type: managed_identity, client_id: %s}}
+upstreams: {eastca: {url: %q, credential: mi}}
+deployments: {gpt-4.1-mini: {upstream: eastca, deployment: deploy-gpt-4.1}}
+callers:
+  - {name: batch-job, mtls: {subject: "CN=batch-job,O=Contoso"}, deployments: [gpt-4.1-mini]}
+  - {name: app, key_sha256: %s, deployments: [gpt-4.1-mini]}
+`, hashKey(adminKey), mi.ClientID, emu.OpenAI.URL(), hashKey(key))))
+
+	out, logs, stop := start(t, env(nil), "serve", "--config", cfgPath)
+	m := out.await(t, `^proxy: serving the API on (https://\S+), admin on (https://\S+)$`)
+	api, adm := m[1], m[2]
+	chat := api + "/openai/deployments/gpt-4.1-mini/chat/completions?api-version=1"
+	client := func(cert *tls.Certificate, maxVersion uint16) *http.Client {
+		cfg := &tls.Config{RootCAs: serverCA.Pool(), MaxVersion: maxVersion}
+		if cert != nil {
+			cfg.Certificates = []tls.Certificate{*cert}
+		}
+		return &http.Client{Transport: &http.Transport{TLSClientConfig: cfg}}
+	}
+	call := func(c *http.Client, apiKey string) (int, string, error) {
+		req, _ := http.NewRequest("POST", chat, strings.NewReader(`{"messages":[]}`))
+		if apiKey != "" {
+			req.Header.Set("api-key", apiKey)
+		}
+		resp, err := c.Do(req)
+		if err != nil {
+			return 0, "", err
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b), nil
+	}
+
+	if code, body, err := call(client(&batch, 0), ""); err != nil || code != 200 {
+		t.Errorf("batch-job's certificate: got %d %s %v, want 200", code, body, err)
+	}
+	if !strings.Contains(logs.String(), `"caller":"batch-job"`) {
+		logs.await(t, `"caller":"batch-job"`, 1)
+	}
+	if code, _, err := call(client(nil, 0), key); err != nil || code != 200 {
+		t.Errorf("a key over TLS without a certificate: got %d %v, want 200", code, err)
+	}
+	if code, body, _ := call(client(&other, 0), ""); code != 403 {
+		t.Errorf("a trusted certificate naming no caller: got %d %s, want 403", code, body)
+	}
+	if code, _, _ := call(client(nil, 0), ""); code != 401 {
+		t.Errorf("nothing presented: got %d, want 401", code)
+	}
+	if _, _, err := call(client(&rogue, 0), ""); err == nil {
+		t.Error("a certificate from an untrusted CA was accepted")
+	}
+	if _, _, err := call(client(nil, tls.VersionTLS11), key); err == nil {
+		t.Error("TLS 1.1 was accepted")
+	}
+
+	// The admin listener: TLS 1.3 only, /metrics behind the admin key, probes open.
+	admin := client(nil, 0)
+	get := func(path, bearer string) int {
+		req, _ := http.NewRequest("GET", adm+path, nil)
+		if bearer != "" {
+			req.Header.Set("Authorization", "Bearer "+bearer)
+		}
+		resp, err := admin.Do(req)
+		if err != nil {
+			t.Fatalf("admin %s: %v", path, err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if get("/metrics", "") != 401 || get("/metrics", adminKey) != 200 || get("/healthz", "") != 200 {
+		t.Error("admin: want /metrics behind the key and /healthz open")
+	}
+	if _, err := client(nil, tls.VersionTLS12).Get(adm + "/healthz"); err == nil {
+		t.Error("the admin listener accepted TLS 1.2 with min_version 1.3")
+	}
+
+	// A renewed certificate is picked up without a restart.
+	issue(serverCA, emulator.Leaf{CommonName: "gateway-v2", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}}, "server")
+	logs.await(t, "certificates reloaded", 1)
+	conn, err := tls.Dial("tcp", strings.TrimPrefix(api, "https://"), &tls.Config{RootCAs: serverCA.Pool()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cn := conn.ConnectionState().PeerCertificates[0].Subject.CommonName; cn != "gateway-v2" {
+		t.Errorf("after renewal the listener presents %q, want gateway-v2", cn)
+	}
+	conn.Close()
 	if err := stop(); err != nil {
 		t.Errorf("serve returned %v", err)
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -23,6 +24,7 @@ import (
 	"github.com/tokenproxy/tokenproxy/internal/admin"
 	"github.com/tokenproxy/tokenproxy/internal/broker"
 	"github.com/tokenproxy/tokenproxy/internal/broker/entra"
+	"github.com/tokenproxy/tokenproxy/internal/certs"
 	"github.com/tokenproxy/tokenproxy/internal/config"
 	"github.com/tokenproxy/tokenproxy/internal/proxy"
 )
@@ -169,7 +171,18 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 		return err
 	}
 	defer api.Close()
-	adm := admin.New(admin.Options{Gatherer: reg, Registerer: reg, Tokens: b, Pprof: cfg.AdminPprof})
+	adm := admin.New(admin.Options{Gatherer: reg, Registerer: reg, Tokens: b, Pprof: cfg.AdminPprof, KeySHA256: cfg.AdminKeySHA256})
+	var apiCerts, adminCerts *certs.Source
+	if cfg.TLS != nil {
+		if apiCerts, err = certs.New(cfg.TLS); err != nil {
+			return fmt.Errorf("tls: %w", err)
+		}
+	}
+	if cfg.AdminTLS != nil {
+		if adminCerts, err = certs.New(cfg.AdminTLS); err != nil {
+			return fmt.Errorf("admin_tls: %w", err)
+		}
+	}
 
 	apiLn, err := listen(cfg.Listen, o.fallbackPorts)
 	if err != nil {
@@ -187,6 +200,14 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 	}
 
 	apiURL, adminURL := "http://"+apiLn.Addr().String(), "http://"+adminLn.Addr().String()
+	if apiCerts != nil {
+		apiLn = tls.NewListener(apiLn, apiCerts.ServerConfig())
+		apiURL = "https://" + apiLn.Addr().String()
+	}
+	if adminCerts != nil {
+		adminLn = tls.NewListener(adminLn, adminCerts.ServerConfig())
+		adminURL = "https://" + adminLn.Addr().String()
+	}
 	if cfg.AllowUnauthenticated {
 		log.Warn("allow_unauthenticated is on: callers without a key are let in and may use every deployment")
 	}
@@ -203,6 +224,11 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 	g, gctx := errgroup.WithContext(ctx)
 	if o.configPath != "" {
 		r := &reloader{path: o.configPath, getenv: o.getenv, log: log.Named("reload"), api: api, current: cfg}
+		for _, c := range []*certs.Source{apiCerts, adminCerts} {
+			if c != nil {
+				r.certs = append(r.certs, c)
+			}
+		}
 		if err := r.start(gctx, reg); err != nil {
 			return err
 		}

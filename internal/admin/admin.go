@@ -4,9 +4,13 @@
 package admin
 
 import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
 	"encoding/json"
 	"net/http"
 	"net/http/pprof"
+	"strings"
 	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -30,6 +34,9 @@ type Options struct {
 	Tokens StatusReporter
 	// Pprof adds Go's profiling endpoints under /debug/pprof/.
 	Pprof bool
+	// KeySHA256, if set, is the SHA-256 (hex) of the key /metrics and /debug/pprof/ require as
+	// Authorization: Bearer. /healthz and /readyz stay open for probes.
+	KeySHA256 string
 }
 
 // Handler serves /metrics, /healthz and /readyz.
@@ -46,19 +53,40 @@ func New(opts Options) *Handler {
 	if opts.Registerer != nil {
 		metrics = promhttp.InstrumentMetricHandler(opts.Registerer, metrics)
 	}
-	h.mux.Handle("GET /metrics", metrics)
+	guard := keyGuard(opts.KeySHA256)
+	h.mux.Handle("GET /metrics", guard(metrics))
 	h.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	h.mux.HandleFunc("GET /readyz", h.readyz)
 	if opts.Pprof {
-		h.mux.HandleFunc("/debug/pprof/", pprof.Index)
-		h.mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-		h.mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-		h.mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-		h.mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		h.mux.Handle("/debug/pprof/", guard(http.HandlerFunc(pprof.Index)))
+		h.mux.Handle("/debug/pprof/cmdline", guard(http.HandlerFunc(pprof.Cmdline)))
+		h.mux.Handle("/debug/pprof/profile", guard(http.HandlerFunc(pprof.Profile)))
+		h.mux.Handle("/debug/pprof/symbol", guard(http.HandlerFunc(pprof.Symbol)))
+		h.mux.Handle("/debug/pprof/trace", guard(http.HandlerFunc(pprof.Trace)))
 	}
 	return h
+}
+
+// keyGuard requires Authorization: Bearer with the key whose SHA-256 is keyHex ("" lets all in).
+func keyGuard(keyHex string) func(http.Handler) http.Handler {
+	want, err := hex.DecodeString(strings.ToLower(keyHex))
+	if keyHex == "" || err != nil || len(want) != sha256.Size {
+		return func(h http.Handler) http.Handler { return h }
+	}
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			key, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			got := sha256.Sum256([]byte(key))
+			if !ok || subtle.ConstantTimeCompare(got[:], want) != 1 {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="tokenproxy-admin"`)
+				writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "this endpoint needs the admin key (Authorization: Bearer)"})
+				return
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
 }
 
 // SetDraining marks the gateway as shutting down: /readyz answers 503 from now on.

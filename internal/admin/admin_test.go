@@ -1,6 +1,8 @@
 package admin
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
@@ -68,5 +70,28 @@ func TestMetrics(t *testing.T) {
 	h = New(Options{Gatherer: reg, Tokens: statuses{}, Pprof: true})
 	if code, body := get(t, h, "/debug/pprof/"); code != 200 || !strings.Contains(body, "goroutine") {
 		t.Errorf("pprof on: got %d, want the index", code)
+	}
+}
+
+func TestAdminKey(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	sum := sha256.Sum256([]byte("admin-key-0123456789"))
+	h := New(Options{Gatherer: reg, Tokens: statuses{}, Pprof: true, KeySHA256: hex.EncodeToString(sum[:])})
+	for _, path := range []string{"/metrics", "/debug/pprof/"} {
+		if code, _ := get(t, h, path); code != 401 {
+			t.Errorf("%s without the key: got %d, want 401", path, code)
+		}
+		req := httptest.NewRequest("GET", path, nil)
+		req.Header.Set("Authorization", "Bearer admin-key-0123456789")
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		if rec.Code != 200 {
+			t.Errorf("%s with the key: got %d, want 200", path, rec.Code)
+		}
+	}
+	for _, path := range []string{"/healthz", "/readyz"} {
+		if code, _ := get(t, h, path); code != 200 {
+			t.Errorf("%s must stay open for probes: got %d", path, code)
+		}
 	}
 }

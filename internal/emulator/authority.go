@@ -88,18 +88,19 @@ type Authority struct {
 
 	mi *managedIdentityServer
 
-	mu         sync.Mutex
-	tenants    map[string]string // tenant ID or domain → tenant ID
-	apps       map[string]*App   // by client ID
-	resources  map[string]Resource
-	identities []*ManagedIdentity
-	lifetime   time.Duration
-	refreshIn  time.Duration
-	down       bool
-	downApps   map[string]bool // client IDs whose token requests fail
-	latency    time.Duration
-	counts     map[string]int // token endpoint requests by client ID (any outcome)
-	issued     map[string]int // tokens issued by client ID
+	mu          sync.Mutex
+	tenants     map[string]string // tenant ID or domain → tenant ID
+	apps        map[string]*App   // by client ID
+	resources   map[string]Resource
+	identities  []*ManagedIdentity
+	lifetime    time.Duration
+	refreshIn   time.Duration
+	down        bool
+	downApps    map[string]bool // client IDs whose token requests fail
+	latency     time.Duration
+	counts      map[string]int // token endpoint requests by client ID (any outcome)
+	jwksFetches int
+	issued      map[string]int // tokens issued by client ID
 }
 
 // NewAuthority starts an authority on 127.0.0.1 with no tenants or apps.
@@ -265,6 +266,13 @@ func (a *Authority) TokenRequests(clientID string) int {
 	return a.counts[clientID]
 }
 
+// JWKSFetches counts requests for the signing keys.
+func (a *Authority) JWKSFetches() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.jwksFetches
+}
+
 // TokensIssued counts the tokens issued to a client ID.
 func (a *Authority) TokensIssued(clientID string) int {
 	a.mu.Lock()
@@ -345,6 +353,9 @@ func (a *Authority) openIDConfig(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *Authority) jwks(w http.ResponseWriter, r *http.Request) {
+	a.mu.Lock()
+	a.jwksFetches++
+	a.mu.Unlock()
 	w.Header().Set("Content-Type", "application/json")
 	w.Write(a.keys.jwks(""))
 }

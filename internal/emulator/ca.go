@@ -12,6 +12,7 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"net/url"
 	"time"
 )
 
@@ -96,6 +97,49 @@ func (ca *CA) ServerConfig() (*tls.Config, error) {
 		Certificates: []tls.Certificate{{Certificate: [][]byte{der, ca.cert.Raw}, PrivateKey: key}},
 		MinVersion:   tls.VersionTLS12,
 	}, nil
+}
+
+// Leaf describes a certificate for IssuePEM.
+type Leaf struct {
+	CommonName string
+	DNSNames   []string
+	IPs        []net.IP
+	URIs       []*url.URL
+	// Client makes a client-authentication certificate; otherwise a server one.
+	Client bool
+}
+
+// IssuePEM signs a certificate for leaf and returns it and its private key in PEM.
+func (ca *CA) IssuePEM(leaf Leaf) (certPEM, keyPEM []byte, err error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	usage := x509.ExtKeyUsageServerAuth
+	if leaf.Client {
+		usage = x509.ExtKeyUsageClientAuth
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial(),
+		Subject:      pkix.Name{CommonName: leaf.CommonName, Organization: []string{"Contoso"}},
+		DNSNames:     leaf.DNSNames,
+		IPAddresses:  leaf.IPs,
+		URIs:         leaf.URIs,
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{usage},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		return nil, nil, err
+	}
+	kb, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return nil, nil, err
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), nil
 }
 
 func serial() *big.Int {

@@ -3,7 +3,7 @@ package emulator
 import (
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/sha256"
+	"crypto/sha1"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -39,8 +39,9 @@ func (ks *keySet) rotate(dropOld bool) error {
 	if err != nil {
 		return fmt.Errorf("generating signing key: %w", err)
 	}
-	sum := sha256.Sum256(key.PublicKey.N.Bytes())
-	k := &signingKey{kid: base64.RawURLEncoding.EncodeToString(sum[:12]), key: key}
+	// Entra's kid and x5t are the same SHA-1 thumbprint (of the key's certificate).
+	sum := sha1.Sum(key.PublicKey.N.Bytes())
+	k := &signingKey{kid: base64.RawURLEncoding.EncodeToString(sum[:]), key: key}
 	ks.mu.Lock()
 	defer ks.mu.Unlock()
 	if dropOld {

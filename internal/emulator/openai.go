@@ -2,6 +2,7 @@ package emulator
 
 import (
 	"bytes"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"hash/fnv"
@@ -45,6 +46,8 @@ type OpenAIOptions struct {
 	Region string
 	// Audience is the token audience required. If empty, CognitiveServicesResource.
 	Audience string
+	// TLS, if set, serves https with a certificate from this CA (a private endpoint).
+	TLS *CA
 }
 
 // DefaultDeployments are the emulator's deployments unless told otherwise.
@@ -132,6 +135,15 @@ func NewOpenAI(opts OpenAIOptions) (*OpenAI, error) {
 		return nil, err
 	}
 	o.url = "http://" + ln.Addr().String()
+	if opts.TLS != nil {
+		cfg, err := opts.TLS.ServerConfig()
+		if err != nil {
+			ln.Close()
+			return nil, err
+		}
+		ln = tls.NewListener(ln, cfg)
+		o.url = "https://" + ln.Addr().String()
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /openai/deployments/{deployment}/{op...}", o.serve)
 	mux.HandleFunc("POST /openai/v1/{op...}", o.serve)

@@ -2,15 +2,21 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
+	"crypto/x509"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/valyala/fasthttp"
+
+	"github.com/tokenproxy/tokenproxy/internal/callertoken"
 
 	"github.com/tokenproxy/tokenproxy/internal/config"
 )
@@ -31,6 +37,71 @@ type callers struct {
 	byHash          map[[sha256.Size]byte]*caller
 	anonymous       *caller
 	unauthenticated bool
+
+	mtls      []*mtlsCaller
+	entra     []*entraCaller
+	byIssuer  map[string]*callertoken.Verifier          // the tenants' v1 and v2 issuers
+	audiences map[*callertoken.Verifier]map[string]bool // every audience accepted per tenant
+	verified  tokenCache
+	tokenWait time.Duration
+}
+
+// mtlsCaller is a caller identified by its TLS client certificate.
+type mtlsCaller struct {
+	*caller
+	subject        string
+	dnsNames, uris map[string]bool
+}
+
+func (m *mtlsCaller) matches(leaf *x509.Certificate) bool {
+	if m.subject != "" && leaf.Subject.String() == m.subject {
+		return true
+	}
+	for _, n := range leaf.DNSNames {
+		if m.dnsNames[strings.ToLower(n)] {
+			return true
+		}
+	}
+	for _, u := range leaf.URIs {
+		if m.uris[u.String()] {
+			return true
+		}
+	}
+	return false
+}
+
+// entraCaller is a caller identified by an Entra access token.
+type entraCaller struct {
+	*caller
+	verifier                           *callertoken.Verifier
+	audiences, apps, principals, roles map[string]bool
+}
+
+// matches reports whether the token's claims identify this caller.
+func (e *entraCaller) matches(v *callertoken.Verifier, c callertoken.Claims) bool {
+	if v != e.verifier || !anyIn(c.Audience, e.audiences) {
+		return false
+	}
+	return (len(e.apps) == 0 || e.apps[strings.ToLower(c.AppID)]) &&
+		(len(e.principals) == 0 || e.principals[strings.ToLower(c.ObjectID)]) &&
+		(len(e.roles) == 0 || anyIn(c.Roles, e.roles))
+}
+
+func anyIn(values []string, set map[string]bool) bool {
+	for _, v := range values {
+		if set[strings.ToLower(v)] {
+			return true
+		}
+	}
+	return false
+}
+
+func lowerSet(values []string) map[string]bool {
+	m := make(map[string]bool, len(values))
+	for _, v := range values {
+		m[strings.ToLower(v)] = true
+	}
+	return m
 }
 
 // loads keeps each caller name's in-flight count across reloads, so a reload cannot reset it.
@@ -41,8 +112,10 @@ func (l *loads) get(name string) *atomic.Int64 {
 	return v.(*atomic.Int64)
 }
 
-func newCallers(cfg *config.Config, l *loads) (*callers, error) {
-	k := &callers{byHash: map[[sha256.Size]byte]*caller{}, unauthenticated: cfg.AllowUnauthenticated}
+func newCallers(cfg *config.Config, l *loads, tokens *callertoken.Registry) (*callers, error) {
+	k := &callers{byHash: map[[sha256.Size]byte]*caller{}, unauthenticated: cfg.AllowUnauthenticated,
+		byIssuer: map[string]*callertoken.Verifier{}, audiences: map[*callertoken.Verifier]map[string]bool{},
+		tokenWait: cfg.Timeouts.TokenAcquire}
 	k.anonymous = &caller{name: "anonymous", all: true, load: l.get("anonymous")}
 	for _, c := range cfg.Callers {
 		cl := &caller{name: c.Name, allowed: map[string]bool{}, max: int64(c.MaxConcurrent), load: l.get(c.Name)}
@@ -59,6 +132,27 @@ func newCallers(cfg *config.Config, l *loads) (*callers, error) {
 			}
 			k.byHash[h] = cl
 		}
+		if m := c.MTLS; m != nil {
+			uris := map[string]bool{}
+			for _, u := range m.URIs {
+				uris[u] = true
+			}
+			k.mtls = append(k.mtls, &mtlsCaller{caller: cl, subject: m.Subject, dnsNames: lowerSet(m.DNSNames), uris: uris})
+		}
+		if e := c.Entra; e != nil {
+			v := tokens.Verifier(e.AuthorityHost, e.TenantID)
+			for _, iss := range v.Issuers() {
+				k.byIssuer[iss] = v
+			}
+			if k.audiences[v] == nil {
+				k.audiences[v] = map[string]bool{}
+			}
+			for a := range lowerSet(e.Audiences) {
+				k.audiences[v][a] = true
+			}
+			k.entra = append(k.entra, &entraCaller{caller: cl, verifier: v, audiences: lowerSet(e.Audiences),
+				apps: lowerSet(e.AppIDs), principals: lowerSet(e.ObjectIDs), roles: lowerSet(e.Roles)})
+		}
 	}
 	return k, nil
 }
@@ -66,10 +160,20 @@ func newCallers(cfg *config.Config, l *loads) (*callers, error) {
 // authenticate identifies the caller from its api-key header (the Azure convention, and what
 // Automation 360's CUSTOM_KEYS sends) or Authorization: Bearer (the OpenAI SDK convention).
 // Exactly one key may be presented: two different ones are refused rather than guessed at.
-func (k *callers) authenticate(h *fasthttp.RequestHeader) (*caller, *apiError) {
+// A caller presenting no key may be identified by its TLS client certificate (peer, verified
+// against the listener's client CAs; nil without one).
+func (k *callers) authenticate(h *fasthttp.RequestHeader, peer *x509.Certificate) (*caller, *apiError) {
 	key, err := presentedKey(h)
 	if err != nil {
 		return nil, err
+	}
+	if len(key) == 0 && peer != nil && len(k.mtls) > 0 {
+		for _, m := range k.mtls {
+			if m.matches(peer) {
+				return m.caller, nil
+			}
+		}
+		return nil, errorf(http.StatusForbidden, CodeForbidden, "the client certificate (%s) names no caller of this gateway", peer.Subject)
 	}
 	if len(key) == 0 {
 		if k.unauthenticated {
@@ -78,10 +182,97 @@ func (k *callers) authenticate(h *fasthttp.RequestHeader) (*caller, *apiError) {
 		return nil, errorf(http.StatusUnauthorized, CodeUnauthorized,
 			"missing gateway key: send it in the api-key header or as Authorization: Bearer <key>")
 	}
-	if c, ok := k.byHash[sha256.Sum256(key)]; ok {
+	sum := sha256.Sum256(key)
+	if c, ok := k.byHash[sum]; ok {
 		return c, nil
 	}
+	if len(k.entra) > 0 && looksLikeJWT(key) {
+		return k.verifyToken(sum, string(key))
+	}
 	return nil, errorf(http.StatusUnauthorized, CodeUnauthorized, "unknown gateway key")
+}
+
+// looksLikeJWT reports whether a presented credential has a JWT's shape (header.payload.signature,
+// the header a JSON object), as an Entra access token does and a gateway key does not.
+func looksLikeJWT(b []byte) bool {
+	return bytes.HasPrefix(b, []byte("eyJ")) && bytes.Count(b, []byte(".")) == 2
+}
+
+// verifiedTTL bounds how long a verified token is trusted without checking it again, so a key
+// Entra withdraws stops admitting its tokens within minutes.
+const verifiedTTL = 5 * time.Minute
+
+// verifyToken identifies an Entra token's bearer: 401 if the token is not valid, 403 if it is
+// but names no caller, 503 if the tenant's keys cannot be reached.
+func (k *callers) verifyToken(sum [sha256.Size]byte, raw string) (*caller, *apiError) {
+	now := time.Now()
+	if c := k.verified.get(sum, now); c != nil {
+		return c, nil
+	}
+	iss, err := callertoken.Issuer(raw)
+	if err != nil {
+		return nil, errorf(http.StatusUnauthorized, CodeUnauthorized, "the bearer token is not a gateway key or a valid Entra token")
+	}
+	v := k.byIssuer[iss]
+	if v == nil {
+		return nil, errorf(http.StatusUnauthorized, CodeUnauthorized, "the Entra token's issuer is not a tenant this gateway accepts")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), k.tokenWait)
+	defer cancel()
+	claims, err := v.Verify(ctx, raw)
+	switch {
+	case errors.Is(err, callertoken.ErrUnavailable):
+		return nil, errorf(http.StatusServiceUnavailable, CodeCallerAuthUnavailable, "the caller's token cannot be checked now: %v", err)
+	case err != nil:
+		return nil, errorf(http.StatusUnauthorized, CodeUnauthorized, "the Entra token is not valid: %v", err)
+	case !anyIn(claims.Audience, k.audiences[v]):
+		return nil, errorf(http.StatusUnauthorized, CodeUnauthorized, "the Entra token is for another audience, not this gateway")
+	}
+	for _, e := range k.entra {
+		if e.matches(v, claims) {
+			until := now.Add(verifiedTTL)
+			if claims.ExpiresOn.Before(until) {
+				until = claims.ExpiresOn
+			}
+			k.verified.put(sum, e.caller, until)
+			return e.caller, nil
+		}
+	}
+	return nil, errorf(http.StatusForbidden, CodeForbidden,
+		"the Entra token (application %s, principal %s) is valid but names no caller of this gateway", claims.AppID, claims.ObjectID)
+}
+
+// tokenCache remembers verified tokens (by hash) until a deadline.
+type tokenCache struct {
+	mu sync.RWMutex
+	m  map[[sha256.Size]byte]verifiedToken
+}
+
+type verifiedToken struct {
+	c     *caller
+	until time.Time
+}
+
+// maxVerified bounds the cache; when full it starts over, which costs one verification per token.
+const maxVerified = 10000
+
+func (t *tokenCache) get(sum [sha256.Size]byte, now time.Time) *caller {
+	t.mu.RLock()
+	v, ok := t.m[sum]
+	t.mu.RUnlock()
+	if ok && now.Before(v.until) {
+		return v.c
+	}
+	return nil
+}
+
+func (t *tokenCache) put(sum [sha256.Size]byte, c *caller, until time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.m == nil || len(t.m) >= maxVerified {
+		t.m = make(map[[sha256.Size]byte]verifiedToken)
+	}
+	t.m[sum] = verifiedToken{c: c, until: until}
 }
 
 // presentedKey returns the key the caller sent (nil if none). The bytes are the request's:

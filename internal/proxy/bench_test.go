@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/tokenproxy/tokenproxy/internal/broker"
+	"github.com/tokenproxy/tokenproxy/internal/callertoken"
 	"github.com/tokenproxy/tokenproxy/internal/config"
 	"github.com/tokenproxy/tokenproxy/internal/transport"
 )
@@ -97,13 +98,13 @@ func BenchmarkAuthenticate(b *testing.B) {
 	cfg := config.Default()
 	cfg.Callers = []*config.Caller{{Name: "a360-prod", KeySHA256: hashKey(keyProd), Deployments: []string{"gpt-4.1-mini"}}}
 	cfg.ApplyDefaults()
-	k, _ := newCallers(cfg, &loads{})
+	k, _ := newCallers(cfg, &loads{}, callertoken.NewRegistry(callertoken.Options{}))
 	var h fasthttp.RequestHeader
 	h.Set("Api-Key", keyProd)
 	h.Set("Content-Type", "application/json")
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := k.authenticate(&h); err != nil {
+		if _, err := k.authenticate(&h, nil); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -115,7 +115,7 @@ func startGateway(t *testing.T, emu *emulator.Emulator, cfg *config.Config) *gat
 			t.Fatal(err)
 		}
 	}
-	h, err := New(Options{Config: cfg, Sources: sources, Logger: log, Registerer: g.reg, Now: g.clock.now})
+	h, err := New(Options{Config: cfg, Sources: sources, Logger: log, Registerer: g.reg, Now: g.clock.now, EntraHTTPClient: emu.CA().Client()})
 	if err != nil {
 		t.Fatal(err)
 	}

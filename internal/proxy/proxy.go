@@ -12,6 +12,9 @@
 package proxy
 
 import (
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"net/http"
@@ -26,6 +29,7 @@ import (
 
 	"github.com/tokenproxy/tokenproxy/internal/backend"
 	"github.com/tokenproxy/tokenproxy/internal/broker"
+	"github.com/tokenproxy/tokenproxy/internal/callertoken"
 	"github.com/tokenproxy/tokenproxy/internal/config"
 	"github.com/tokenproxy/tokenproxy/internal/transport"
 )
@@ -47,6 +51,9 @@ type Options struct {
 	Transport *transport.Transport
 	// Now is the clock for backend health. If nil, time.Now.
 	Now func() time.Time
+	// EntraHTTPClient fetches Entra's discovery documents and signing keys, to verify callers'
+	// tokens. If nil, a client with the system roots.
+	EntraHTTPClient *http.Client
 }
 
 func (o Options) logger() *zap.Logger {
@@ -61,8 +68,9 @@ type Handler struct {
 	log         *zap.Logger
 	callers     atomic.Pointer[callers]
 	loads       loads
-	maxAll      atomic.Int64 // calls in flight allowed in all; 0: no cap
-	inflight    atomic.Int64 // calls in flight in all
+	tokens      *callertoken.Registry // Entra token verifiers, kept across reloads
+	maxAll      atomic.Int64          // calls in flight allowed in all; 0: no cap
+	inflight    atomic.Int64          // calls in flight in all
 	upstreams   map[string]*upstream
 	only        *upstream // the single upstream, when there is exactly one
 	deployments map[string]*deployment
@@ -92,6 +100,7 @@ func New(opts Options) (*Handler, error) {
 	}
 	h := &Handler{
 		log:         opts.logger(),
+		tokens:      callertoken.NewRegistry(callertoken.Options{HTTPClient: opts.EntraHTTPClient}),
 		upstreams:   map[string]*upstream{},
 		deployments: map[string]*deployment{},
 		passthrough: len(cfg.Deployments) == 0,
@@ -125,6 +134,12 @@ func New(opts Options) (*Handler, error) {
 		origin, err := transport.NewOrigin(u.URL)
 		if err != nil {
 			return nil, fmt.Errorf("upstream %q: %w", name, err)
+		}
+		if pool, err := u.Pool(); err != nil {
+			return nil, fmt.Errorf("upstream %q: ca_file: %w", name, err)
+		} else if pool != nil {
+			sum := sha256.Sum256(u.CA)
+			origin = origin.WithRoots(pool, hex.EncodeToString(sum[:8]))
 		}
 		pu, err := url.Parse(u.URL)
 		if err != nil {
@@ -160,15 +175,7 @@ func New(opts Options) (*Handler, error) {
 // SetCallers puts cfg's callers (and allow_unauthenticated) in force for the calls that start
 // from now on; calls in flight keep the callers they started with.
 func (h *Handler) SetCallers(cfg *config.Config) error {
-	for _, c := range cfg.Callers {
-		if c.Entra != nil || c.MTLS != nil {
-			return fmt.Errorf("caller %q: entra and mtls callers are not supported by this build", c.Name)
-		}
-	}
-	if cfg.TLS != nil || cfg.AdminTLS != nil || cfg.AdminKeySHA256 != "" {
-		return fmt.Errorf("tls, admin_tls and admin_key_sha256 are not supported by this build")
-	}
-	k, err := newCallers(cfg, &h.loads)
+	k, err := newCallers(cfg, &h.loads, h.tokens)
 	if err != nil {
 		return err
 	}
@@ -319,7 +326,11 @@ func (h *Handler) serveBodyRouted(c *call, apiVersionRequired bool) {
 // admit authenticates the caller and takes its places in the concurrency limits (given back by
 // finish): the caller's own max_concurrent, then the gateway's.
 func (h *Handler) admit(c *call) (*caller, *apiError) {
-	cl, e := h.callers.Load().authenticate(&c.fc.Request.Header)
+	var peer *x509.Certificate
+	if st := c.fc.TLSConnectionState(); st != nil && len(st.VerifiedChains) > 0 {
+		peer = st.VerifiedChains[0][0]
+	}
+	cl, e := h.callers.Load().authenticate(&c.fc.Request.Header, peer)
 	if e != nil {
 		return nil, e
 	}

@@ -237,6 +237,44 @@ func TestKeyRotationAndConcurrencyLimits(t *testing.T) {
 	}
 }
 
+func TestUpstreamWithPrivateCA(t *testing.T) {
+	emu, err := emulator.Start(emulator.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(emu.Close)
+	private, err := emulator.NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	plane, err := emulator.NewOpenAI(emulator.OpenAIOptions{Verifier: emu.Authority, TLS: private})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(plane.Close)
+	build := func(ca []byte) *gateway {
+		cfg := config.Default()
+		cfg.Credentials = map[string]*config.Credential{"corp-app": {
+			Type: config.TypeClientSecret, TenantID: emu.TenantID, ClientID: emu.ClientID,
+			ClientSecret: config.Secret(emu.ClientSecret), AuthorityHost: emu.URL(),
+		}}
+		cfg.Upstreams = map[string]*config.Upstream{"private": {URL: plane.URL(), Credential: "corp-app", CA: ca}}
+		cfg.Callers = []*config.Caller{{Name: "c", KeySHA256: hashKey(keyProd), Deployments: []string{"*"}}}
+		cfg.ApplyDefaults()
+		if err := cfg.Validate(); err != nil {
+			t.Fatal(err)
+		}
+		return startGateway(t, emu, cfg)
+	}
+	path := "/openai/deployments/gpt-4o/chat/completions?api-version=1"
+	if resp, body := build(private.CertPEM()).do("POST", path, map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 200 {
+		t.Errorf("with the upstream's ca_file: got %d %s, want 200", resp.StatusCode, body)
+	}
+	if resp, _ := build(nil).do("POST", path, map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 502 {
+		t.Errorf("without it: got %d, want 502 (the certificate is not trusted)", resp.StatusCode)
+	}
+}
+
 func TestAllowUnauthenticated(t *testing.T) {
 	g := newGateway(t, func(c *config.Config) { c.AllowUnauthenticated = true })
 	if resp, body := g.do("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=1", nil, chatBody); resp.StatusCode != 200 {

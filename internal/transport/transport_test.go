@@ -451,6 +451,13 @@ func TestTLS(t *testing.T) {
 	if _, err := post(t, untrusting, t.Context(), srv.URL, "x"); err == nil || !strings.Contains(err.Error(), "certificate") {
 		t.Errorf("got %v, want a certificate verification error", err)
 	}
+
+	// The CA can instead belong to the origin (an upstream's ca_file).
+	o, req := request(t, "POST", srv.URL, "x")
+	resp := &fasthttp.Response{}
+	if _, err := untrusting.Do(t.Context(), o.WithRoots(pool, "test-ca"), req, resp); err != nil {
+		t.Errorf("with the origin's own CA: %v", err)
+	}
 }
 
 // connectProxy is a minimal HTTP CONNECT proxy that records the Proxy-Authorization it got.

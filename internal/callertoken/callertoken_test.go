@@ -1,0 +1,233 @@
+package callertoken
+
+import (
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/golang-jwt/jwt/v5"
+	"github.com/google/uuid"
+
+	"github.com/tokenproxy/tokenproxy/internal/emulator"
+)
+
+const (
+	tenant  = "00000000-0000-0000-0000-000000000000"
+	gateway = "55555555-5555-5555-5555-555555555555" // the gateway's own app (the API callers call)
+	a360    = "44444444-4444-4444-4444-444444444444" // a calling application
+)
+
+type clock struct{ offset atomic.Int64 }
+
+func (c *clock) now() time.Time          { return time.Now().Add(time.Duration(c.offset.Load())) }
+func (c *clock) advance(d time.Duration) { c.offset.Add(int64(d)) }
+
+type fixture struct {
+	emu *emulator.Emulator
+	reg *Registry
+	v   *Verifier
+	clk *clock
+}
+
+func setup(t *testing.T) *fixture {
+	t.Helper()
+	emu, err := emulator.Start(emulator.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(emu.Close)
+	emu.AddResource(emulator.Resource{URI: "api://tokenproxy", AppID: gateway, Version: 2})
+	emu.AddResource(emulator.Resource{URI: "api://tokenproxy-v1", Version: 1})
+	emu.AddApp(emulator.App{TenantID: tenant, ClientID: a360, Roles: []string{"Gateway.Invoke"}})
+	clk := &clock{}
+	reg := NewRegistry(Options{HTTPClient: emu.CA().Client(), Now: clk.now})
+	return &fixture{emu: emu, reg: reg, v: reg.Verifier(emu.URL(), tenant), clk: clk}
+}
+
+func (f *fixture) token(t *testing.T, resource string) string {
+	t.Helper()
+	tok, err := f.emu.IssueToken(a360, resource)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+func TestV2AndV1Tokens(t *testing.T) {
+	f := setup(t)
+	c, err := f.v.Verify(t.Context(), f.token(t, "api://tokenproxy"))
+	if err != nil {
+		t.Fatalf("v2 token: %v", err)
+	}
+	if c.AppID != a360 || c.TenantID != tenant || len(c.Audience) != 1 || c.Audience[0] != gateway || c.Roles[0] != "Gateway.Invoke" {
+		t.Errorf("v2 claims %+v", c)
+	}
+	c, err = f.v.Verify(t.Context(), f.token(t, "api://tokenproxy-v1"))
+	if err != nil {
+		t.Fatalf("v1 token: %v", err)
+	}
+	if c.AppID != a360 || c.Audience[0] != "api://tokenproxy-v1" {
+		t.Errorf("v1 claims %+v", c)
+	}
+}
+
+// forge signs claims as an attacker would, with header fields of its choosing.
+func forge(t *testing.T, method jwt.SigningMethod, key any, header map[string]any, claims jwt.MapClaims) string {
+	t.Helper()
+	tok := jwt.NewWithClaims(method, claims)
+	for k, v := range header {
+		tok.Header[k] = v
+	}
+	s, err := tok.SignedString(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// realKID returns a key ID the tenant publishes.
+func realKID(t *testing.T, f *fixture) string {
+	t.Helper()
+	parts := strings.Split(f.token(t, "api://tokenproxy"), ".")
+	h, _ := base64.RawURLEncoding.DecodeString(parts[0])
+	var hdr struct{ Kid string }
+	json.Unmarshal(h, &hdr)
+	return hdr.Kid
+}
+
+func TestRefusedTokens(t *testing.T) {
+	f := setup(t)
+	f.v.Verify(t.Context(), f.token(t, "api://tokenproxy")) // discovery and keys are in
+	kid := realKID(t, f)
+	valid := jwt.MapClaims{
+		"iss": f.emu.URL() + tenant + "/v2.0", "tid": tenant, "aud": gateway, "azp": a360, "oid": uuid.NewString(),
+		"iat": time.Now().Unix(), "nbf": time.Now().Unix(), "exp": time.Now().Add(time.Hour).Unix(),
+	}
+	attacker, _ := rsa.GenerateKey(rand.Reader, 2048)
+
+	// Another tenant in the same authority.
+	f.emu.AddApp(emulator.App{TenantID: "99999999-0000-0000-0000-000000000000", ClientID: "other-tenant-app"})
+	otherTenant, _ := f.emu.IssueToken("other-tenant-app", "api://tokenproxy")
+
+	// An independent issuer: its own keys, claiming to be our tenant's.
+	other, err := emulator.NewAuthority(emulator.AuthorityOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	other.AddResource(emulator.Resource{URI: "api://tokenproxy", AppID: gateway, Version: 2})
+	other.AddApp(emulator.App{TenantID: tenant, ClientID: a360})
+	foreign, _ := other.IssueToken(a360, "api://tokenproxy")
+
+	// HS256 "signed" with the tenant's public key as the HMAC secret (algorithm confusion).
+	hsHeader, _ := json.Marshal(map[string]string{"alg": "HS256", "typ": "JWT", "kid": kid})
+	payload, _ := json.Marshal(valid)
+	signing := base64.RawURLEncoding.EncodeToString(hsHeader) + "." + base64.RawURLEncoding.EncodeToString(payload)
+	pub := f.v.mustKey(t, kid)
+	mac := hmac.New(sha256.New, pub)
+	mac.Write([]byte(signing))
+	confused := signing + "." + base64.RawURLEncoding.EncodeToString(mac.Sum(nil))
+
+	noneTok := forge(t, jwt.SigningMethodNone, jwt.UnsafeAllowNoneSignatureType, map[string]any{"kid": kid}, valid)
+
+	expired := jwt.MapClaims{}
+	for k, v := range valid {
+		expired[k] = v
+	}
+	expired["exp"] = time.Now().Add(-2 * time.Minute).Unix()
+
+	for _, tt := range []struct{ name, token string }{
+		{"another tenant", otherTenant},
+		{"an independent issuer", foreign},
+		{"our issuer, the attacker's key and kid", forge(t, jwt.SigningMethodRS256, attacker, map[string]any{"kid": "attacker"}, valid)},
+		{"our issuer and kid, the attacker's key", forge(t, jwt.SigningMethodRS256, attacker, map[string]any{"kid": kid}, valid)},
+		{"alg none", noneTok},
+		{"HS256 keyed with the public key", confused},
+		{"expired beyond the skew", forge(t, jwt.SigningMethodRS256, attacker, map[string]any{"kid": kid}, expired)},
+		{"not a JWT", "tpk_not-a-jwt"},
+		{"garbage payload", "eyJhbGciOiJSUzI1NiJ9.!!!.sig"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			if c, err := f.v.Verify(t.Context(), tt.token); err == nil {
+				t.Errorf("accepted, claims %+v", c)
+			}
+		})
+	}
+
+	// Genuinely expired tokens of the tenant: refused past the 30s skew, accepted within it.
+	f.emu.SetTokenLifetime(-time.Minute, 0)
+	if _, err := f.v.Verify(t.Context(), f.token(t, "api://tokenproxy")); err == nil {
+		t.Error("a token expired a minute ago was accepted")
+	}
+	f.emu.SetTokenLifetime(-10*time.Second, 0)
+	if _, err := f.v.Verify(t.Context(), f.token(t, "api://tokenproxy")); err != nil {
+		t.Errorf("a token expired 10s ago (within the skew) was refused: %v", err)
+	}
+}
+
+// mustKey returns a published public key's modulus, as anyone can read it from the JWKS.
+func (v *Verifier) mustKey(t *testing.T, kid string) []byte {
+	t.Helper()
+	if k := v.ks.lookup(kid); k != nil {
+		return k.Key.(*rsa.PublicKey).N.Bytes()
+	}
+	t.Fatalf("no key %s", kid)
+	return nil
+}
+
+func TestKeyRotationAndRefetchLimit(t *testing.T) {
+	f := setup(t)
+	if _, err := f.v.Verify(t.Context(), f.token(t, "api://tokenproxy")); err != nil {
+		t.Fatal(err)
+	}
+	fetches := f.emu.JWKSFetches()
+
+	// Tokens naming made-up key IDs: at most one refetch, however many arrive.
+	attacker, _ := rsa.GenerateKey(rand.Reader, 2048)
+	for range 50 {
+		claims := jwt.MapClaims{"iss": f.emu.URL() + tenant + "/v2.0", "tid": tenant, "aud": gateway, "exp": time.Now().Add(time.Hour).Unix()}
+		if _, err := f.v.Verify(t.Context(), forge(t, jwt.SigningMethodRS256, attacker, map[string]any{"kid": uuid.NewString()}, claims)); err == nil {
+			t.Fatal("a token with an unknown key ID was accepted")
+		}
+	}
+	if n := f.emu.JWKSFetches() - fetches; n > 1 {
+		t.Errorf("50 tokens with unknown key IDs caused %d key fetches, want at most 1", n)
+	}
+
+	// Entra rolls its keys: tokens signed with the new key verify once the refetch limit allows.
+	if err := f.emu.RotateKeys(false); err != nil {
+		t.Fatal(err)
+	}
+	newTok := f.token(t, "api://tokenproxy")
+	f.clk.advance(5 * time.Minute)
+	if _, err := f.v.Verify(t.Context(), newTok); err != nil {
+		t.Errorf("a token signed with the rotated key: %v", err)
+	}
+	// Entra withdraws that key too: once the keys are refreshed, its tokens stop verifying.
+	if err := f.emu.RotateKeys(true); err != nil {
+		t.Fatal(err)
+	}
+	f.clk.advance(25 * time.Hour)
+	if _, err := f.v.Verify(t.Context(), newTok); err == nil {
+		t.Error("a token signed with a withdrawn key still verifies after the keys were refreshed")
+	}
+}
+
+func TestAuthorityUnreachable(t *testing.T) {
+	reg := NewRegistry(Options{})
+	v := reg.Verifier("https://127.0.0.1:1/", tenant)
+	claims := jwt.MapClaims{"iss": "https://127.0.0.1:1/" + tenant + "/v2.0", "exp": time.Now().Add(time.Hour).Unix()}
+	tok := jwt.NewWithClaims(jwt.SigningMethodNone, claims)
+	raw, _ := tok.SignedString(jwt.UnsafeAllowNoneSignatureType)
+	if _, err := v.Verify(t.Context(), raw); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("got %v, want ErrUnavailable", err)
+	}
+}

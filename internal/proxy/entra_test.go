@@ -1,0 +1,149 @@
+package proxy
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tokenproxy/tokenproxy/internal/config"
+	"github.com/tokenproxy/tokenproxy/internal/emulator"
+)
+
+const (
+	gatewayAppID = "55555555-5555-5555-5555-555555555555" // the gateway's own app registration
+	a360AppID    = "44444444-4444-4444-4444-444444444444" // Automation 360's OAuth connection
+)
+
+// entraGateway admits a360-oauth by app ID and ops-tools by app role, beside the key callers.
+func entraGateway(t *testing.T) *gateway {
+	t.Helper()
+	g := newGateway(t, func(c *config.Config) {
+		c.Callers = append(c.Callers,
+			&config.Caller{Name: "a360-oauth", Deployments: []string{"gpt-4.1-mini"}, Entra: &config.EntraCaller{
+				TenantID: emulator.DefaultTenantID, Audiences: []string{"api://tokenproxy", gatewayAppID},
+				AppIDs: []string{a360AppID}, AuthorityHost: authorityOf(c),
+			}},
+			&config.Caller{Name: "ops-tools", Deployments: []string{"*"}, Entra: &config.EntraCaller{
+				TenantID: emulator.DefaultTenantID, Audiences: []string{gatewayAppID}, Roles: []string{"Gateway.Invoke"},
+				AuthorityHost: authorityOf(c),
+			}},
+		)
+	})
+	g.emu.AddResource(emulator.Resource{URI: "api://tokenproxy", AppID: gatewayAppID, Version: 2})
+	g.emu.AddResource(emulator.Resource{URI: "api://tokenproxy-v1", Version: 1})
+	g.emu.AddResource(emulator.Resource{URI: "api://someone-else", AppID: "66666666-6666-6666-6666-666666666666", Version: 2})
+	g.emu.AddApp(emulator.App{TenantID: emulator.DefaultTenantID, ClientID: a360AppID})
+	g.emu.AddApp(emulator.App{TenantID: emulator.DefaultTenantID, ClientID: "ops-app", Roles: []string{"Gateway.Invoke"}})
+	g.emu.AddApp(emulator.App{TenantID: emulator.DefaultTenantID, ClientID: "stranger-app"})
+	return g
+}
+
+// authorityOf is the emulated Entra the test gateway's credential uses.
+func authorityOf(c *config.Config) string { return c.Credentials["corp-app"].AuthorityHost }
+
+func (g *gateway) entraToken(clientID, resource string) string {
+	g.t.Helper()
+	tok, err := g.emu.IssueToken(clientID, resource)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	return tok
+}
+
+func TestEntraCallers(t *testing.T) {
+	g := entraGateway(t)
+	a360 := g.entraToken(a360AppID, "api://tokenproxy")
+
+	resp, body := g.do("POST", chatPath, map[string]string{"Authorization": "Bearer " + a360}, chatBody)
+	if resp.StatusCode != 200 {
+		t.Fatalf("A360's Entra token got %d %s, want 200", resp.StatusCode, body)
+	}
+	up := g.emu.OpenAI.Requests()[0]
+	if got := up.Header.Get("Authorization"); got == "Bearer "+a360 || up.Claims.AppID != g.emu.ClientID {
+		t.Error("the caller's token reached the upstream instead of the gateway's")
+	}
+	for k, vs := range up.Header {
+		for _, v := range vs {
+			if strings.Contains(v, a360[len(a360)-40:]) {
+				t.Errorf("the caller's token reached the upstream in %s", k)
+			}
+		}
+	}
+	if !strings.Contains(g.logs.String(), `"caller":"a360-oauth"`) {
+		t.Error("the call is not logged as a360-oauth's")
+	}
+
+	for _, tt := range []struct {
+		name   string
+		token  string
+		path   string
+		status int
+	}{
+		{"v1 token", g.entraToken(a360AppID, "api://tokenproxy-v1"), chatPath, 401}, // api://tokenproxy-v1 is no audience of ours
+		{"outside the caller's allow-list", a360, "/openai/deployments/gpt-4o/chat/completions?api-version=1", 403},
+		{"an app that is no caller", g.entraToken("stranger-app", "api://tokenproxy"), chatPath, 403},
+		{"an app holding the role", g.entraToken("ops-app", "api://tokenproxy"), "/openai/deployments/gpt-4o/chat/completions?api-version=1", 200},
+		{"another audience", g.entraToken(a360AppID, "api://someone-else"), chatPath, 401},
+		{"a token for Azure itself", g.entraToken(a360AppID, emulator.CognitiveServicesResource), chatPath, 401},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			resp, body := g.do("POST", tt.path, map[string]string{"Authorization": "Bearer " + tt.token}, chatBody)
+			if resp.StatusCode != tt.status {
+				t.Errorf("got %d %s, want %d", resp.StatusCode, body, tt.status)
+			}
+		})
+	}
+
+	g.emu.SetTokenLifetime(-time.Minute, 0)
+	expired := g.entraToken(a360AppID, "api://tokenproxy")
+	if resp, body := g.do("POST", chatPath, map[string]string{"Authorization": "Bearer " + expired}, chatBody); resp.StatusCode != 401 || !strings.Contains(body, "expired") {
+		t.Errorf("an expired token got %d %s, want 401 saying it expired", resp.StatusCode, body)
+	}
+	// Key callers work beside Entra callers.
+	if resp, _ := g.do("POST", chatPath, map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 200 {
+		t.Errorf("a key caller got %d beside Entra callers", resp.StatusCode)
+	}
+}
+
+func TestEntraV1Tokens(t *testing.T) {
+	g := newGateway(t, func(c *config.Config) {
+		c.Callers = append(c.Callers, &config.Caller{Name: "legacy", Deployments: []string{"*"}, Entra: &config.EntraCaller{
+			TenantID: emulator.DefaultTenantID, Audiences: []string{"api://tokenproxy-v1"}, AppIDs: []string{a360AppID},
+			AuthorityHost: authorityOf(c),
+		}})
+	})
+	g.emu.AddResource(emulator.Resource{URI: "api://tokenproxy-v1", Version: 1})
+	g.emu.AddApp(emulator.App{TenantID: emulator.DefaultTenantID, ClientID: a360AppID})
+	if resp, body := g.do("POST", chatPath, map[string]string{"Authorization": "Bearer " + g.entraToken(a360AppID, "api://tokenproxy-v1")}, chatBody); resp.StatusCode != 200 {
+		t.Errorf("a v1 token got %d %s, want 200", resp.StatusCode, body)
+	}
+}
+
+func TestEntraTokensAreVerifiedOnceThenRemembered(t *testing.T) {
+	g := entraGateway(t)
+	tok := g.entraToken(a360AppID, "api://tokenproxy")
+	g.do("POST", chatPath, map[string]string{"Authorization": "Bearer " + tok}, chatBody)
+	fetches := g.emu.JWKSFetches()
+	g.emu.SetDown(true) // Entra is unreachable: a token already verified keeps working
+	for range 20 {
+		if resp, _ := g.do("POST", chatPath, map[string]string{"Authorization": "Bearer " + tok}, chatBody); resp.StatusCode != 200 {
+			t.Fatalf("a verified token got %d while Entra was down", resp.StatusCode)
+		}
+	}
+	if n := g.emu.JWKSFetches() - fetches; n != 0 {
+		t.Errorf("%d key fetches for a token already verified", n)
+	}
+}
+
+func TestEntraUnreachableAtFirstUse(t *testing.T) {
+	g := entraGateway(t)
+	tok := g.entraToken(a360AppID, "api://tokenproxy")
+	g.emu.SetDown(true)
+	resp, body := g.do("POST", chatPath, map[string]string{"Authorization": "Bearer " + tok}, chatBody)
+	if resp.StatusCode != 503 || !strings.Contains(body, CodeCallerAuthUnavailable) {
+		t.Errorf("got %d %s, want 503 CallerAuthUnavailable", resp.StatusCode, body)
+	}
+	if len(g.emu.OpenAI.Requests()) != 0 {
+		t.Error("an unverified call reached the upstream")
+	}
+}
