@@ -161,12 +161,18 @@ func newCallers(cfg *config.Config, l *loads, tokens *callertoken.Registry) (*ca
 // Automation 360's CUSTOM_KEYS sends) or Authorization: Bearer (the OpenAI SDK convention).
 // Exactly one key may be presented: two different ones are refused rather than guessed at.
 // A caller presenting no key may be identified by its TLS client certificate (peer, verified
-// against the listener's client CAs; nil without one).
-func (k *callers) authenticate(h *fasthttp.RequestHeader, peer *x509.Certificate) (*caller, *apiError) {
+// against the listener's client CAs; nil without one). The credential presented (a key or a
+// token) is returned too, so the request can be scrubbed of it wherever else it appears.
+func (k *callers) authenticate(h *fasthttp.RequestHeader, peer *x509.Certificate) (*caller, []byte, *apiError) {
 	key, err := presentedKey(h)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
+	c, err := k.identify(key, peer)
+	return c, key, err
+}
+
+func (k *callers) identify(key []byte, peer *x509.Certificate) (*caller, *apiError) {
 	if len(key) == 0 && peer != nil && len(k.mtls) > 0 {
 		for _, m := range k.mtls {
 			if m.matches(peer) {

@@ -104,7 +104,7 @@ func BenchmarkAuthenticate(b *testing.B) {
 	h.Set("Content-Type", "application/json")
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := k.authenticate(&h, nil); err != nil {
+		if _, _, err := k.authenticate(&h, nil); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -133,7 +133,7 @@ func BenchmarkRewrite(b *testing.B) {
 	body := []byte(chatBody)
 	b.ReportAllocs()
 	for b.Loop() {
-		rewrite(&out, &in, up, "/openai/deployments/deploy-gpt-4.1/chat/completions", "api-version=2025-01-01-preview", body, "Bearer eyJ.x.y", "6a1b2c3d-0000-4000-8000-000000000000")
+		rewrite(&out, &in, up, "/openai/deployments/deploy-gpt-4.1/chat/completions", "api-version=2025-01-01-preview", body, "Bearer eyJ.x.y", "6a1b2c3d-0000-4000-8000-000000000000", []byte(keyProd))
 		out.Reset()
 	}
 }

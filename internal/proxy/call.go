@@ -42,7 +42,8 @@ type call struct {
 	heldErr     error
 	heldBackend *backend.Backend // where heldResp came from
 
-	admitted *caller // holds places in the concurrency limits until finish
+	admitted   *caller // holds places in the concurrency limits until finish
+	credential []byte  // the key or token the caller presented (the request's bytes), if any
 
 	cancel context.CancelFunc // ends the upstream call and any token wait
 	watch  func()             // stops watching for the caller going away

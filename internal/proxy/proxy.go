@@ -12,6 +12,7 @@
 package proxy
 
 import (
+	"context"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
@@ -77,8 +78,8 @@ type Handler struct {
 	passthrough bool // no deployments section: names pass through to the only upstream
 	maxBody     int
 	m           *metrics
-	transport   *transport.Transport
-	own         bool // transport made here, closed by Close
+	transport   upstreamClient
+	own         *transport.Transport // made here, closed by Close
 	backends    *backend.Registry
 	budget      *backend.Budget
 	res         config.Resilience
@@ -105,7 +106,6 @@ func New(opts Options) (*Handler, error) {
 		deployments: map[string]*deployment{},
 		passthrough: len(cfg.Deployments) == 0,
 		maxBody:     int(cfg.MaxRequestBytes),
-		transport:   opts.Transport,
 		res:         cfg.Resilience,
 		backends: backend.NewRegistry(backend.Options{
 			BreakerFailures: cfg.Resilience.BreakerFailures, BreakerOpen: cfg.Resilience.BreakerOpen,
@@ -113,8 +113,11 @@ func New(opts Options) (*Handler, error) {
 		}),
 		budget: backend.NewBudget(cfg.Resilience.RetryBudget, cfg.Resilience.MinRetriesPerSecond, opts.Now),
 	}
-	if h.transport == nil {
-		h.transport, h.own = NewTransport(cfg.Timeouts), true
+	if opts.Transport != nil {
+		h.transport = opts.Transport
+	} else {
+		h.own = NewTransport(cfg.Timeouts)
+		h.transport = h.own
 	}
 	configured := map[string]bool{}
 	for name := range cfg.Deployments {
@@ -198,9 +201,14 @@ func NewTransport(t config.Timeouts) *transport.Transport {
 
 // Close releases the upstream connections of a transport New made.
 func (h *Handler) Close() {
-	if h.own {
-		h.transport.Close()
+	if h.own != nil {
+		h.own.Close()
 	}
+}
+
+// upstreamClient sends a request to an upstream; *transport.Transport is the one used.
+type upstreamClient interface {
+	Do(ctx context.Context, origin transport.Origin, req *fasthttp.Request, resp *fasthttp.Response) (*transport.Stream, error)
 }
 
 // Route prefixes.
@@ -330,11 +338,12 @@ func (h *Handler) admit(c *call) (*caller, *apiError) {
 	if st := c.fc.TLSConnectionState(); st != nil && len(st.VerifiedChains) > 0 {
 		peer = st.VerifiedChains[0][0]
 	}
-	cl, e := h.callers.Load().authenticate(&c.fc.Request.Header, peer)
+	cl, cred, e := h.callers.Load().authenticate(&c.fc.Request.Header, peer)
 	if e != nil {
 		return nil, e
 	}
 	c.caller = cl.name
+	c.credential = cred
 	if n := cl.load.Add(1); cl.max > 0 && n > cl.max {
 		cl.load.Add(-1)
 		return nil, tooBusy("caller %q has %d calls in flight, its max_concurrent", cl.name, cl.max)

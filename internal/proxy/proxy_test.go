@@ -97,7 +97,8 @@ func TestCallerCredentialsNeverReachUpstream(t *testing.T) {
 		{"", map[string]string{"api-key": keyProd, "Authorization": "Bearer " + keyProd}},
 		{"", map[string]string{"Authorization": "bearer  " + keyProd + " ", "Cookie": "session=abc", "Ocp-Apim-Subscription-Key": "apim-key"}},
 		{"", map[string]string{"api-key": keyProd, "Connection": "X-Hop", "X-Hop": "hop-value"}},
-		{"&api-key=" + keyProd + "&x=1&Subscription-Key=apim-key&api%2Dkey=" + keyProd, map[string]string{"api-key": keyProd}},
+		{"&api-key=" + keyProd + "&x=1&Subscription-Key=apim-key&api%2Dkey=" + keyProd + "&token=" + keyProd, map[string]string{"api-key": keyProd}},
+		{"", map[string]string{"api-key": keyProd, "X-Custom-Auth": "key " + keyProd, "X-Keep": "kept"}},
 	} {
 		resp, body := g.do("POST", chatPath+c.query, c.header, chatBody)
 		if resp.StatusCode != 200 {
@@ -120,8 +121,12 @@ func TestCallerCredentialsNeverReachUpstream(t *testing.T) {
 			t.Errorf("upstream headers %v, want exactly one Authorization and no api-key or cookie", r.Header)
 		}
 	}
-	if got := reqs[len(reqs)-1].RawQuery; got != "api-version=2025-01-01-preview&x=1" {
+	if got := reqs[len(reqs)-2].RawQuery; got != "api-version=2025-01-01-preview&x=1" {
 		t.Errorf("upstream query %q, want the other parameters kept in order", got)
+	}
+	if last := reqs[len(reqs)-1].Header; last.Get("X-Keep") != "kept" || last.Get("X-Custom-Auth") != "" {
+		t.Errorf("custom headers upstream: X-Keep %q, X-Custom-Auth %q; want the one holding the key dropped, the other kept",
+			last.Get("X-Keep"), last.Get("X-Custom-Auth"))
 	}
 }
 

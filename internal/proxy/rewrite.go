@@ -26,10 +26,23 @@ var dropResponseHeaders = []string{
 // rewrite builds the upstream request out from the caller's request in: the upstream's Host
 // and base path, the (possibly renamed) path, the caller's query minus key-bearing parameters,
 // the caller's headers minus those above, the bearer token, the request ID and the body read.
+// credential, the key or token the caller authenticated with, is also removed from any other
+// header or query parameter it was put in: whatever the caller named them, it does not leave.
 // The caller's headers have passed checkHeaders.
-func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body []byte, authorization, requestID string) {
+func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body []byte, authorization, requestID string, credential []byte) {
 	in.Header.CopyTo(&out.Header)
 	h := &out.Header
+	if len(credential) > 0 {
+		var carriers [][]byte
+		for k, v := range h.All() {
+			if bytes.Contains(v, credential) {
+				carriers = append(carriers, bytes.Clone(k))
+			}
+		}
+		for _, k := range carriers {
+			h.DelBytes(k)
+		}
+	}
 	for token := range strings.SplitSeq(string(in.Header.Peek("Connection")), ",") {
 		if token = strings.TrimSpace(token); token != "" {
 			h.Del(token)
@@ -45,7 +58,7 @@ func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body [
 	h.SetHost(up.origin.Host())
 
 	uri := up.basePath + path
-	if q := stripCredentialParams(query); q != "" {
+	if q := stripCredentialParams(query, credential); q != "" {
 		uri += "?" + q
 	}
 	h.SetRequestURI(uri)
@@ -96,22 +109,28 @@ func cleanResponse(h *fasthttp.ResponseHeader, requestID string) {
 }
 
 // stripCredentialParams removes query parameters some Azure clients use for keys (api-key,
-// subscription-key). The gateway never reads keys from the query, but a caller's key must not
-// reach the upstream, or its logs, whatever the caller did with it. Other parameters keep their
-// order and encoding.
-func stripCredentialParams(rawQuery string) string {
+// subscription-key), and any whose value holds the caller's credential. The gateway never reads
+// keys from the query, but a caller's key must not reach the upstream, or its logs, whatever
+// the caller did with it. Other parameters keep their order and encoding.
+func stripCredentialParams(rawQuery string, credential []byte) string {
 	lower := strings.ToLower(rawQuery)
-	if !strings.Contains(lower, "api-key") && !strings.Contains(lower, "subscription-key") && !strings.Contains(lower, "%") {
+	if !strings.Contains(lower, "api-key") && !strings.Contains(lower, "subscription-key") && !strings.Contains(lower, "%") &&
+		(len(credential) == 0 || !strings.Contains(rawQuery, string(credential))) {
 		return rawQuery
 	}
 	kept := make([]string, 0, 4)
 	for kv := range strings.SplitSeq(rawQuery, "&") {
-		k, _, _ := strings.Cut(kv, "=")
+		k, v, _ := strings.Cut(kv, "=")
 		if uk, err := url.QueryUnescape(k); err == nil {
 			k = uk
 		}
-		switch strings.ToLower(k) {
-		case "api-key", "subscription-key":
+		if uv, err := url.QueryUnescape(v); err == nil {
+			v = uv
+		}
+		switch {
+		case strings.EqualFold(k, "api-key"), strings.EqualFold(k, "subscription-key"):
+			continue
+		case len(credential) > 0 && (strings.Contains(v, string(credential)) || strings.Contains(kv, string(credential))):
 			continue
 		}
 		kept = append(kept, kv)

@@ -1,0 +1,175 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/valyala/fasthttp"
+
+	"github.com/tokenproxy/tokenproxy/internal/broker"
+	"github.com/tokenproxy/tokenproxy/internal/config"
+	"github.com/tokenproxy/tokenproxy/internal/transport"
+)
+
+// recordingUpstream answers every request with a small chat.completion and remembers what it got.
+type recordingUpstream struct {
+	mu   sync.Mutex
+	seen []recorded
+}
+
+type recorded struct {
+	host    string
+	uri     string
+	headers map[string][]string
+}
+
+func (u *recordingUpstream) Do(_ context.Context, o transport.Origin, req *fasthttp.Request, resp *fasthttp.Response) (*transport.Stream, error) {
+	r := recorded{host: o.Host(), uri: string(req.Header.RequestURI()), headers: map[string][]string{}}
+	for k, v := range req.Header.All() {
+		r.headers[strings.ToLower(string(k))] = append(r.headers[strings.ToLower(string(k))], string(v))
+	}
+	u.mu.Lock()
+	u.seen = append(u.seen, r)
+	u.mu.Unlock()
+	resp.SetStatusCode(200)
+	resp.Header.SetContentType("application/json")
+	resp.SetBodyString(`{"object":"chat.completion"}`)
+	return nil, nil
+}
+
+// countingSource hands out a fixed token and counts the requests for it.
+type countingSource struct {
+	calls atomic.Int64
+	tok   *broker.Token
+}
+
+func (s *countingSource) Token(context.Context) (*broker.Token, error) {
+	s.calls.Add(1)
+	return s.tok, nil
+}
+
+var fuzzKeys = []string{keyProd, keyAdmin}
+
+// fuzzHandler is a gateway with two upstreams (one deployment renamed), a restricted and an
+// unrestricted caller, a recording upstream and a counting token source.
+func fuzzHandler(t testing.TB) (*Handler, *recordingUpstream, *countingSource, map[string]bool) {
+	t.Helper()
+	cfg := config.Default()
+	cfg.Credentials = map[string]*config.Credential{"c": {Type: config.TypeManagedIdentity}}
+	cfg.Upstreams = map[string]*config.Upstream{
+		"eastca":  {URL: "https://eastca.openai.azure.com", Credential: "c"},
+		"foundry": {URL: "https://foundry.services.ai.azure.com/api/projects/p", Credential: "c"},
+	}
+	cfg.Deployments = map[string]*config.Deployment{
+		"gpt-4.1-mini": {Upstream: "eastca", Deployment: "deploy-gpt-4.1"},
+		"gpt-4o":       {Upstream: "foundry"},
+	}
+	cfg.Callers = []*config.Caller{
+		{Name: "a360-prod", KeySHA256: hashKey(keyProd), Deployments: []string{"gpt-4.1-mini"}},
+		{Name: "admin", KeySHA256: hashKey(keyAdmin), Deployments: []string{"*"}},
+	}
+	cfg.ApplyDefaults()
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	up := &recordingUpstream{}
+	br, _ := broker.New(broker.Options{Fetchers: map[string]broker.Fetcher{"c": staticFetcher{}}})
+	s, _ := br.Source("c", config.DefaultScope)
+	tok, err := s.Token(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := &countingSource{tok: tok}
+	h, err := New(Options{Config: cfg, Sources: map[string]broker.TokenSource{"eastca": src, "foundry": src}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.Close()
+	h.transport = up // nothing leaves the process
+	return h, up, src, map[string]bool{"eastca.openai.azure.com": true, "foundry.services.ai.azure.com": true}
+}
+
+func FuzzHandler(f *testing.F) {
+	for _, s := range []string{
+		"POST /openai/deployments/gpt-4.1-mini/chat/completions?api-version=1 HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyProd + "\r\nContent-Length: 2\r\n\r\n{}",
+		"POST /openai/v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer " + keyAdmin + "\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"model\":\"gpt-4o\"}",
+		"POST /models/chat/completions?api-version=1&api-key=" + keyAdmin + " HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\nCookie: s=1\r\nContent-Length: 17\r\n\r\n{\"model\":\"gpt-4o\"}",
+		"POST /openai/deployments/gpt-4.1-mini/../gpt-4o/chat/completions?api-version=1 HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyProd + "\r\n\r\n",
+		"POST /openai/deployments/gpt-4o%2F..%2Fx/chat HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyProd + "\r\n\r\n",
+		"POST http://evil.example/openai/deployments/gpt-4o/chat?api-version=1 HTTP/1.1\r\nHost: evil.example\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
+		"POST //evil.example/openai/deployments/gpt-4o/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
+		"POST /openai/deployments/gpt-4o/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\nApi-Key: " + keyProd + "\r\n\r\n",
+		"POST /openai/deployments/gpt-4o/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nAPI-KEY:   " + keyAdmin + "   \r\nauthorization: bearer " + keyAdmin + "\r\n\r\n",
+		"POST /openai/v1/chat HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyProd + "\r\nContent-Length: 44\r\n\r\n{\"model\":\"gpt-4.1-mini\",\"model\":\"gpt-4o\"}  ",
+		"POST /openai/v1/chat HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyProd + "\r\nContent-Length: 30\r\n\r\n{\"mod\\u0065l\":\"gpt-4.1-mini\"}",
+		"GET /openai/v1/models HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
+		"POST /openai/deployments/gpt-4o/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nConnection: X-Secret\r\nX-Secret: " + keyAdmin + "\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
+		"POST /openai/deployments/" + strings.Repeat("a", 200) + "/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
+	} {
+		f.Add([]byte(s))
+	}
+	h, up, src, origins := fuzzHandler(f)
+	f.Fuzz(func(t *testing.T, raw []byte) {
+		var req fasthttp.Request
+		if err := req.Read(bufio.NewReader(bytes.NewReader(raw))); err != nil {
+			return // the server would have refused it before the handler
+		}
+		up.mu.Lock()
+		before := len(up.seen)
+		up.mu.Unlock()
+		calls := src.calls.Load()
+
+		var fc fasthttp.RequestCtx
+		fc.Init(&req, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}, nil)
+		h.ServeFastHTTP(&fc)
+
+		if code := fc.Response.StatusCode(); code == 500 {
+			t.Fatalf("500 for %q: %s", raw, fc.Response.Body())
+		}
+		up.mu.Lock()
+		sent := append([]recorded(nil), up.seen[before:]...)
+		up.mu.Unlock()
+		authenticated := false
+		for _, k := range fuzzKeys {
+			if bytes.Contains(raw, []byte(k)) {
+				authenticated = true
+			}
+		}
+		if !authenticated && (len(sent) > 0 || src.calls.Load() != calls) {
+			t.Fatalf("a request without a valid key reached the upstream or the broker: %q", raw)
+		}
+		for _, r := range sent {
+			if !origins[r.host] {
+				t.Fatalf("a request went to %q: %q", r.host, raw)
+			}
+			if got := r.headers["authorization"]; len(got) != 1 || got[0] != "Bearer "+src.tok.Value {
+				t.Fatalf("upstream Authorization %q is not the gateway's token", got)
+			}
+			for name, vs := range r.headers {
+				for _, v := range vs {
+					for _, k := range fuzzKeys {
+						if strings.Contains(v, k) {
+							t.Fatalf("a caller key reached the upstream in %s: %q", name, raw)
+						}
+					}
+				}
+			}
+			for _, banned := range []string{"api-key", "cookie", "ocp-apim-subscription-key"} {
+				if _, ok := r.headers[banned]; ok {
+					t.Fatalf("upstream got a %s header: %q", banned, raw)
+				}
+			}
+			for _, k := range fuzzKeys {
+				if strings.Contains(r.uri, k) {
+					t.Fatalf("a caller key reached the upstream in the URI %q", r.uri)
+				}
+			}
+		}
+	})
+}
