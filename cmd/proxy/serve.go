@@ -30,6 +30,11 @@ import (
 )
 
 func runServe(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	return runServeWith(ctx, args, getenv, stdout, stderr, entra.Options{})
+}
+
+// runServeWith is runServe with the given way to reach Entra (tests trust an emulator's CA).
+func runServeWith(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer, eo entra.Options) error {
 	fs := newFlagSet("serve", "--config FILE", "Run the gateway.", stderr)
 	path := configFlag(fs, getenv)
 	if err := parseFlags(fs, args, stdout); err != nil {
@@ -44,7 +49,7 @@ func runServe(ctx context.Context, args []string, getenv func(string) string, st
 		return err
 	}
 	defer flush()
-	return serveGateway(ctx, gatewayOptions{cfg: cfg, log: log, stdout: stdout, configPath: *path, getenv: getenv})
+	return serveGateway(ctx, gatewayOptions{cfg: cfg, log: log, stdout: stdout, entra: eo, configPath: *path, getenv: getenv})
 }
 
 func runValidate(args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -120,7 +125,8 @@ type gatewayOptions struct {
 	cfg    *config.Config
 	log    *zap.Logger
 	stdout io.Writer
-	// entra configures how credentials reach Entra (the demo trusts its emulator's CA).
+	// entra configures how credentials, and the verification of callers' Entra tokens, reach
+	// Entra (the demo trusts its emulator's CA).
 	entra entra.Options
 	// banner, if set, is printed instead of the one-line "serving" notice, with the listener URLs.
 	banner func(apiURL, adminURL string)
@@ -166,7 +172,9 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 			return err
 		}
 	}
-	api, err := proxy.New(proxy.Options{Config: cfg, Sources: sources, Logger: log.Named("access"), Registerer: reg})
+	api, err := proxy.New(proxy.Options{
+		Config: cfg, Sources: sources, Logger: log.Named("access"), Registerer: reg, EntraHTTPClient: o.entra.HTTPClient,
+	})
 	if err != nil {
 		return err
 	}

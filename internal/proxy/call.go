@@ -3,7 +3,9 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
+	"regexp"
 	"strings"
 	"time"
 
@@ -66,8 +68,8 @@ func (h *Handler) finish(c *call, p any) {
 		c.cancel()
 	}
 	if p != nil {
-		// The panic value and stack are logged; request headers are not, so no credential is.
-		h.log.Error("panic serving request", zap.String("request_id", c.id), zap.Any("panic", p), zap.Stack("stack"))
+		// The panic value, scrubbed, and the stack are logged; request headers are not.
+		h.log.Error("panic serving request", zap.String("request_id", c.id), zap.String("panic", redactPanic(p, c.credential)), zap.Stack("stack"))
 		c.code, c.err = CodeInternal, errors.New("internal error")
 		c.fc.Response.Reset()
 		c.status = http.StatusInternalServerError
@@ -81,6 +83,29 @@ func (h *Handler) finish(c *call, p any) {
 	h.accessLog(c, status)
 }
 
+// scrub removes the caller's credential from text that echoes what the caller sent (a path, a
+// deployment name) before it goes to the log or back in an error: a key pasted in the wrong
+// place is still a key.
+func (c *call) scrub(s string) string {
+	if len(c.credential) == 0 || !strings.Contains(s, string(c.credential)) {
+		return s
+	}
+	return strings.ReplaceAll(s, string(c.credential), "[REDACTED]")
+}
+
+// jwtLike matches what looks like a JWT: an Entra access token or a caller's token.
+var jwtLike = regexp.MustCompile(`eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*(\.[A-Za-z0-9_-]*)?`)
+
+// redactPanic renders a recovered panic value for the log without the caller's credential or
+// anything shaped like a token, whatever code down the stack put in it.
+func redactPanic(p any, credential []byte) string {
+	s := fmt.Sprint(p)
+	if len(credential) > 0 {
+		s = strings.ReplaceAll(s, string(credential), "[REDACTED]")
+	}
+	return jwtLike.ReplaceAllString(s, "[REDACTED]")
+}
+
 func (h *Handler) accessLog(c *call, status int) {
 	ce := h.log.Check(zapcore.InfoLevel, "request")
 	if ce == nil {
@@ -91,11 +116,11 @@ func (h *Handler) accessLog(c *call, status int) {
 	fields = append(fields,
 		zap.String("request_id", c.id),
 		zap.String("caller", c.caller),
-		zap.String("deployment", c.deployment),
+		zap.String("deployment", c.scrub(c.deployment)),
 		zap.String("upstream", c.upstream),
 		zap.ByteString("method", c.fc.Request.Header.Method()),
 		// The path only: query strings can carry things that do not belong in logs.
-		zap.String("path", c.path),
+		zap.String("path", c.scrub(c.path)),
 		zap.Int("status", status),
 		zap.Duration("duration", end.Sub(c.start)),
 		zap.Int("bytes_in", c.bytesIn),
@@ -127,7 +152,7 @@ func (h *Handler) accessLog(c *call, status int) {
 		fields = append(fields, zap.String("error_code", c.code))
 	}
 	if c.err != nil {
-		fields = append(fields, zap.String("error", c.err.Error()))
+		fields = append(fields, zap.String("error", c.scrub(c.err.Error())))
 	}
 	if c.aborted {
 		fields = append(fields, zap.Bool("aborted", true))

@@ -110,6 +110,7 @@ func FuzzHandler(f *testing.F) {
 		"POST /openai/v1/chat HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyProd + "\r\nContent-Length: 30\r\n\r\n{\"mod\\u0065l\":\"gpt-4.1-mini\"}",
 		"GET /openai/v1/models HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
 		"POST /openai/deployments/gpt-4o/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nConnection: X-Secret\r\nX-Secret: " + keyAdmin + "\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
+		"POST /openai/deployments/gpt-4o/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nX-Ms-Client-Request-Id: " + keyAdmin + "\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
 		"POST /openai/deployments/" + strings.Repeat("a", 200) + "/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
 	} {
 		f.Add([]byte(s))

@@ -4,6 +4,10 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"strings"
 	"testing"
@@ -16,6 +20,7 @@ import (
 
 	"github.com/tokenproxy/tokenproxy/internal/broker"
 	"github.com/tokenproxy/tokenproxy/internal/config"
+	"github.com/tokenproxy/tokenproxy/internal/secretscan"
 )
 
 // scrape renders the registry as the /metrics endpoint would.
@@ -32,19 +37,11 @@ func scrape(t *testing.T, reg *prometheus.Registry) string {
 	return b.String()
 }
 
-// assertNoSecrets fails if any secret, or a 12-character prefix of one, appears in text.
+// assertNoSecrets fails if any secret, or its first characters, appears in text.
 func assertNoSecrets(t *testing.T, where, text string, secrets []string) {
 	t.Helper()
-	for _, s := range secrets {
-		probes := []string{s}
-		if len(s) > 12 {
-			probes = append(probes, s[:12])
-		}
-		for _, p := range probes {
-			if strings.Contains(text, p) {
-				t.Errorf("%s contains a secret (or its prefix) %q…", where, p[:4])
-			}
-		}
+	if i, which := secretscan.Find(text, secrets); i >= 0 {
+		t.Errorf("%s holds secret %d (or its first %d characters) at byte %d", where, which, secretscan.PrefixLen, i)
 	}
 }
 
@@ -152,31 +149,45 @@ func TestGoldenMetrics(t *testing.T) {
 	}
 }
 
-type panickingSource struct{}
+// panickingSource panics with a message holding credentials, as careless code might.
+type panickingSource struct{ msg string }
 
-func (panickingSource) Token(context.Context) (*broker.Token, error) { panic("token source exploded") }
+func (s panickingSource) Token(context.Context) (*broker.Token, error) { panic(errors.New(s.msg)) }
 
 func TestPanicIsRecoveredAs500(t *testing.T) {
+	const key = "panic-test-caller-key-0123456789"
+	const jwt = "eyJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJ4In0.c2lnbmF0dXJlLXRoYXQtbXVzdC1ub3QtbGVhaw"
 	cfg := config.Default()
 	cfg.Credentials = map[string]*config.Credential{"c": {Type: config.TypeManagedIdentity}}
 	cfg.Upstreams = map[string]*config.Upstream{"u": {URL: "http://127.0.0.1:1", Credential: "c"}}
-	cfg.AllowUnauthenticated = true
+	cfg.Callers = []*config.Caller{{Name: "app", KeySHA256: hashKey(key), Deployments: []string{"*"}}}
 	cfg.ApplyDefaults()
 	core, logs := observer.New(zap.InfoLevel)
-	h, err := New(Options{Config: cfg, Sources: map[string]broker.TokenSource{"u": panickingSource{}}, Logger: zap.New(core)})
+	src := panickingSource{msg: "token source exploded holding " + jwt + " for the caller " + key}
+	h, err := New(Options{Config: cfg, Sources: map[string]broker.TokenSource{"u": src}, Logger: zap.New(core)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	url, client := serve(t, h, cfg)
-	resp, err := client.Post(url+"/openai/deployments/d/chat/completions?api-version=1", "application/json", strings.NewReader("{}"))
+	req, _ := http.NewRequest("POST", url+"/openai/deployments/d/chat/completions?api-version=1", strings.NewReader("{}"))
+	req.Header.Set("Authorization", "Bearer "+key)
+	resp, err := client.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
+	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if resp.StatusCode != 500 || resp.Header.Get("x-tokenproxy-error") != CodeInternal {
 		t.Errorf("got %d, want 500 InternalError", resp.StatusCode)
 	}
-	if logs.FilterMessage("panic serving request").Len() != 1 || logs.FilterMessage("request").Len() != 1 {
-		t.Errorf("want the panic and the request logged once each; got %v", logs.All())
+	panics := logs.FilterMessage("panic serving request")
+	if panics.Len() != 1 || logs.FilterMessage("request").Len() != 1 {
+		t.Fatalf("want the panic and the request logged once each; got %v", logs.All())
 	}
+	logged := fmt.Sprint(panics.All()[0].ContextMap())
+	if !strings.Contains(logged, "token source exploded") {
+		t.Errorf("the panic's message is not logged: %s", logged)
+	}
+	assertNoSecrets(t, "the logged panic", logged, []string{key, jwt, "c2lnbmF0dXJlLXRoYXQtbXVzdC1ub3QtbGVhaw"})
+	assertNoSecrets(t, "the error body", string(body), []string{key, jwt})
 }

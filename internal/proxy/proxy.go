@@ -24,6 +24,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/valyala/fasthttp"
 	"go.uber.org/zap"
@@ -344,6 +345,10 @@ func (h *Handler) admit(c *call) (*caller, *apiError) {
 	}
 	c.caller = cl.name
 	c.credential = cred
+	if len(cred) > 0 && strings.Contains(c.id, string(cred)) {
+		// The caller sent its credential as the request ID, which goes upstream and to the log.
+		c.id = uuid.NewString()
+	}
 	if n := cl.load.Add(1); cl.max > 0 && n > cl.max {
 		cl.load.Add(-1)
 		return nil, tooBusy("caller %q has %d calls in flight, its max_concurrent", cl.name, cl.max)
@@ -442,6 +447,7 @@ func (h *Handler) resolve(c *call, cl *caller, name string) (*deployment, *apiEr
 
 // fail answers with a gateway error.
 func (h *Handler) fail(c *call, e *apiError) {
+	e.message = c.scrub(e.message)
 	c.code, c.err = e.code, e
 	c.status = e.status
 	writeError(c.fc, e, c.id)

@@ -3,9 +3,11 @@ package proxy
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -117,7 +119,37 @@ func (s *Server) Shutdown(ctx context.Context) (cut int, err error) {
 }
 
 // fasthttpLogger sends fasthttp's own messages (failed reads, broken connections) to zap at
-// debug level: with SecureErrorLogMessage they carry no request data.
+// debug level. SecureErrorLogMessage keeps request data out of most of them, but not all: a
+// header parse error quotes the offending value, which may be a caller's key. So the errors in
+// a message are replaced by what kind of failure they were.
 type fasthttpLogger struct{ log *zap.Logger }
 
-func (l fasthttpLogger) Printf(format string, args ...any) { l.log.Sugar().Debugf(format, args...) }
+func (l fasthttpLogger) Printf(format string, args ...any) {
+	safe := make([]any, len(args))
+	for i, a := range args {
+		if err, ok := a.(error); ok {
+			a = errorKind(err)
+		}
+		safe[i] = a
+	}
+	l.log.Sugar().Debugf(format, safe...)
+}
+
+// errorKind names a connection-serving error without its text.
+func errorKind(err error) string {
+	var big *fasthttp.ErrSmallBuffer
+	switch {
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+		return "the connection ended"
+	case isTimeout(err):
+		return "timed out"
+	case errors.As(err, &big):
+		return "the request headers are too large"
+	case errors.Is(err, fasthttp.ErrBodyTooLarge):
+		return "the request body is too large"
+	case errors.Is(err, net.ErrClosed), errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
+		return "the connection was closed"
+	default:
+		return "the request could not be parsed (details withheld: they may quote request headers)"
+	}
+}
