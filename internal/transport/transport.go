@@ -364,7 +364,7 @@ func (p *pool) dial(ctx context.Context) (*conn, error) {
 		}
 		nc = tc
 	}
-	c := &conn{p: p, nc: nc, bw: bufio.NewWriterSize(nc, 16<<10)}
+	c := &conn{p: p, nc: nc}
 	c.br = bufio.NewReaderSize(&c.src, 16<<10)
 	c.src.Conn = nc
 	return c, nil
@@ -417,8 +417,24 @@ type conn struct {
 	nc        net.Conn
 	src       eofConn // what br reads from
 	br        *bufio.Reader
-	bw        *bufio.Writer
 	idleSince time.Time
+}
+
+// writers buffer requests on their way out. A request is written and flushed in one go, so a
+// connection needs a writer only for that moment, not while it streams a response or idles.
+var writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 16<<10) }}
+
+// write sends req in one flush.
+func (c *conn) write(req *fasthttp.Request) error {
+	bw := writers.Get().(*bufio.Writer)
+	bw.Reset(c.nc)
+	err := req.Write(bw)
+	if err == nil {
+		err = bw.Flush()
+	}
+	bw.Reset(nil)
+	writers.Put(bw)
+	return err
 }
 
 // eofConn notes when the server closed the connection. fasthttp's chunked body reader reports a
@@ -485,10 +501,7 @@ func (c *conn) do(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Res
 		}
 		return nil, err
 	}
-	if err := req.Write(c.bw); err != nil {
-		return fail(&staleConnError{err})
-	}
-	if err := c.bw.Flush(); err != nil {
+	if err := c.write(req); err != nil {
 		return fail(&staleConnError{err})
 	}
 	if headerTimeout > 0 {
