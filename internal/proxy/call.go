@@ -46,6 +46,7 @@ type call struct {
 
 	admitted   *caller // holds places in the concurrency limits until finish
 	credential []byte  // the key or token the caller presented (the request's bytes), if any
+	credStr    string  // the same, as a string
 
 	cancel context.CancelFunc // ends the upstream call and any token wait
 	watch  func()             // stops watching for the caller going away
@@ -69,7 +70,7 @@ func (h *Handler) finish(c *call, p any) {
 	}
 	if p != nil {
 		// The panic value, scrubbed, and the stack are logged; request headers are not.
-		h.log.Error("panic serving request", zap.String("request_id", c.id), zap.String("panic", redactPanic(p, c.credential)), zap.Stack("stack"))
+		h.log.Error("panic serving request", zap.String("request_id", c.id), zap.String("panic", redactPanic(p, c.credStr)), zap.Stack("stack"))
 		c.code, c.err = CodeInternal, errors.New("internal error")
 		c.fc.Response.Reset()
 		c.status = http.StatusInternalServerError
@@ -87,10 +88,10 @@ func (h *Handler) finish(c *call, p any) {
 // deployment name) before it goes to the log or back in an error: a key pasted in the wrong
 // place is still a key.
 func (c *call) scrub(s string) string {
-	if len(c.credential) == 0 || !strings.Contains(s, string(c.credential)) {
+	if c.credStr == "" || !strings.Contains(s, c.credStr) {
 		return s
 	}
-	return strings.ReplaceAll(s, string(c.credential), "[REDACTED]")
+	return strings.ReplaceAll(s, c.credStr, "[REDACTED]")
 }
 
 // jwtLike matches what looks like a JWT: an Entra access token or a caller's token.
@@ -98,10 +99,10 @@ var jwtLike = regexp.MustCompile(`eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*(\.[A-Za-z0-9
 
 // redactPanic renders a recovered panic value for the log without the caller's credential or
 // anything shaped like a token, whatever code down the stack put in it.
-func redactPanic(p any, credential []byte) string {
+func redactPanic(p any, credential string) string {
 	s := fmt.Sprint(p)
-	if len(credential) > 0 {
-		s = strings.ReplaceAll(s, string(credential), "[REDACTED]")
+	if credential != "" {
+		s = strings.ReplaceAll(s, credential, "[REDACTED]")
 	}
 	return jwtLike.ReplaceAllString(s, "[REDACTED]")
 }

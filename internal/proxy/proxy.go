@@ -344,8 +344,8 @@ func (h *Handler) admit(c *call) (*caller, *apiError) {
 		return nil, e
 	}
 	c.caller = cl.name
-	c.credential = cred
-	if len(cred) > 0 && strings.Contains(c.id, string(cred)) {
+	c.credential, c.credStr = cred, string(cred)
+	if c.credStr != "" && strings.Contains(c.id, c.credStr) {
 		// The caller sent its credential as the request ID, which goes upstream and to the log.
 		c.id = uuid.NewString()
 	}

@@ -29,7 +29,7 @@ var dropResponseHeaders = []string{
 // credential, the key or token the caller authenticated with, is also removed from any other
 // header or query parameter it was put in: whatever the caller named them, it does not leave.
 // The caller's headers have passed checkHeaders.
-func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body []byte, authorization, requestID string, credential []byte) {
+func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body []byte, authorization, requestID string, credential []byte, credStr string) {
 	in.Header.CopyTo(&out.Header)
 	h := &out.Header
 	if len(credential) > 0 {
@@ -58,7 +58,7 @@ func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body [
 	h.SetHost(up.origin.Host())
 
 	uri := up.basePath + path
-	if q := stripCredentialParams(query, credential); q != "" {
+	if q := stripCredentialParams(query, credStr); q != "" {
 		uri += "?" + q
 	}
 	h.SetRequestURI(uri)
@@ -112,10 +112,10 @@ func cleanResponse(h *fasthttp.ResponseHeader, requestID string) {
 // subscription-key), and any whose value holds the caller's credential. The gateway never reads
 // keys from the query, but a caller's key must not reach the upstream, or its logs, whatever
 // the caller did with it. Other parameters keep their order and encoding.
-func stripCredentialParams(rawQuery string, credential []byte) string {
+func stripCredentialParams(rawQuery, credential string) string {
 	lower := strings.ToLower(rawQuery)
 	if !strings.Contains(lower, "api-key") && !strings.Contains(lower, "subscription-key") && !strings.Contains(lower, "%") &&
-		(len(credential) == 0 || !strings.Contains(rawQuery, string(credential))) {
+		(credential == "" || !strings.Contains(rawQuery, credential)) {
 		return rawQuery
 	}
 	kept := make([]string, 0, 4)
@@ -130,7 +130,7 @@ func stripCredentialParams(rawQuery string, credential []byte) string {
 		switch {
 		case strings.EqualFold(k, "api-key"), strings.EqualFold(k, "subscription-key"):
 			continue
-		case len(credential) > 0 && (strings.Contains(v, string(credential)) || strings.Contains(kv, string(credential))):
+		case credential != "" && (strings.Contains(v, credential) || strings.Contains(kv, credential)):
 			continue
 		}
 		kept = append(kept, kv)
