@@ -575,7 +575,9 @@ func TestConcurrentRequests(t *testing.T) {
 		b, _ := io.ReadAll(r.Body)
 		w.Write(b)
 	})
-	tr := newTransport(t, Options{MaxIdlePerHost: 8})
+	// With room in the pool for every worker's connection, none is ever closed, and a new one
+	// is dialled only when all live ones are busy: at most one connection per worker.
+	tr := newTransport(t, Options{MaxIdlePerHost: 32})
 	var wg sync.WaitGroup
 	for i := range 32 {
 		wg.Go(func() {
@@ -593,7 +595,49 @@ func TestConcurrentRequests(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if n := conns.Load(); n > 32+8 {
+	if n := conns.Load(); n > 32 {
 		t.Errorf("1600 requests from 32 workers opened %d connections", n)
+	}
+}
+
+func TestIdlePoolIsCapped(t *testing.T) {
+	const calls, maxIdle = 4, 2
+	arrived := make(chan struct{}, calls)
+	release := make(chan struct{})
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		arrived <- struct{}{}
+		<-release
+		io.WriteString(w, "ok")
+	})
+	tr := newTransport(t, Options{MaxIdlePerHost: maxIdle})
+	var wg sync.WaitGroup
+	for range calls {
+		wg.Go(func() {
+			r, err := post(t, tr, t.Context(), srv.URL, "x")
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			r.body(t)
+		})
+	}
+	for range calls {
+		<-arrived // every call holds its own connection at once
+	}
+	close(release)
+	wg.Wait()
+	if n := conns.Load(); n != calls {
+		t.Fatalf("%d concurrent calls opened %d connections", calls, n)
+	}
+	tr.mu.Lock()
+	var idle int
+	for _, p := range tr.pools {
+		p.mu.Lock()
+		idle += len(p.idle)
+		p.mu.Unlock()
+	}
+	tr.mu.Unlock()
+	if idle != maxIdle {
+		t.Errorf("pool keeps %d idle connections, want MaxIdlePerHost=%d", idle, maxIdle)
 	}
 }
