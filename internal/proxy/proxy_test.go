@@ -2,13 +2,16 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"mime/multipart"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"runtime"
 	"strings"
 	"testing"
@@ -644,5 +647,42 @@ func TestConcurrentColdRequestsMakeOneTokenRequest(t *testing.T) {
 	}
 	if got := g.tokensRequested(); got != 1 {
 		t.Errorf("%d concurrent cold calls made %d token requests, want 1", n, got)
+	}
+}
+
+func TestStreamRelaysEveryByte(t *testing.T) {
+	// Events of every size around the relay's small buffer (512 bytes) and its borrowed one
+	// (16 KiB), sent in pieces that split events and chunk headers, flushed at random: the
+	// caller must get exactly the bytes the upstream sent, in order, and the end of the stream.
+	var want bytes.Buffer
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i, size := range []int{1, 100, 511, 512, 513, 1000, 4096, 16383, 16384, 16385, 40000, 3, 70000} {
+		fmt.Fprintf(&want, "data: {\"i\":%d,\"content\":\"%s\"}\n\n", i, strings.Repeat(string(rune('a'+i)), size))
+	}
+	want.WriteString("data: [DONE]\n\n")
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		rest := want.Bytes()
+		for len(rest) > 0 {
+			n := min(len(rest), 1+rng.IntN(3000))
+			w.Write(rest[:n])
+			if rng.IntN(2) == 0 {
+				w.(http.Flusher).Flush()
+			}
+			rest = rest[n:]
+		}
+	}))
+	defer up.Close()
+	g := newGateway(t, func(c *config.Config) { c.Upstreams["eastca"].URL = up.URL })
+	resp, body := g.do("POST", chatPath, map[string]string{"api-key": keyProd}, `{"stream":true,"messages":[]}`)
+	if resp.StatusCode != 200 || resp.ContentLength != -1 {
+		t.Fatalf("got %d, length %d; want 200 and a chunked stream", resp.StatusCode, resp.ContentLength)
+	}
+	if body != want.String() {
+		i := 0
+		for i < min(len(body), want.Len()) && body[i] == want.String()[i] {
+			i++
+		}
+		t.Fatalf("the caller got %d bytes, the upstream sent %d; they differ from byte %d", len(body), want.Len(), i)
 	}
 }

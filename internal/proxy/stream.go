@@ -24,8 +24,14 @@ func (h *Handler) stream(c *call, s *transport.Stream, upResp *fasthttp.Response
 		return
 	}
 	resp.ImmediateHeaderFlush = true // the caller sees the status before the first event
+	body.relay = true
 	resp.SetBodyStream(body, -1)
 }
+
+// relayBufs lends the buffers events are relayed through: a stream holds one only while an
+// upstream read that filled its own small buffer goes on, never while it waits for the next
+// event, so thousands of idle streams share a few.
+var relayBufs = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
 
 // streamBody is the response body of a streamed call.
 type streamBody struct {
@@ -35,6 +41,54 @@ type streamBody struct {
 	upResp *fasthttp.Response
 	eof    bool
 	once   sync.Once
+	// relay: the body goes out chunked through WriteTo, each upstream read its own chunk.
+	relay bool
+	// small takes each upstream read first: an event usually fits, and a stream waiting for
+	// the next one then holds this and no more (fasthttp's own copy loop holds 4 KiB).
+	small [512]byte
+}
+
+var _ fasthttp.BodyWriterTo = (*streamBody)(nil)
+
+// SupportsBodyWriteTo tells fasthttp to send a chunked body through WriteTo (not Read), which
+// lets the stream wait for each event with only its small buffer. Bodies of known length keep
+// fasthttp's copy loop.
+func (b *streamBody) SupportsBodyWriteTo() bool { return b.relay }
+
+// WriteTo relays the body to w, one Write per upstream read, as fasthttp's copy loop would; w
+// frames and flushes each as a chunk. A read that fills the small buffer is continued, into a
+// borrowed buffer, with what has already arrived.
+func (b *streamBody) WriteTo(w io.Writer) (int64, error) {
+	var total int64
+	for {
+		n, err := b.Read(b.small[:])
+		out := b.small[:n]
+		var lent *[]byte
+		if err == nil && n == len(b.small) && b.s.Buffered() > 0 {
+			lent = relayBufs.Get().(*[]byte)
+			buf := *lent
+			copy(buf, out)
+			var m int
+			m, err = b.Read(buf[n:])
+			out = buf[:n+m]
+		}
+		if len(out) > 0 {
+			wn, werr := w.Write(out)
+			total += int64(wn)
+			if werr != nil {
+				err = werr
+			}
+		}
+		if lent != nil {
+			relayBufs.Put(lent)
+		}
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
 }
 
 func (b *streamBody) Read(p []byte) (int, error) {

@@ -609,6 +609,18 @@ func (s *Stream) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// Buffered reports how many bytes of the upstream's answer have arrived and wait to be read
+// (framing included), so that a Read now would not wait on the network. It does not count what
+// the response may already hold; a zero is no promise that a Read would block.
+func (s *Stream) Buffered() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done {
+		return 0
+	}
+	return s.c.br.Buffered()
+}
+
 // Close ends the stream; a body not read to EOF takes its connection with it.
 func (s *Stream) Close() error {
 	s.finish(false)
