@@ -610,8 +610,9 @@ func (s *Stream) Read(p []byte) (int, error) {
 }
 
 // Buffered reports how many bytes of the upstream's answer have arrived and wait to be read
-// (framing included), so that a Read now would not wait on the network. It does not count what
-// the response may already hold; a zero is no promise that a Read would block.
+// (framing included): while it is above zero, a Read will most likely not wait on the network.
+// It does not count what the response may already hold, so a zero is no promise that a Read
+// would block. It is 0 once the stream is done.
 func (s *Stream) Buffered() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
