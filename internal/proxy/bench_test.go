@@ -31,21 +31,14 @@ func (staticFetcher) Fetch(context.Context, string) (broker.Token, error) {
 	return broker.Token{Value: "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9." + strings.Repeat("a", 1400) + ".sig", ExpiresOn: time.Now().Add(time.Hour)}, nil
 }
 
-// benchGateway is the gateway doing its full job (key check, routing, allow-list, token,
-// header hygiene, metrics, an info-level JSON access log) in front of a fixed upstream.
-func benchGateway(b *testing.B) (string, *http.Client) {
+// benchHandler is the gateway doing its full job (key check, routing, allow-list, token,
+// header hygiene, metrics, an info-level JSON access log) in front of the upstream at upURL,
+// with its token already held.
+func benchHandler(b *testing.B, upURL string) (*Handler, *config.Config) {
 	b.Helper()
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		io.Copy(io.Discard, r.Body)
-		w.Header().Set("Content-Type", "application/json")
-		w.Header().Set("apim-request-id", "6a1b2c3d-0000-4000-8000-000000000000")
-		w.Header().Set("x-ms-region", "Canada East")
-		io.WriteString(w, chatResponse)
-	}))
-	b.Cleanup(up.Close)
 	cfg := config.Default()
 	cfg.Credentials = map[string]*config.Credential{"c": {Type: config.TypeManagedIdentity}}
-	cfg.Upstreams = map[string]*config.Upstream{"eastca": {URL: up.URL, Credential: "c"}}
+	cfg.Upstreams = map[string]*config.Upstream{"eastca": {URL: upURL, Credential: "c"}}
 	cfg.Deployments = map[string]*config.Deployment{"gpt-4.1-mini": {Upstream: "eastca", Deployment: "deploy-gpt-4.1"}}
 	cfg.Callers = []*config.Caller{{Name: "a360-prod", KeySHA256: hashKey(keyProd), Deployments: []string{"gpt-4.1-mini"}}}
 	cfg.ApplyDefaults()
@@ -59,6 +52,21 @@ func benchGateway(b *testing.B) (string, *http.Client) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	return h, cfg
+}
+
+// benchGateway is benchHandler served on loopback in front of a fixed upstream.
+func benchGateway(b *testing.B) (string, *http.Client) {
+	b.Helper()
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("apim-request-id", "6a1b2c3d-0000-4000-8000-000000000000")
+		w.Header().Set("x-ms-region", "Canada East")
+		io.WriteString(w, chatResponse)
+	}))
+	b.Cleanup(up.Close)
+	h, cfg := benchHandler(b, up.URL)
 	url, client := serve(b, h, cfg)
 	return url, client
 }
@@ -104,22 +112,7 @@ func (fixedUpstream) Do(_ context.Context, _ transport.Origin, _ *fasthttp.Reque
 // step a proxied call takes (key check, routing, allow-list, token, header rewrite, response
 // clean-up, metrics, an info-level JSON access log), against an in-process upstream.
 func BenchmarkHandler(b *testing.B) {
-	cfg := config.Default()
-	cfg.Credentials = map[string]*config.Credential{"c": {Type: config.TypeManagedIdentity}}
-	cfg.Upstreams = map[string]*config.Upstream{"eastca": {URL: "https://eastca.openai.azure.com", Credential: "c"}}
-	cfg.Deployments = map[string]*config.Deployment{"gpt-4.1-mini": {Upstream: "eastca", Deployment: "deploy-gpt-4.1"}}
-	cfg.Callers = []*config.Caller{{Name: "a360-prod", KeySHA256: hashKey(keyProd), Deployments: []string{"gpt-4.1-mini"}}}
-	cfg.ApplyDefaults()
-	br, _ := broker.New(broker.Options{Fetchers: map[string]broker.Fetcher{"c": staticFetcher{}}})
-	src, _ := br.Source("c", config.DefaultScope)
-	if _, err := src.Token(context.Background()); err != nil {
-		b.Fatal(err)
-	}
-	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zap.InfoLevel))
-	h, err := New(Options{Config: cfg, Sources: map[string]broker.TokenSource{"eastca": src}, Logger: log, Registerer: prometheus.NewRegistry()})
-	if err != nil {
-		b.Fatal(err)
-	}
+	h, _ := benchHandler(b, "https://eastca.openai.azure.com")
 	h.Close()
 	h.transport = fixedUpstream{}
 	body := []byte(chatBody)
