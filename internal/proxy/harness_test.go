@@ -62,16 +62,7 @@ type gatewayOption func(*config.Config)
 
 func newGateway(t *testing.T, opts ...gatewayOption) *gateway {
 	t.Helper()
-	emu, err := emulator.Start(emulator.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(emu.Close)
-	cfg := config.Default()
-	cfg.Credentials = map[string]*config.Credential{"corp-app": {
-		Type: config.TypeClientSecret, TenantID: emu.TenantID, ClientID: emu.ClientID,
-		ClientSecret: config.Secret(emu.ClientSecret), AuthorityHost: emu.URL(),
-	}}
+	emu, cfg := emulatorConfig(t)
 	cfg.Upstreams = map[string]*config.Upstream{"eastca": {URL: emu.OpenAI.URL(), Credential: "corp-app"}}
 	cfg.Deployments = map[string]*config.Deployment{
 		"gpt-4.1-mini":           {Upstream: "eastca", Deployment: "deploy-gpt-4.1"},
@@ -82,6 +73,34 @@ func newGateway(t *testing.T, opts ...gatewayOption) *gateway {
 		{Name: "a360-prod", KeySHA256: hashKey(keyProd), Deployments: []string{"gpt-4.1-mini"}},
 		{Name: "admin", KeySHA256: hashKey(keyAdmin), Deployments: []string{"*"}},
 	}
+	return startGateway(t, emu, applyOptions(t, cfg, opts))
+}
+
+// emulatorConfig starts an emulator and returns a configuration whose credential "corp-app"
+// is a client secret app registered with it.
+func emulatorConfig(t *testing.T) (*emulator.Emulator, *config.Config) {
+	t.Helper()
+	emu, err := emulator.Start(emulator.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(emu.Close)
+	cfg := config.Default()
+	cfg.Credentials = corpApp(emu)
+	return emu, cfg
+}
+
+// corpApp is the credentials of a configuration: "corp-app", emu's client secret app.
+func corpApp(emu *emulator.Emulator) map[string]*config.Credential {
+	return map[string]*config.Credential{"corp-app": {
+		Type: config.TypeClientSecret, TenantID: emu.TenantID, ClientID: emu.ClientID,
+		ClientSecret: config.Secret(emu.ClientSecret), AuthorityHost: emu.URL(),
+	}}
+}
+
+// applyOptions applies a test's changes to cfg, then the defaults, and insists it is valid.
+func applyOptions(t *testing.T, cfg *config.Config, opts []gatewayOption) *config.Config {
+	t.Helper()
 	for _, o := range opts {
 		o(cfg)
 	}
@@ -89,7 +108,7 @@ func newGateway(t *testing.T, opts ...gatewayOption) *gateway {
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("test config: %v", err)
 	}
-	return startGateway(t, emu, cfg)
+	return cfg
 }
 
 func startGateway(t *testing.T, emu *emulator.Emulator, cfg *config.Config) *gateway {
@@ -151,16 +170,7 @@ func serve(t testing.TB, h *Handler, cfg *config.Config) (string, *http.Client) 
 // b0 (priority 1) and b1… (priority 2, equal weights), all trusting the same Entra.
 func newPoolGateway(t *testing.T, n int, opts ...gatewayOption) (*gateway, []*emulator.OpenAI) {
 	t.Helper()
-	emu, err := emulator.Start(emulator.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(emu.Close)
-	cfg := config.Default()
-	cfg.Credentials = map[string]*config.Credential{"corp-app": {
-		Type: config.TypeClientSecret, TenantID: emu.TenantID, ClientID: emu.ClientID,
-		ClientSecret: config.Secret(emu.ClientSecret), AuthorityHost: emu.URL(),
-	}}
+	emu, cfg := emulatorConfig(t)
 	cfg.Upstreams = map[string]*config.Upstream{}
 	var backends []*config.Backend
 	var planes []*emulator.OpenAI
@@ -181,14 +191,7 @@ func newPoolGateway(t *testing.T, n int, opts ...gatewayOption) (*gateway, []*em
 	}
 	cfg.Deployments = map[string]*config.Deployment{"gpt-4.1-mini": {Backends: backends}}
 	cfg.Callers = []*config.Caller{{Name: "a360-prod", KeySHA256: hashKey(keyProd), Deployments: []string{"*"}}}
-	for _, o := range opts {
-		o(cfg)
-	}
-	cfg.ApplyDefaults()
-	if err := cfg.Validate(); err != nil {
-		t.Fatalf("test config: %v", err)
-	}
-	return startGateway(t, emu, cfg), planes
+	return startGateway(t, emu, applyOptions(t, cfg, opts)), planes
 }
 
 // do sends a request to the gateway and returns the response with its body read.

@@ -262,17 +262,10 @@ func TestUpstreamWithPrivateCA(t *testing.T) {
 	t.Cleanup(plane.Close)
 	build := func(ca []byte) *gateway {
 		cfg := config.Default()
-		cfg.Credentials = map[string]*config.Credential{"corp-app": {
-			Type: config.TypeClientSecret, TenantID: emu.TenantID, ClientID: emu.ClientID,
-			ClientSecret: config.Secret(emu.ClientSecret), AuthorityHost: emu.URL(),
-		}}
+		cfg.Credentials = corpApp(emu)
 		cfg.Upstreams = map[string]*config.Upstream{"private": {URL: plane.URL(), Credential: "corp-app", CA: ca}}
 		cfg.Callers = []*config.Caller{{Name: "c", KeySHA256: hashKey(keyProd), Deployments: []string{"*"}}}
-		cfg.ApplyDefaults()
-		if err := cfg.Validate(); err != nil {
-			t.Fatal(err)
-		}
-		return startGateway(t, emu, cfg)
+		return startGateway(t, emu, applyOptions(t, cfg, nil))
 	}
 	path := "/openai/deployments/gpt-4o/chat/completions?api-version=1"
 	if resp, body := build(private.CertPEM()).do("POST", path, map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 200 {
