@@ -365,7 +365,6 @@ func (p *pool) dial(ctx context.Context) (*conn, error) {
 		nc = tc
 	}
 	c := &conn{p: p, nc: nc}
-	c.br = bufio.NewReaderSize(&c.src, 16<<10)
 	c.src.Conn = nc
 	return c, nil
 }
@@ -415,9 +414,33 @@ func connectTunnel(ctx context.Context, nc net.Conn, proxy *url.URL, addr string
 type conn struct {
 	p         *pool
 	nc        net.Conn
-	src       eofConn // what br reads from
-	br        *bufio.Reader
+	src       eofConn       // what br reads from
+	br        *bufio.Reader // borrowed from readers while a response's headers and buffered body are read
 	idleSince time.Time
+}
+
+// readers buffer responses on their way in. A connection borrows one for a call's headers (and
+// its body, when that is buffered) and gives it back before the call ends or the body streams,
+// so idle connections and open streams hold none (see Stream).
+var readers = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 16<<10) }}
+
+// streamReaders read streamed bodies. One is small: a relay reads 512 bytes or more at a time,
+// which bufio passes straight through, so this buffer only takes chunk headers and the ends
+// of chunks.
+var streamReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 512) }}
+
+func (c *conn) borrowReader() {
+	c.br = readers.Get().(*bufio.Reader)
+	c.br.Reset(&c.src)
+}
+
+// returnReader gives the borrowed reader back; what it still held is dropped.
+func (c *conn) returnReader() {
+	if c.br != nil {
+		c.br.Reset(nil)
+		readers.Put(c.br)
+		c.br = nil
+	}
 }
 
 // writers buffer requests on their way out. A request is written and flushed in one go, so a
@@ -453,7 +476,10 @@ func (c *eofConn) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func (c *conn) close() { c.nc.Close() }
+func (c *conn) close() {
+	c.returnReader()
+	c.nc.Close()
+}
 
 // aLongTimeAgo is a deadline in the past, which makes blocked reads and writes return at once.
 var aLongTimeAgo = time.Unix(1, 0)
@@ -504,6 +530,7 @@ func (c *conn) do(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Res
 	if err := c.write(req); err != nil {
 		return fail(&staleConnError{err})
 	}
+	c.borrowReader()
 	if headerTimeout > 0 {
 		c.nc.SetReadDeadline(time.Now().Add(headerTimeout))
 	}
@@ -537,11 +564,40 @@ func (c *conn) do(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Res
 		}
 		return nil, c.finish(stop, reusable)
 	}
+	// The body streams through a small reader of its own, after what the borrowed one holds.
+	s := &Stream{c: c, resp: resp, stop: stop, ctx: ctx, reusable: reusable && cl != -2, framed: cl != -2}
+	if n := c.br.Buffered(); n > 0 {
+		b, _ := c.br.Peek(n)
+		s.rest.buf = bytes.Clone(b)
+	}
+	c.returnReader()
+	s.rest.src = &c.src
+	s.br = streamReaders.Get().(*bufio.Reader)
+	s.br.Reset(&s.rest)
 	resp.StreamBody = true
-	if err := resp.ReadBody(c.br, 0); err != nil {
+	if err := resp.ReadBody(s.br, 0); err != nil {
+		s.releaseReader()
 		return fail(err)
 	}
-	return &Stream{c: c, resp: resp, r: resp.BodyStream(), stop: stop, ctx: ctx, reusable: reusable && cl != -2, framed: cl != -2}, nil
+	s.r = resp.BodyStream()
+	return s, nil
+}
+
+// rest reads the bytes that arrived with a streamed response's headers, then the connection.
+type rest struct {
+	buf []byte
+	src io.Reader
+}
+
+func (r *rest) Read(p []byte) (int, error) {
+	if len(r.buf) == 0 {
+		return r.src.Read(p)
+	}
+	n := copy(p, r.buf)
+	if r.buf = r.buf[n:]; len(r.buf) == 0 {
+		r.buf = nil
+	}
+	return n, nil
 }
 
 // readHeader reads the final response header, skipping informational ones (100 Continue,
@@ -562,6 +618,7 @@ func readHeader(br *bufio.Reader, h *fasthttp.ResponseHeader) error {
 func (c *conn) finish(stop func() bool, reusable bool) error {
 	stopped := stop() // false: the context was cancelled and the deadline is poisoned
 	if stopped && reusable && c.br.Buffered() == 0 {
+		c.returnReader()
 		c.p.put(c)
 		return nil
 	}
@@ -580,6 +637,8 @@ type Stream struct {
 	c        *conn
 	resp     *fasthttp.Response
 	r        io.Reader
+	br       *bufio.Reader // what r reads from: a small reader over rest
+	rest     rest
 	stop     func() bool
 	ctx      context.Context
 	reusable bool
@@ -619,7 +678,7 @@ func (s *Stream) Buffered() int {
 	if s.done {
 		return 0
 	}
-	return s.c.br.Buffered()
+	return s.br.Buffered() + len(s.rest.buf)
 }
 
 // Close ends the stream; a body not read to EOF takes its connection with it.
@@ -637,9 +696,17 @@ func (s *Stream) finish(eof bool) {
 	s.done = true
 	s.resp.CloseBodyStream()
 	stopped := s.stop()
-	if eof && stopped && s.reusable && s.c.br.Buffered() == 0 {
+	clean := s.br.Buffered() == 0 && len(s.rest.buf) == 0
+	s.releaseReader()
+	if eof && stopped && s.reusable && clean {
 		s.c.p.put(s.c)
 		return
 	}
 	s.c.close()
+}
+
+func (s *Stream) releaseReader() {
+	s.br.Reset(nil)
+	streamReaders.Put(s.br)
+	s.br = nil
 }

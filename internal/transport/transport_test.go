@@ -641,3 +641,107 @@ func TestIdlePoolIsCapped(t *testing.T) {
 		t.Errorf("pool keeps %d idle connections, want MaxIdlePerHost=%d", idle, maxIdle)
 	}
 }
+
+func TestReadBuffersAreBorrowed(t *testing.T) {
+	// Connections borrow their 16 KiB read buffer for a call's headers and buffered body only:
+	// an idle connection holds none, and a streamed body reads through a 512-byte one.
+	release := make(chan struct{})
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/small" {
+			io.WriteString(w, "small")
+			return
+		}
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: 1\n\n")
+		w.(http.Flusher).Flush()
+		<-release
+		io.WriteString(w, "data: 2\n\n")
+	})
+	tr := newTransport(t, Options{})
+	idleReaders := func() (n int) {
+		tr.mu.Lock()
+		defer tr.mu.Unlock()
+		for _, p := range tr.pools {
+			p.mu.Lock()
+			for _, c := range p.idle {
+				if c.br != nil {
+					n++
+				}
+			}
+			p.mu.Unlock()
+		}
+		return n
+	}
+	r, err := do(t, tr, t.Context(), "GET", srv.URL+"/small", "")
+	if err != nil || r.stream != nil || string(r.resp.Body()) != "small" {
+		t.Fatalf("got %v %q", err, r.resp.Body())
+	}
+	if n := idleReaders(); n != 0 {
+		t.Errorf("%d idle connections hold a read buffer", n)
+	}
+	r, err = do(t, tr, t.Context(), "GET", srv.URL+"/sse", "")
+	if err != nil || r.stream == nil {
+		t.Fatalf("got %v, want a stream", err)
+	}
+	if r.stream.c.br != nil || r.stream.br.Size() != 512 {
+		t.Errorf("a waiting stream holds its connection's buffer (%v) or a %d-byte one, want only 512 bytes", r.stream.c.br != nil, r.stream.br.Size())
+	}
+	close(release)
+	if got := r.body(t); got != "data: 1\n\ndata: 2\n\n" {
+		t.Errorf("got %q", got)
+	}
+	if n := idleReaders(); n != 0 {
+		t.Errorf("%d idle connections hold a read buffer", n)
+	}
+	if _, err := do(t, tr, t.Context(), "GET", srv.URL+"/small", ""); err != nil {
+		t.Fatal(err)
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("got %d connections, want 1: the stream's connection is reused", n)
+	}
+}
+
+func TestBytesAfterAStreamAreNotReused(t *testing.T) {
+	// Bytes after a stream's last chunk are not the next response: the connection is closed.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns atomic.Int32
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			conns.Add(1)
+			wg.Go(func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, req.Body)
+					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n")
+				}
+			})
+		}
+	})
+	tr := newTransport(t, Options{})
+	for range 2 {
+		r, err := do(t, tr, t.Context(), "GET", "http://"+ln.Addr().String()+"/sse", "")
+		if err != nil || r.stream == nil {
+			t.Fatalf("got %v, want a stream", err)
+		}
+		if got := r.body(t); got != "data: 1\n\n" {
+			t.Errorf("got %q", got)
+		}
+	}
+	if n := conns.Load(); n != 2 {
+		t.Errorf("got %d connections, want 2: a connection with bytes after the body must not be reused", n)
+	}
+}
