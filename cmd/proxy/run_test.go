@@ -588,6 +588,18 @@ callers:
 	if code, _, err := call(client(nil, 0), key); err != nil || code != 200 {
 		t.Errorf("a key over TLS without a certificate: got %d %v, want 200", code, err)
 	}
+	// An event stream over TLS is relayed on the TLS connection, to its end.
+	req, _ := http.NewRequest("POST", chat, strings.NewReader(`{"stream":true,"messages":[]}`))
+	req.Header.Set("api-key", key)
+	if resp, err := client(nil, 0).Do(req); err != nil {
+		t.Errorf("a stream over TLS: %v", err)
+	} else {
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != 200 || !strings.HasSuffix(string(b), "data: [DONE]\n\n") {
+			t.Errorf("a stream over TLS: got %d, %v, ending %q; want 200 and every event", resp.StatusCode, err, tail(string(b)))
+		}
+	}
 	if code, body, _ := call(client(&other, 0), ""); code != 403 {
 		t.Errorf("a trusted certificate naming no caller: got %d %s, want 403", code, body)
 	}

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -50,6 +51,22 @@ type call struct {
 
 	cancel context.CancelFunc // ends the upstream call and any token wait
 	watch  func()             // stops watching for the caller going away
+
+	// kept is what the access log needs of the request and response once fc is gone (a
+	// relayed stream outlives it): the method, apim-request-id and x-ms-region.
+	kept [3][]byte
+}
+
+// detach copies what the rest of the call needs from fc, which the server is about to reuse,
+// and lets go of it.
+func (c *call) detach() {
+	rh := &c.fc.Response.Header
+	c.kept = [3][]byte{
+		bytes.Clone(c.fc.Request.Header.Method()),
+		bytes.Clone(rh.Peek("Apim-Request-Id")),
+		bytes.Clone(rh.Peek("X-Ms-Region")),
+	}
+	c.fc, c.credential = nil, nil
 }
 
 func newCall(fc *fasthttp.RequestCtx) *call {
@@ -72,9 +89,13 @@ func (h *Handler) finish(c *call, p any) {
 		// The panic value, scrubbed, and the stack are logged; request headers are not.
 		h.log.Error("panic serving request", zap.String("request_id", c.id), zap.String("panic", redactPanic(p, c.credStr)), zap.Stack("stack"))
 		c.code, c.err = CodeInternal, errors.New("internal error")
-		c.fc.Response.Reset()
-		c.status = http.StatusInternalServerError
-		writeError(c.fc, errorf(http.StatusInternalServerError, CodeInternal, "internal error (request %s)", c.id), c.id)
+		if c.fc != nil {
+			c.fc.Response.Reset()
+			c.status = http.StatusInternalServerError
+			writeError(c.fc, errorf(http.StatusInternalServerError, CodeInternal, "internal error (request %s)", c.id), c.id)
+		} else {
+			c.aborted = true // a relayed stream: its status is sent, the caller sees it cut
+		}
 	}
 	status := c.status
 	if status == 0 {
@@ -113,13 +134,18 @@ func (h *Handler) accessLog(c *call, status int) {
 		return
 	}
 	end := time.Now()
+	method, apimID, region := c.kept[0], c.kept[1], c.kept[2]
+	if c.fc != nil {
+		rh := &c.fc.Response.Header
+		method, apimID, region = c.fc.Request.Header.Method(), rh.Peek("Apim-Request-Id"), rh.Peek("X-Ms-Region")
+	}
 	fields := make([]zap.Field, 0, 20)
 	fields = append(fields,
 		zap.String("request_id", c.id),
 		zap.String("caller", c.caller),
 		zap.String("deployment", c.scrub(c.deployment)),
 		zap.String("upstream", c.upstream),
-		zap.ByteString("method", c.fc.Request.Header.Method()),
+		zap.ByteString("method", method),
 		// The path only: query strings can carry things that do not belong in logs.
 		zap.String("path", c.scrub(c.path)),
 		zap.Int("status", status),
@@ -133,12 +159,11 @@ func (h *Handler) accessLog(c *call, status int) {
 	if !c.proxyStart.IsZero() && !c.headerAt.IsZero() {
 		fields = append(fields, zap.Duration("upstream_duration", c.headerAt.Sub(c.proxyStart)))
 	}
-	rh := &c.fc.Response.Header
-	if v := rh.Peek("Apim-Request-Id"); len(v) > 0 {
-		fields = append(fields, zap.ByteString("apim_request_id", v))
+	if len(apimID) > 0 {
+		fields = append(fields, zap.ByteString("apim_request_id", apimID))
 	}
-	if v := rh.Peek("X-Ms-Region"); len(v) > 0 {
-		fields = append(fields, zap.ByteString("x_ms_region", v))
+	if len(region) > 0 {
+		fields = append(fields, zap.ByteString("x_ms_region", region))
 	}
 	if c.backend != "" {
 		fields = append(fields, zap.String("backend", c.backend))

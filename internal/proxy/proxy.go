@@ -81,9 +81,12 @@ type Handler struct {
 	m           *metrics
 	transport   upstreamClient
 	own         *transport.Transport // made here, closed by Close
-	backends    *backend.Registry
-	budget      *backend.Budget
-	res         config.Resilience
+	// streams, set by NewServer, keeps account of the event streams relayed on connections
+	// the server has handed over; nil when the handler is served otherwise.
+	streams  *streamSet
+	backends *backend.Registry
+	budget   *backend.Budget
+	res      config.Resilience
 }
 
 // upstream is one configured resource.

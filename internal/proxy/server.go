@@ -22,9 +22,10 @@ const MaxHeaderBytes = 32 << 10
 
 // Server serves a Handler on listeners and shuts down gracefully.
 type Server struct {
-	srv *fasthttp.Server
-	log *zap.Logger
-	m   *metrics
+	srv     *fasthttp.Server
+	log     *zap.Logger
+	m       *metrics
+	streams *streamSet
 
 	mu    sync.Mutex
 	conns map[net.Conn]struct{}
@@ -32,7 +33,10 @@ type Server struct {
 
 // NewServer returns the API server for h with cfg's timeouts and limits.
 func (h *Handler) NewServer(cfg *config.Config) *Server {
-	s := &Server{log: h.log, m: h.m, conns: map[net.Conn]struct{}{}}
+	if h.streams == nil {
+		h.streams = newStreamSet()
+	}
+	s := &Server{log: h.log, m: h.m, streams: h.streams, conns: map[net.Conn]struct{}{}}
 	s.srv = &fasthttp.Server{
 		Handler:      h.ServeFastHTTP,
 		ErrorHandler: h.serverError,
@@ -52,9 +56,12 @@ func (h *Handler) NewServer(cfg *config.Config) *Server {
 		SecureErrorLogMessage:        true,
 		ReduceMemoryUsage:            true,
 		CloseOnShutdown:              true,
-		TCPKeepalive:                 true,
-		Logger:                       fasthttpLogger{h.log.Named("http")},
-		ConnState:                    s.track,
+		// Event streams are relayed on connections the server hands over (Handler.detach),
+		// which then close them.
+		KeepHijackedConns: true,
+		TCPKeepalive:      true,
+		Logger:            fasthttpLogger{h.log.Named("http")},
+		ConnState:         s.track,
 	}
 	return s
 }
@@ -89,8 +96,11 @@ func (s *Server) track(c net.Conn, state fasthttp.ConnState) {
 	switch state {
 	case fasthttp.StateNew:
 		s.conns[c] = struct{}{}
-	case fasthttp.StateClosed, fasthttp.StateHijacked:
+	case fasthttp.StateHijacked:
 		delete(s.conns, c)
+	case fasthttp.StateClosed:
+		delete(s.conns, c)
+		s.streams.closed(c)
 	}
 }
 
@@ -102,7 +112,13 @@ func (s *Server) Serve(ln net.Listener) error { return s.srv.Serve(ln) }
 func (s *Server) Shutdown(ctx context.Context) (cut int, err error) {
 	err = s.srv.ShutdownWithContext(ctx)
 	if err == nil {
-		return 0, nil
+		// The server is done with its connections; relayed streams may still be running.
+		select {
+		case <-s.streams.drained():
+			return 0, nil
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
 	}
 	s.mu.Lock()
 	for c := range s.conns {
@@ -110,11 +126,16 @@ func (s *Server) Shutdown(ctx context.Context) (cut int, err error) {
 		cut++
 	}
 	s.mu.Unlock()
+	cut += s.streams.cut()
 	s.m.shutdownCut.Add(float64(cut))
-	// Give the closed connections' handlers the moment they need to see the close.
+	// Give the closed connections' handlers and streams the moment they need to see the close.
 	wctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	s.srv.ShutdownWithContext(wctx)
+	select {
+	case <-s.streams.drained():
+	case <-wctx.Done():
+	}
 	return cut, err
 }
 

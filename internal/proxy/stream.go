@@ -3,6 +3,8 @@ package proxy
 import (
 	"bytes"
 	"io"
+	"net"
+	"strconv"
 	"sync"
 
 	"github.com/valyala/fasthttp"
@@ -10,11 +12,11 @@ import (
 	"github.com/tokenproxy/tokenproxy/internal/transport"
 )
 
-// stream answers with the upstream's body as it arrives. Server-sent events and bodies of
-// unknown length go out chunked, each upstream read flushed as its own chunk, so an event
-// reaches the caller as soon as it exists; a large body of known length keeps its length.
-// fasthttp closes the body when the response is done or the caller has gone, which ends the
-// call: the upstream connection is released or, if the stream was cut, closed.
+// stream answers with the upstream's body as it arrives. A large body of known length keeps
+// its length and goes out through fasthttp's copy loop. Server-sent events and bodies of
+// unknown length are relayed: each upstream read goes out at once as its own chunk, so an event
+// reaches the caller as soon as it exists. Either way the end of the body ends the call: the
+// upstream connection is released or, if the stream was cut, closed.
 func (h *Handler) stream(c *call, s *transport.Stream, upResp *fasthttp.Response) {
 	c.streaming = true
 	resp := &c.fc.Response
@@ -23,17 +25,183 @@ func (h *Handler) stream(c *call, s *transport.Stream, upResp *fasthttp.Response
 		resp.SetBodyStream(body, n)
 		return
 	}
-	resp.ImmediateHeaderFlush = true // the caller sees the status before the first event
-	body.relay = true
+	if h.streams != nil {
+		h.detach(c, s, upResp)
+		return
+	}
+	// Served without NewServer's server (in-process tests): fasthttp's copy loop relays.
+	resp.ImmediateHeaderFlush = true
 	resp.SetBodyStream(body, -1)
 }
 
 // relayBufs lends the buffers events are relayed through: a stream holds one only while an
 // upstream read that filled its own small buffer goes on, never while it waits for the next
 // event, so thousands of idle streams share a few.
-var relayBufs = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
+var relayBufs = sync.Pool{New: func() any { b := make([]byte, relayBig); return &b }}
 
-// streamBody is the response body of a streamed call.
+// A relay buffer holds a chunk's header (its size in hex and CRLF) before the data and the CRLF
+// that ends it after.
+const (
+	relaySmall = 512
+	relayBig   = 16 << 10
+	chunkHead  = 8 // "3ff6\r\n" fits with room to spare
+	chunkTail  = 2
+)
+
+// detach hands an event stream's connection over from the server to a goroutine of its own,
+// which relays the stream and then closes the connection. The serving goroutine, its stack and
+// the connection's read and write buffers are all let go, so an open stream holds little more
+// than its two sockets, a 512-byte buffer and a small stack (see bench/README.md). The
+// response says Connection: close, since nothing serves the connection after the stream.
+func (h *Handler) detach(c *call, s *transport.Stream, upResp *fasthttp.Response) {
+	fc := c.fc
+	hdr := &fc.Response.Header
+	r := &relay{h: h, c: c, s: s, upResp: upResp, chunked: fc.Request.Header.IsHTTP11()}
+	if r.chunked {
+		hdr.SetContentLength(-1)
+	} else {
+		hdr.Del(fasthttp.HeaderTransferEncoding) // HTTP/1.0: the body ends where the connection does
+	}
+	hdr.SetConnectionClose()
+	r.head = hdr.AppendBytes(make([]byte, 0, 1536)) // room for the first event, to go with it
+	c.detach()
+	conn := fc.Conn()
+	h.streams.expect(conn, r)
+	fc.HijackSetNoResponse(true)
+	fc.Hijack(func(hc net.Conn) {
+		if u, ok := hc.(interface{ UnsafeConn() net.Conn }); ok {
+			hc = u.UnsafeConn() // the connection itself, not the server's reader in front of it
+		}
+		if h.streams.start(conn) {
+			go r.run(hc)
+		}
+	})
+}
+
+// relay is an event stream being relayed to a caller's connection.
+type relay struct {
+	h       *Handler
+	c       *call
+	s       *transport.Stream
+	upResp  *fasthttp.Response
+	head    []byte // the response's status line and headers, until written
+	chunked bool   // HTTP/1.1: chunked framing; HTTP/1.0: raw bytes, ended by the close
+	eof     bool
+	// small takes each upstream read first: an event usually fits, and a stream waiting for
+	// the next one then holds this and no more.
+	small [chunkHead + relaySmall + chunkTail]byte
+}
+
+// run relays the stream to conn, then ends the call and closes conn.
+func (r *relay) run(conn net.Conn) {
+	var werr error
+	defer func() {
+		p := recover()
+		r.end(werr)
+		r.h.finish(r.c, p) // before the close: when the caller sees it, the call is logged
+		conn.Close()
+		r.h.streams.done(conn)
+	}()
+	werr = r.copy(conn)
+}
+
+// copy writes the head, then each upstream read as it arrives, and the last chunk at the end.
+// It returns the error writing to the caller failed with, if that is what stopped it.
+func (r *relay) copy(w io.Writer) error {
+	if r.s.Buffered() == 0 { // no event yet: the caller sees the status while it waits
+		if _, err := w.Write(r.head); err != nil {
+			return err
+		}
+		r.head = nil
+	}
+	for {
+		out, lent, err := r.read()
+		if len(r.head) > 0 { // the headers go out with the first event if it has arrived
+			if len(out) > 0 && len(r.head)+len(out) <= cap(r.head) {
+				out = append(r.head, out...)
+			} else if _, werr := w.Write(r.head); werr != nil {
+				r.lend(lent)
+				return werr
+			}
+			r.head = nil
+		}
+		if err == io.EOF && r.chunked {
+			out = append(out, "0\r\n\r\n"...)
+		}
+		if len(out) > 0 {
+			if _, werr := w.Write(out); werr != nil {
+				r.lend(lent)
+				return werr
+			}
+		}
+		r.lend(lent)
+		if err != nil {
+			return nil // io.EOF, or the upstream failed (noted by read)
+		}
+	}
+}
+
+// read reads what the upstream has sent into the small buffer, or, when that fills and more has
+// already arrived, on into a borrowed big one, which it returns to be given back. out is the
+// data framed as a chunk (or as is, for HTTP/1.0); empty if nothing arrived.
+func (r *relay) read() (out []byte, lent *[]byte, err error) {
+	buf := r.small[:]
+	n, err := r.s.Read(buf[chunkHead : len(buf)-chunkTail])
+	if err == nil && n == relaySmall && r.s.Buffered() > 0 {
+		lent = relayBufs.Get().(*[]byte)
+		big := *lent
+		copy(big[chunkHead:], buf[chunkHead:chunkHead+n])
+		var m int
+		m, err = r.s.Read(big[chunkHead+n : len(big)-chunkTail])
+		n += m
+		buf = big
+	}
+	r.c.bytesOut += n
+	switch err {
+	case nil:
+	case io.EOF:
+		r.eof = true
+	default:
+		r.c.err = err // the upstream failed mid-stream; the caller's response is cut short
+	}
+	if n == 0 {
+		return nil, lent, err
+	}
+	if !r.chunked {
+		return buf[chunkHead : chunkHead+n], lent, err
+	}
+	// "<size in hex>\r\n" right before the data, "\r\n" right after.
+	var size [chunkHead]byte
+	h := strconv.AppendInt(size[:0], int64(n), 16)
+	h = append(h, '\r', '\n')
+	start := chunkHead - len(h)
+	copy(buf[start:], h)
+	end := chunkHead + n
+	buf[end], buf[end+1] = '\r', '\n'
+	return buf[start : end+2], lent, err
+}
+
+func (r *relay) lend(b *[]byte) {
+	if b != nil {
+		relayBufs.Put(b)
+	}
+}
+
+// end closes the upstream side and notes how the stream ended; werr is why writing to the
+// caller stopped, if it did.
+func (r *relay) end(werr error) {
+	r.s.Close()
+	fasthttp.ReleaseResponse(r.upResp)
+	if !r.eof || werr != nil {
+		r.c.aborted = true
+		if r.c.err == nil && werr != nil {
+			r.c.err = werr
+		}
+	}
+}
+
+// streamBody is the response body of a streamed call that fasthttp writes: one of known length,
+// or any stream when the handler is served without NewServer's server.
 type streamBody struct {
 	h      *Handler
 	c      *call
@@ -41,54 +209,6 @@ type streamBody struct {
 	upResp *fasthttp.Response
 	eof    bool
 	once   sync.Once
-	// relay: the body goes out chunked through WriteTo, each upstream read its own chunk.
-	relay bool
-	// small takes each upstream read first: an event usually fits, and a stream waiting for
-	// the next one then holds this and no more (fasthttp's own copy loop holds 4 KiB).
-	small [512]byte
-}
-
-var _ fasthttp.BodyWriterTo = (*streamBody)(nil)
-
-// SupportsBodyWriteTo tells fasthttp to send a chunked body through WriteTo (not Read), which
-// lets the stream wait for each event with only its small buffer. Bodies of known length keep
-// fasthttp's copy loop.
-func (b *streamBody) SupportsBodyWriteTo() bool { return b.relay }
-
-// WriteTo relays the body to w, one Write per upstream read, as fasthttp's copy loop would; w
-// frames and flushes each as a chunk. A read that fills the small buffer is continued, into a
-// borrowed buffer, with what has already arrived.
-func (b *streamBody) WriteTo(w io.Writer) (int64, error) {
-	var total int64
-	for {
-		n, err := b.Read(b.small[:])
-		out := b.small[:n]
-		var lent *[]byte
-		if err == nil && n == len(b.small) && b.s.Buffered() > 0 {
-			lent = relayBufs.Get().(*[]byte)
-			buf := *lent
-			copy(buf, out)
-			var m int
-			m, err = b.Read(buf[n:])
-			out = buf[:n+m]
-		}
-		if len(out) > 0 {
-			wn, werr := w.Write(out)
-			total += int64(wn)
-			if werr != nil {
-				err = werr
-			}
-		}
-		if lent != nil {
-			relayBufs.Put(lent)
-		}
-		if err == io.EOF {
-			return total, nil
-		}
-		if err != nil {
-			return total, err
-		}
-	}
 }
 
 func (b *streamBody) Read(p []byte) (int, error) {
@@ -119,4 +239,96 @@ func (b *streamBody) CloseWithError(err error) error {
 		b.h.finish(b.c, nil)
 	})
 	return nil
+}
+
+// streamSet keeps account of the relayed streams, for Shutdown.
+type streamSet struct {
+	mu sync.Mutex
+	// expected: streams whose connection the server has yet to hand over (it does unless the
+	// connection fails first, and then closes it).
+	expected map[net.Conn]*relay
+	live     map[net.Conn]*relay
+	empty    chan struct{} // closed when no stream is left, if someone waits for that
+}
+
+func newStreamSet() *streamSet {
+	return &streamSet{expected: map[net.Conn]*relay{}, live: map[net.Conn]*relay{}}
+}
+
+func (s *streamSet) expect(conn net.Conn, r *relay) {
+	s.mu.Lock()
+	s.expected[conn] = r
+	s.mu.Unlock()
+}
+
+// start moves conn's stream from expected to live, reporting whether it was expected.
+func (s *streamSet) start(conn net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	r, ok := s.expected[conn]
+	if !ok {
+		return false
+	}
+	delete(s.expected, conn)
+	s.live[conn] = r
+	return true
+}
+
+// closed is told of every connection the server closes: a stream still expected on it will
+// not be handed over, so it ends here, cut.
+func (s *streamSet) closed(conn net.Conn) {
+	s.mu.Lock()
+	r, ok := s.expected[conn]
+	delete(s.expected, conn)
+	s.mu.Unlock()
+	if ok {
+		r.end(net.ErrClosed)
+		r.h.finish(r.c, nil)
+		s.settle()
+	}
+}
+
+func (s *streamSet) done(conn net.Conn) {
+	s.mu.Lock()
+	delete(s.live, conn)
+	s.mu.Unlock()
+	s.settle()
+}
+
+// settle closes empty if no stream is left.
+func (s *streamSet) settle() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.empty != nil && len(s.live)+len(s.expected) == 0 {
+		close(s.empty)
+		s.empty = nil
+	}
+}
+
+// drained returns a channel closed once no stream is left.
+func (s *streamSet) drained() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ch := make(chan struct{})
+	if len(s.live)+len(s.expected) == 0 {
+		close(ch)
+		return ch
+	}
+	if s.empty == nil {
+		s.empty = make(chan struct{})
+	}
+	return s.empty
+}
+
+// cut ends the live streams, closing their connections and cancelling their upstream calls
+// (a stream waiting for its next event would not see its connection close), and reports how
+// many there were.
+func (s *streamSet) cut() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for conn, r := range s.live {
+		conn.Close()
+		r.c.cancel()
+	}
+	return len(s.live)
 }

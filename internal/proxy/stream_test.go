@@ -1,0 +1,237 @@
+package proxy
+
+import (
+	"bufio"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/valyala/fasthttp"
+
+	"github.com/tokenproxy/tokenproxy/internal/config"
+	"github.com/tokenproxy/tokenproxy/internal/transport"
+)
+
+// rawCall sends req on a connection of its own and returns the response's head and body as
+// they came, read until the gateway closed the connection.
+func rawCall(t *testing.T, g *gateway, req string) (head, body string) {
+	t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(g.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(30 * time.Second)) // a bound, not a wait: the test fails if it is hit
+	if _, err := io.WriteString(conn, req); err != nil {
+		t.Fatal(err)
+	}
+	all, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatalf("reading until the gateway closes the connection: %v (got %q)", err, all)
+	}
+	head, body, ok := strings.Cut(string(all), "\r\n\r\n")
+	if !ok {
+		t.Fatalf("no response head in %q", all)
+	}
+	return head, body
+}
+
+// logLine returns the access log line of the call with request ID id.
+func logLine(t *testing.T, g *gateway, id string) map[string]any {
+	t.Helper()
+	sc := bufio.NewScanner(strings.NewReader(g.logs.String()))
+	for sc.Scan() {
+		var m map[string]any
+		if json.Unmarshal(sc.Bytes(), &m) == nil && m["msg"] == "request" && m["request_id"] == id {
+			return m
+		}
+	}
+	t.Fatalf("no access log line for request %s", id)
+	return nil
+}
+
+func streamRequest(proto, id string) string {
+	body := `{"stream":true,"messages":[{"role":"user","content":"hi"}]}`
+	return "POST " + chatPath + " " + proto + "\r\nHost: gw\r\nApi-Key: " + keyProd +
+		"\r\nX-Ms-Client-Request-Id: " + id + "\r\nContent-Type: application/json\r\nContent-Length: " +
+		itoa(len(body)) + "\r\n\r\n" + body
+}
+
+func itoa(n int) string {
+	b, _ := json.Marshal(n)
+	return string(b)
+}
+
+func TestStreamEndsWithItsConnection(t *testing.T) {
+	// An event stream is relayed on a connection the server has let go of: the response says
+	// Connection: close, ends with the last chunk, and then the connection closes, after the
+	// call is logged.
+	g := newGateway(t)
+	head, body := rawCall(t, g, streamRequest("HTTP/1.1", "stream-http11"))
+	for _, want := range []string{"HTTP/1.1 200 OK\r\n", "\r\nTransfer-Encoding: chunked", "\r\nConnection: close", "\r\nContent-Type: text/event-stream"} {
+		if !strings.Contains(head+"\r\n", want) {
+			t.Errorf("the response head %q lacks %q", head, strings.TrimSpace(want))
+		}
+	}
+	cr := httputil.NewChunkedReader(strings.NewReader(body))
+	events, err := io.ReadAll(cr)
+	if err != nil {
+		t.Fatalf("the body is not well-formed chunks: %v (%q)", err, body)
+	}
+	if !strings.HasSuffix(body, "0\r\n\r\n") || !strings.HasSuffix(string(events), "data: [DONE]\n\n") {
+		t.Errorf("the stream does not end with [DONE] and the last chunk: %q", body)
+	}
+	line := logLine(t, g, "stream-http11")
+	if line["status"] != 200.0 || line["stream"] != true || line["aborted"] != nil || line["bytes_out"] != float64(len(events)) ||
+		line["method"] != "POST" || line["apim_request_id"] == nil || line["x_ms_region"] != "Canada East" {
+		t.Errorf("access log %v: want POST, status 200, stream, not aborted, bytes_out %d, and Azure's request ID and region", line, len(events))
+	}
+}
+
+func TestStreamToAnHTTP10Caller(t *testing.T) {
+	// HTTP/1.0 has no chunks: the events go out as they are, and the close ends the body.
+	g := newGateway(t)
+	head, body := rawCall(t, g, streamRequest("HTTP/1.0", "stream-http10"))
+	if !strings.HasPrefix(head, "HTTP/1.0 200 OK\r\n") || strings.Contains(head, "Transfer-Encoding") || strings.Contains(head, "Content-Length") {
+		t.Errorf("response head %q: want 200 with neither chunks nor a length", head)
+	}
+	if !strings.HasPrefix(body, "data: {") || !strings.HasSuffix(body, "data: [DONE]\n\n") {
+		t.Errorf("got body %q, want the events as the upstream sent them", body)
+	}
+	if line := logLine(t, g, "stream-http10"); line["status"] != 200.0 || line["aborted"] != nil {
+		t.Errorf("access log %v: want status 200, not aborted", line)
+	}
+}
+
+func TestStreamStatusBeforeTheFirstEvent(t *testing.T) {
+	// A reasoning model can think for minutes before its first event: the caller has the status
+	// and headers meanwhile.
+	release := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.WriteHeader(200)
+		w.(http.Flusher).Flush()
+		<-release
+		io.WriteString(w, "data: {\"late\":true}\n\ndata: [DONE]\n\n")
+	}))
+	defer up.Close()
+	defer close(release)
+	g := newGateway(t, func(c *config.Config) { c.Upstreams["eastca"].URL = up.URL })
+	req, _ := http.NewRequestWithContext(t.Context(), "POST", g.url+chatPath, strings.NewReader(`{"stream":true,"messages":[]}`))
+	req.Header.Set("api-key", keyProd)
+	got := make(chan *http.Response, 1)
+	go func() {
+		resp, err := g.client.Do(req)
+		if err != nil {
+			t.Error(err)
+			close(got)
+			return
+		}
+		got <- resp
+	}()
+	var resp *http.Response
+	select {
+	case resp = <-got:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no response headers while the upstream holds back its first event")
+	}
+	if resp == nil {
+		return
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 || !resp.Close {
+		t.Errorf("got %d, close %v; want 200 and Connection: close", resp.StatusCode, resp.Close)
+	}
+	release <- struct{}{}
+	if events := readEvents(t, resp.Body, 2); len(events) != 2 || events[0] != `{"late":true}` {
+		t.Errorf("got events %q", events)
+	}
+}
+
+func TestStreamCutByTheUpstream(t *testing.T) {
+	// The upstream hangs up mid-stream: the caller's response must not end as if complete.
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: {\"n\":1}\n\n")
+		w.(http.Flusher).Flush()
+		conn, _, err := http.NewResponseController(w).Hijack()
+		if err == nil {
+			conn.Close()
+		}
+	}))
+	defer up.Close()
+	g := newGateway(t, func(c *config.Config) { c.Upstreams["eastca"].URL = up.URL })
+	head, body := rawCall(t, g, streamRequest("HTTP/1.1", "stream-cut"))
+	if !strings.HasPrefix(head, "HTTP/1.1 200") {
+		t.Fatalf("got %q", head)
+	}
+	events, err := io.ReadAll(httputil.NewChunkedReader(strings.NewReader(body)))
+	if err == nil || !strings.Contains(string(events), `{"n":1}`) {
+		t.Errorf("got %q, %v; want the first event and then a body cut short (no last chunk)", events, err)
+	}
+	if line := logLine(t, g, "stream-cut"); line["aborted"] != true || line["error"] == nil {
+		t.Errorf("access log %v: want aborted with the upstream's error", line)
+	}
+}
+
+func TestStreamNeverHandedOver(t *testing.T) {
+	// If the server closes a connection instead of handing it over for its stream (it failed
+	// first), the stream still ends: the upstream call is closed and the call logged, cut.
+	gone := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: {}\n\n")
+		w.(http.Flusher).Flush()
+		<-r.Context().Done()
+		close(gone)
+	}))
+	defer up.Close()
+	g := newGateway(t)
+	origin, err := transport.NewOrigin(up.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := transport.New(transport.Options{})
+	defer tr.Close()
+	req, resp := newUpstreamCall(up.URL)
+	s, err := tr.Do(t.Context(), origin, req, resp)
+	if err != nil || s == nil {
+		t.Fatalf("got stream %v, %v", s, err)
+	}
+	c := &call{id: "never-handed-over", status: 200, streaming: true}
+	g.handler.m.inflight.Inc() // as ServeFastHTTP does; finish takes it back
+	set := g.handler.streams
+	server, client := net.Pipe()
+	defer client.Close()
+	set.expect(server, &relay{h: g.handler, c: c, s: s, upResp: resp})
+	set.closed(server)
+	select {
+	case <-set.drained():
+	default:
+		t.Error("a stream that was never handed over is still counted")
+	}
+	if set.start(server) {
+		t.Error("a stream ended at its connection's close could still start")
+	}
+	if line := logLine(t, g, "never-handed-over"); line["aborted"] != true {
+		t.Errorf("access log %v: want aborted", line)
+	}
+	select {
+	case <-gone:
+	case <-time.After(10 * time.Second):
+		t.Error("the upstream connection was not closed")
+	}
+}
+
+func newUpstreamCall(url string) (*fasthttp.Request, *fasthttp.Response) {
+	req := fasthttp.AcquireRequest()
+	req.SetRequestURI(url + "/stream")
+	req.Header.SetMethod("POST")
+	return req, fasthttp.AcquireResponse()
+}
