@@ -281,10 +281,10 @@ func serveUntilClosed(srv *http.Server, ln net.Listener) error {
 
 // listen opens addr; with fallback, a taken port is replaced by a free one on the same host.
 func listen(addr string, fallback bool) (net.Listener, error) {
-	ln, err := net.Listen("tcp", addr)
+	ln, err := proxy.Listen(addr)
 	if err != nil && fallback && errors.Is(err, syscall.EADDRINUSE) {
 		host, _, _ := net.SplitHostPort(addr)
-		return net.Listen("tcp", net.JoinHostPort(host, "0"))
+		return proxy.Listen(net.JoinHostPort(host, "0"))
 	}
 	return ln, err
 }

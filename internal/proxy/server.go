@@ -59,9 +59,9 @@ func (h *Handler) NewServer(cfg *config.Config) *Server {
 		// Event streams are relayed on connections the server hands over (Handler.detach),
 		// which then close them.
 		KeepHijackedConns: true,
-		TCPKeepalive:      true,
-		Logger:            fasthttpLogger{h.log.Named("http")},
-		ConnState:         s.track,
+		// TCP keep-alive comes from the listener (Listen), not from a setting per connection.
+		Logger:    fasthttpLogger{h.log.Named("http")},
+		ConnState: s.track,
 	}
 	return s
 }
