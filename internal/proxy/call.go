@@ -69,6 +69,10 @@ func (c *call) detach() {
 	c.fc, c.credential = nil, nil
 }
 
+// Request IDs are drawn from a pool of random bytes read in batches, not one read per call:
+// they are correlation IDs the caller sees, not secrets.
+func init() { uuid.EnableRandPool() }
+
 func newCall(fc *fasthttp.RequestCtx) *call {
 	return &call{fc: fc, start: time.Now(), id: requestID(&fc.Request.Header)}
 }

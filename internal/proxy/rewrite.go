@@ -23,6 +23,17 @@ var dropResponseHeaders = []string{
 	"Connection", "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Te", "Trailer", "Upgrade",
 }
 
+// dropMask returns the bit of the header named key in names (at most 32), compared without
+// regard to case; 0 if it is not there.
+func dropMask(key []byte, names []string) uint32 {
+	for i, n := range names {
+		if len(n) == len(key) && bytes.EqualFold(key, []byte(n)) {
+			return 1 << i
+		}
+	}
+	return 0
+}
+
 // rewrite builds the upstream request out from the caller's request in: the upstream's Host
 // and base path, the (possibly renamed) path, the caller's query minus key-bearing parameters,
 // the caller's headers minus those above, the bearer token, the request ID and the body read.
@@ -32,24 +43,28 @@ var dropResponseHeaders = []string{
 func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body []byte, authorization, requestID string, credential []byte, credStr string) {
 	in.Header.CopyTo(&out.Header)
 	h := &out.Header
-	if len(credential) > 0 {
-		var carriers [][]byte
-		for k, v := range h.All() {
-			if bytes.Contains(v, credential) {
-				carriers = append(carriers, bytes.Clone(k))
-			}
+	// One pass finds what is to go (deleting while iterating is not allowed); a call usually
+	// carries one or two of the dropped headers, so only those are deleted.
+	var drop uint32
+	var carriers [][]byte
+	for k, v := range h.All() {
+		drop |= dropMask(k, dropRequestHeaders)
+		if len(credential) > 0 && bytes.Contains(v, credential) {
+			carriers = append(carriers, bytes.Clone(k))
 		}
-		for _, k := range carriers {
-			h.DelBytes(k)
-		}
+	}
+	for _, k := range carriers {
+		h.DelBytes(k)
 	}
 	for token := range strings.SplitSeq(string(in.Header.Peek("Connection")), ",") {
 		if token = strings.TrimSpace(token); token != "" {
 			h.Del(token)
 		}
 	}
-	for _, k := range dropRequestHeaders {
-		h.Del(k)
+	for i, k := range dropRequestHeaders {
+		if drop&(1<<i) != 0 {
+			h.Del(k)
+		}
 	}
 	h.DelAllCookies()
 	h.ResetConnectionClose()
@@ -91,19 +106,27 @@ func validHeaderValue(v []byte) bool {
 // cleanResponse removes hop-by-hop headers from an upstream response and makes sure the
 // caller gets the request ID back even if the upstream does not echo it.
 func cleanResponse(h *fasthttp.ResponseHeader, requestID string) {
-	if conn := h.Peek("Connection"); len(conn) > 0 {
-		for token := range bytes.SplitSeq(bytes.Clone(conn), []byte(",")) {
+	var drop uint32
+	hasID := false
+	for k := range h.All() {
+		drop |= dropMask(k, dropResponseHeaders)
+		hasID = hasID || bytes.EqualFold(k, []byte("X-Ms-Client-Request-Id"))
+	}
+	if drop&1 != 0 { // Connection, which may name more
+		for token := range bytes.SplitSeq(bytes.Clone(h.Peek("Connection")), []byte(",")) {
 			if token = bytes.TrimSpace(token); len(token) > 0 {
 				h.DelBytes(token)
 			}
 		}
 	}
-	for _, k := range dropResponseHeaders {
-		h.Del(k)
+	for i, k := range dropResponseHeaders {
+		if drop&(1<<i) != 0 {
+			h.Del(k)
+		}
 	}
 	// An upstream closing its connection says nothing about the caller's.
 	h.ResetConnectionClose()
-	if len(h.Peek("X-Ms-Client-Request-Id")) == 0 {
+	if !hasID || len(h.Peek("X-Ms-Client-Request-Id")) == 0 {
 		h.Set("X-Ms-Client-Request-Id", requestID)
 	}
 }

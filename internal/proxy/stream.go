@@ -72,9 +72,11 @@ func (h *Handler) detach(c *call, s *transport.Stream, upResp *fasthttp.Response
 		if u, ok := hc.(interface{ UnsafeConn() net.Conn }); ok {
 			hc = u.UnsafeConn() // the connection itself, not the server's reader in front of it
 		}
-		if h.streams.start(conn) {
-			go r.run(hc)
+		if !h.streams.start(conn) {
+			hc.Close() // its stream has ended already (streamSet.closed)
+			return
 		}
+		go r.run(hc)
 	})
 }
 
