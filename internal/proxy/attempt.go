@@ -153,7 +153,7 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 	}
 	out := fasthttp.AcquireRequest()
 	defer fasthttp.ReleaseRequest(out)
-	rewrite(out, &c.fc.Request, up, p.pathFor(name), c.query, p.bodyFor(c.deployment, name), tok.AuthorizationHeader()[0], c.id, c.credential, c.credStr)
+	rewrite(out, &c.fc.Request, up, p.pathFor(name), c.query, p.bodyFor(c.deployment, name), tok.AuthorizationHeader()[0], c.id, c.credential, c.credStr, h.callers.Load())
 
 	c.proxyStart = time.Now()
 	upResp := fasthttp.AcquireResponse()

@@ -133,6 +133,33 @@ func TestCallerCredentialsNeverReachUpstream(t *testing.T) {
 	}
 }
 
+func TestOtherCallersKeysNeverReachUpstream(t *testing.T) {
+	// A caller that sends another caller's key, in any header or parameter, does not get it to
+	// Azure either: the gateway knows its keys only by hash, so it hashes what could be one.
+	g := newGateway(t)
+	resp, body := g.do("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=2025-01-01-preview&other="+keyProd+"&x=1",
+		map[string]string{"api-key": keyAdmin, "X-Other": keyProd, "X-Auth": "Bearer " + keyProd, "X-Pair": "k=" + keyProd + "; a=b",
+			"X-Keep": "kept, as it is", "User-Agent": "AzureOpenAI/Python 1.54.0"}, chatBody)
+	if resp.StatusCode != 200 {
+		t.Fatalf("got %d %s, want 200", resp.StatusCode, body)
+	}
+	reqs := g.emu.OpenAI.Requests()
+	r := reqs[len(reqs)-1]
+	for k, vs := range r.Header {
+		for _, v := range vs {
+			if strings.Contains(v, keyProd) || strings.Contains(v, keyAdmin) {
+				t.Errorf("upstream received a caller key in %s", k)
+			}
+		}
+	}
+	if r.RawQuery != "api-version=2025-01-01-preview&x=1" {
+		t.Errorf("upstream query %q, want the parameter holding a key dropped and the rest kept", r.RawQuery)
+	}
+	if r.Header.Get("X-Keep") != "kept, as it is" || r.Header.Get("User-Agent") != "AzureOpenAI/Python 1.54.0" {
+		t.Errorf("upstream headers %v: want those holding no key kept", r.Header)
+	}
+}
+
 func TestHeaderInjectionIsRefused(t *testing.T) {
 	g := newGateway(t)
 	for _, evil := range []string{

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"net/http"
 	"net/url"
 	"strings"
@@ -39,8 +40,9 @@ func dropMask(key []byte, names []string) uint32 {
 // the caller's headers minus those above, the bearer token, the request ID and the body read.
 // credential, the key or token the caller authenticated with, is also removed from any other
 // header or query parameter it was put in: whatever the caller named them, it does not leave.
-// The caller's headers have passed checkHeaders.
-func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body []byte, authorization, requestID string, credential []byte, credStr string) {
+// So is any header or parameter holding another of keys' keys (keys may be nil). The caller's
+// headers have passed checkHeaders.
+func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body []byte, authorization, requestID string, credential []byte, credStr string, keys *callers) {
 	in.Header.CopyTo(&out.Header)
 	h := &out.Header
 	// One pass finds what is to go (deleting while iterating is not allowed); a call usually
@@ -48,8 +50,9 @@ func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body [
 	var drop uint32
 	var carriers [][]byte
 	for k, v := range h.All() {
-		drop |= dropMask(k, dropRequestHeaders)
-		if len(credential) > 0 && bytes.Contains(v, credential) {
+		bit := dropMask(k, dropRequestHeaders)
+		drop |= bit
+		if bit == 0 && (len(credential) > 0 && bytes.Contains(v, credential) || keys.holdsKey(v)) {
 			carriers = append(carriers, bytes.Clone(k))
 		}
 	}
@@ -73,7 +76,7 @@ func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body [
 	h.SetHost(up.origin.Host())
 
 	uri := up.basePath + path
-	if q := stripCredentialParams(query, credStr); q != "" {
+	if q := stripCredentialParams(query, credStr, keys); q != "" {
 		uri += "?" + q
 	}
 	h.SetRequestURI(uri)
@@ -135,10 +138,10 @@ func cleanResponse(h *fasthttp.ResponseHeader, requestID string) {
 // subscription-key), and any whose value holds the caller's credential. The gateway never reads
 // keys from the query, but a caller's key must not reach the upstream, or its logs, whatever
 // the caller did with it. Other parameters keep their order and encoding.
-func stripCredentialParams(rawQuery, credential string) string {
+func stripCredentialParams(rawQuery, credential string, keys *callers) string {
 	lower := strings.ToLower(rawQuery)
 	if !strings.Contains(lower, "api-key") && !strings.Contains(lower, "subscription-key") && !strings.Contains(lower, "%") &&
-		(credential == "" || !strings.Contains(rawQuery, credential)) {
+		(credential == "" || !strings.Contains(rawQuery, credential)) && !keys.inQuery(rawQuery) {
 		return rawQuery
 	}
 	kept := make([]string, 0, 4)
@@ -154,6 +157,8 @@ func stripCredentialParams(rawQuery, credential string) string {
 		case strings.EqualFold(k, "api-key"), strings.EqualFold(k, "subscription-key"):
 			continue
 		case credential != "" && (strings.Contains(v, credential) || strings.Contains(kv, credential)):
+			continue
+		case keys.holdsKey([]byte(v)):
 			continue
 		}
 		kept = append(kept, kv)
@@ -171,4 +176,56 @@ func hasQueryParam(rawQuery, key string) bool {
 		}
 	}
 	return false
+}
+
+// minKeyLength is the shortest value checked for being a caller's key: shorter ones (versions,
+// flags, counts) are not worth hashing, and no one issues keys that short.
+const minKeyLength = 8
+
+// holdsKey reports whether v is, or has as a field (split at spaces, commas and semicolons, and
+// after an '='), one of the callers' keys. Keys are known only by their SHA-256, so each
+// candidate of minKeyLength or more is hashed. cs may be nil.
+func (cs *callers) holdsKey(v []byte) bool {
+	if cs == nil || len(cs.byHash) == 0 || len(v) < minKeyLength {
+		return false
+	}
+	if cs.isKey(v) {
+		return true
+	}
+	for len(v) > 0 {
+		i := bytes.IndexAny(v, " ,;\t")
+		field := v
+		if i >= 0 {
+			field, v = v[:i], v[i+1:]
+		} else {
+			v = nil
+		}
+		if len(field) >= minKeyLength && cs.isKey(field) {
+			return true
+		}
+		if _, after, ok := bytes.Cut(field, []byte("=")); ok && len(after) >= minKeyLength && cs.isKey(after) {
+			return true
+		}
+	}
+	return false
+}
+
+// inQuery reports whether a parameter value of the raw query is one of the callers' keys.
+func (cs *callers) inQuery(rawQuery string) bool {
+	if cs == nil || len(cs.byHash) == 0 {
+		return false
+	}
+	for rawQuery != "" {
+		var kv string
+		kv, rawQuery, _ = strings.Cut(rawQuery, "&")
+		if _, v, _ := strings.Cut(kv, "="); len(v) >= minKeyLength && cs.isKey([]byte(v)) {
+			return true
+		}
+	}
+	return false
+}
+
+func (cs *callers) isKey(v []byte) bool {
+	_, ok := cs.byHash[sha256.Sum256(v)]
+	return ok
 }
