@@ -213,6 +213,12 @@ func TestBufferedAndStreamedBodies(t *testing.T) {
 // flakyServer answers each request and then closes the connection without saying so, as a
 // server whose idle timeout fired would: the next request on that connection finds it dead.
 func flakyServer(t *testing.T) (string, *atomic.Int32) {
+	return rawServer(t, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false)
+}
+
+// rawServer answers every request with the bytes of answer, on as many requests per connection
+// as come if keepAlive, else on one, and counts the connections it accepts.
+func rawServer(t *testing.T, answer string, keepAlive bool) (string, *atomic.Int32) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -230,12 +236,18 @@ func flakyServer(t *testing.T) (string, *atomic.Int32) {
 			conns.Add(1)
 			wg.Go(func() {
 				defer c.Close()
-				req, err := http.ReadRequest(bufio.NewReader(c))
-				if err != nil {
-					return
+				br := bufio.NewReader(c)
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, req.Body)
+					io.WriteString(c, answer)
+					if !keepAlive {
+						return
+					}
 				}
-				io.Copy(io.Discard, req.Body)
-				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 			})
 		}
 	})
@@ -703,37 +715,11 @@ func TestReadBuffersAreBorrowed(t *testing.T) {
 
 func TestBytesAfterAStreamAreNotReused(t *testing.T) {
 	// Bytes after a stream's last chunk are not the next response: the connection is closed.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var conns atomic.Int32
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			conns.Add(1)
-			wg.Go(func() {
-				defer c.Close()
-				br := bufio.NewReader(c)
-				for {
-					req, err := http.ReadRequest(br)
-					if err != nil {
-						return
-					}
-					io.Copy(io.Discard, req.Body)
-					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n")
-				}
-			})
-		}
-	})
+	url, conns := rawServer(t, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"+
+		"9\r\ndata: 1\n\n\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n", true)
 	tr := newTransport(t, Options{})
 	for range 2 {
-		r, err := do(t, tr, t.Context(), "GET", "http://"+ln.Addr().String()+"/sse", "")
+		r, err := do(t, tr, t.Context(), "GET", url+"/sse", "")
 		if err != nil || r.stream == nil {
 			t.Fatalf("got %v, want a stream", err)
 		}
