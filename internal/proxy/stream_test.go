@@ -183,15 +183,19 @@ func TestStreamCutByTheUpstream(t *testing.T) {
 func TestStreamNeverHandedOver(t *testing.T) {
 	// If the server closes a connection instead of handing it over for its stream (it failed
 	// first), the stream still ends: the upstream call is closed and the call logged, cut.
-	gone := make(chan struct{})
+	gone, stop := make(chan struct{}), make(chan struct{})
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
 		io.WriteString(w, "data: {}\n\n")
 		w.(http.Flusher).Flush()
-		<-r.Context().Done()
-		close(gone)
+		select {
+		case <-r.Context().Done():
+			close(gone)
+		case <-stop: // the test is over, failed
+		}
 	}))
 	defer up.Close()
+	defer close(stop)
 	g := newGateway(t)
 	origin, err := transport.NewOrigin(up.URL)
 	if err != nil {
