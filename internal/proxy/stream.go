@@ -20,13 +20,15 @@ import (
 func (h *Handler) stream(c *call, s *transport.Stream, upResp *fasthttp.Response) {
 	c.streaming = true
 	resp := &c.fc.Response
-	body := &streamBody{h: h, c: c, s: s, upResp: upResp}
-	if n := upResp.Header.ContentLength(); n >= 0 && !bytes.HasPrefix(upResp.Header.ContentType(), []byte("text/event-stream")) {
+	n, events := upResp.Header.ContentLength(), bytes.HasPrefix(upResp.Header.ContentType(), []byte("text/event-stream"))
+	fasthttp.ReleaseResponse(upResp) // its headers are copied; the stream reads the body itself
+	body := &streamBody{h: h, c: c, s: s}
+	if n >= 0 && !events {
 		resp.SetBodyStream(body, n)
 		return
 	}
 	if h.streams != nil {
-		h.detach(c, s, upResp)
+		h.detach(c, s)
 		return
 	}
 	// Served without NewServer's server (in-process tests): fasthttp's copy loop relays.
@@ -53,10 +55,10 @@ const (
 // the connection's read and write buffers are all let go, so an open stream holds little more
 // than its two sockets, a 512-byte buffer and a small stack (see bench/README.md). The
 // response says Connection: close, since nothing serves the connection after the stream.
-func (h *Handler) detach(c *call, s *transport.Stream, upResp *fasthttp.Response) {
+func (h *Handler) detach(c *call, s *transport.Stream) {
 	fc := c.fc
 	hdr := &fc.Response.Header
-	r := &relay{h: h, c: c, s: s, upResp: upResp, chunked: fc.Request.Header.IsHTTP11()}
+	r := &relay{h: h, c: c, s: s, chunked: fc.Request.Header.IsHTTP11()}
 	if r.chunked {
 		hdr.SetContentLength(-1)
 	} else {
@@ -85,7 +87,6 @@ type relay struct {
 	h       *Handler
 	c       *call
 	s       *transport.Stream
-	upResp  *fasthttp.Response
 	head    []byte // the response's status line and headers, until written
 	chunked bool   // HTTP/1.1: chunked framing; HTTP/1.0: raw bytes, ended by the close
 	eof     bool
@@ -193,7 +194,6 @@ func (r *relay) lend(b *[]byte) {
 // caller stopped, if it did.
 func (r *relay) end(werr error) {
 	r.s.Close()
-	fasthttp.ReleaseResponse(r.upResp)
 	if !r.eof || werr != nil {
 		r.c.aborted = true
 		if r.c.err == nil && werr != nil {
@@ -205,12 +205,11 @@ func (r *relay) end(werr error) {
 // streamBody is the response body of a streamed call that fasthttp writes: one of known length,
 // or any stream when the handler is served without NewServer's server.
 type streamBody struct {
-	h      *Handler
-	c      *call
-	s      *transport.Stream
-	upResp *fasthttp.Response
-	eof    bool
-	once   sync.Once
+	h    *Handler
+	c    *call
+	s    *transport.Stream
+	eof  bool
+	once sync.Once
 }
 
 func (b *streamBody) Read(p []byte) (int, error) {
@@ -231,7 +230,6 @@ func (b *streamBody) Close() error { return nil }
 func (b *streamBody) CloseWithError(err error) error {
 	b.once.Do(func() {
 		b.s.Close()
-		fasthttp.ReleaseResponse(b.upResp)
 		if !b.eof {
 			b.c.aborted = true
 			if b.c.err == nil && err != nil {

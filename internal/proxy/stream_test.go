@@ -213,7 +213,8 @@ func TestStreamNeverHandedOver(t *testing.T) {
 	set := g.handler.streams
 	server, client := net.Pipe()
 	defer client.Close()
-	set.expect(server, &relay{h: g.handler, c: c, s: s, upResp: resp})
+	fasthttp.ReleaseResponse(resp)
+	set.expect(server, &relay{h: g.handler, c: c, s: s})
 	set.closed(server)
 	select {
 	case <-set.drained():

@@ -364,9 +364,7 @@ func (p *pool) dial(ctx context.Context) (*conn, error) {
 		}
 		nc = tc
 	}
-	c := &conn{p: p, nc: nc}
-	c.src.Conn = nc
-	return c, nil
+	return &conn{p: p, nc: nc}, nil
 }
 
 func proxyAddr(u *url.URL) string {
@@ -414,7 +412,6 @@ func connectTunnel(ctx context.Context, nc net.Conn, proxy *url.URL, addr string
 type conn struct {
 	p         *pool
 	nc        net.Conn
-	src       eofConn       // what br reads from
 	br        *bufio.Reader // borrowed from readers while a response's headers and buffered body are read
 	idleSince time.Time
 }
@@ -431,7 +428,7 @@ var streamReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 
 
 func (c *conn) borrowReader() {
 	c.br = readers.Get().(*bufio.Reader)
-	c.br.Reset(&c.src)
+	c.br.Reset(c.nc)
 }
 
 // returnReader gives the borrowed reader back; what it still held is dropped.
@@ -458,22 +455,6 @@ func (c *conn) write(req *fasthttp.Request) error {
 	bw.Reset(nil)
 	writers.Put(bw)
 	return err
-}
-
-// eofConn notes when the server closed the connection. fasthttp's chunked body reader reports a
-// connection closed at a chunk boundary as a clean io.EOF; knowing the server hung up tells a
-// cut stream from a finished one.
-type eofConn struct {
-	net.Conn
-	eof bool
-}
-
-func (c *eofConn) Read(p []byte) (int, error) {
-	n, err := c.Conn.Read(p)
-	if err == io.EOF {
-		c.eof = true
-	}
-	return n, err
 }
 
 func (c *conn) close() {
@@ -565,21 +546,24 @@ func (c *conn) do(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Res
 		return nil, c.finish(stop, reusable)
 	}
 	// The body streams through a small reader of its own, after what the borrowed one holds.
-	s := &Stream{c: c, resp: resp, stop: stop, ctx: ctx, reusable: reusable && cl != -2, framed: cl != -2}
+	s := &Stream{c: c, stop: stop, ctx: ctx, reusable: reusable && cl != -2}
 	if n := c.br.Buffered(); n > 0 {
 		b, _ := c.br.Peek(n)
 		s.rest.buf = bytes.Clone(b)
 	}
 	c.returnReader()
-	s.rest.src = &c.src
+	s.rest.src = c.nc
 	s.br = streamReaders.Get().(*bufio.Reader)
 	s.br.Reset(&s.rest)
-	resp.StreamBody = true
-	if err := resp.ReadBody(s.br, 0); err != nil {
-		s.releaseReader()
-		return fail(err)
+	s.body.r = s.br
+	switch {
+	case cl >= 0:
+		s.body.mode, s.body.left = length, int64(cl)
+	case cl == -1:
+		s.body.mode = chunked
+	default:
+		s.body.mode = untilClose
 	}
-	s.r = resp.BodyStream()
 	return s, nil
 }
 
@@ -635,14 +619,12 @@ func isTimeout(err error) bool {
 // the pool; closed earlier, the connection is closed.
 type Stream struct {
 	c        *conn
-	resp     *fasthttp.Response
-	r        io.Reader
-	br       *bufio.Reader // what r reads from: a small reader over rest
+	body     body
+	br       *bufio.Reader // what body reads from: a small reader over rest
 	rest     rest
 	stop     func() bool
 	ctx      context.Context
 	reusable bool
-	framed   bool // the body's end is marked (length or final chunk), not the connection's close
 	mu       sync.Mutex
 	done     bool
 }
@@ -650,12 +632,9 @@ type Stream struct {
 // Read reads the body. After the context is cancelled it returns the context's error; if the
 // server hangs up before a framed body's end, it returns io.ErrUnexpectedEOF.
 func (s *Stream) Read(p []byte) (int, error) {
-	n, err := s.r.Read(p)
+	n, err := s.body.Read(p)
 	if err == nil {
 		return n, nil
-	}
-	if err == io.EOF && s.framed && s.c.src.eof {
-		err = io.ErrUnexpectedEOF
 	}
 	if err == io.EOF {
 		s.finish(true)
@@ -694,7 +673,6 @@ func (s *Stream) finish(eof bool) {
 		return
 	}
 	s.done = true
-	s.resp.CloseBodyStream()
 	stopped := s.stop()
 	clean := s.br.Buffered() == 0 && len(s.rest.buf) == 0
 	s.releaseReader()
