@@ -252,7 +252,9 @@ type served struct {
 	chat       string
 }
 
-func startServe(t *testing.T, timeouts string) *served {
+// managedIdentityEmulator starts an emulator and points azidentity's managed identity
+// credential at it (IDENTITY_ENDPOINT and IDENTITY_HEADER, which azidentity reads itself).
+func managedIdentityEmulator(t *testing.T) *emulator.Emulator {
 	t.Helper()
 	emu, err := emulator.Start(emulator.Options{})
 	if err != nil {
@@ -260,8 +262,14 @@ func startServe(t *testing.T, timeouts string) *served {
 	}
 	t.Cleanup(emu.Close)
 	endpoint, header := emu.ManagedIdentityEnv()
-	t.Setenv("IDENTITY_ENDPOINT", endpoint) // read by azidentity itself
+	t.Setenv("IDENTITY_ENDPOINT", endpoint)
 	t.Setenv("IDENTITY_HEADER", header)
+	return emu
+}
+
+func startServe(t *testing.T, timeouts string) *served {
+	t.Helper()
+	emu := managedIdentityEmulator(t)
 	s := &served{emu: emu, key: newKey()}
 	s.mi = emu.AddManagedIdentity(emulator.ManagedIdentity{TenantID: emu.TenantID, ClientID: uuid.NewString()})
 	cfgPath := filepath.Join(t.TempDir(), "proxy.yaml")
@@ -410,14 +418,7 @@ func tail(s string) string {
 }
 
 func TestReloadCallers(t *testing.T) {
-	emu, err := emulator.Start(emulator.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer emu.Close()
-	endpoint, header := emu.ManagedIdentityEnv()
-	t.Setenv("IDENTITY_ENDPOINT", endpoint)
-	t.Setenv("IDENTITY_HEADER", header)
+	emu := managedIdentityEmulator(t)
 	mi := emu.AddManagedIdentity(emulator.ManagedIdentity{TenantID: emu.TenantID, ClientID: uuid.NewString()})
 	keyA, keyB, keyC := newKey(), newKey(), newKey()
 	environ := &syncEnv{m: map[string]string{"ENV_KEY": keyC}}
@@ -501,14 +502,7 @@ callers:
 }
 
 func TestServeTLSAndMTLS(t *testing.T) {
-	emu, err := emulator.Start(emulator.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer emu.Close()
-	endpoint, header := emu.ManagedIdentityEnv()
-	t.Setenv("IDENTITY_ENDPOINT", endpoint)
-	t.Setenv("IDENTITY_HEADER", header)
+	emu := managedIdentityEmulator(t)
 	mi := emu.AddManagedIdentity(emulator.ManagedIdentity{TenantID: emu.TenantID, ClientID: uuid.NewString()})
 
 	dir := t.TempDir()
@@ -669,14 +663,7 @@ func (e *syncEnv) set(k, v string) {
 }
 
 func TestServeStartsWithoutATokenAndSaysWhy(t *testing.T) {
-	emu, err := emulator.Start(emulator.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer emu.Close()
-	endpoint, header := emu.ManagedIdentityEnv()
-	t.Setenv("IDENTITY_ENDPOINT", endpoint)
-	t.Setenv("IDENTITY_HEADER", header)
+	emu := managedIdentityEmulator(t)
 	cfgPath := filepath.Join(t.TempDir(), "proxy.yaml")
 	os.WriteFile(cfgPath, []byte(fmt.Sprintf(`
 listen: 127.0.0.1:0

@@ -53,19 +53,17 @@ type call struct {
 	watch  func()             // stops watching for the caller going away
 
 	// kept is what the access log needs of the request and response once fc is gone (a
-	// relayed stream outlives it): the method, apim-request-id and x-ms-region.
-	kept [3][]byte
+	// relayed stream outlives it).
+	kept struct{ method, apimID, region []byte }
 }
 
 // detach copies what the rest of the call needs from fc, which the server is about to reuse,
 // and lets go of it.
 func (c *call) detach() {
 	rh := &c.fc.Response.Header
-	c.kept = [3][]byte{
-		bytes.Clone(c.fc.Request.Header.Method()),
-		bytes.Clone(rh.Peek("Apim-Request-Id")),
-		bytes.Clone(rh.Peek("X-Ms-Region")),
-	}
+	c.kept.method = bytes.Clone(c.fc.Request.Header.Method())
+	c.kept.apimID = bytes.Clone(rh.Peek("Apim-Request-Id"))
+	c.kept.region = bytes.Clone(rh.Peek("X-Ms-Region"))
 	c.fc, c.credential = nil, nil
 }
 
@@ -138,7 +136,7 @@ func (h *Handler) accessLog(c *call, status int) {
 		return
 	}
 	end := time.Now()
-	method, apimID, region := c.kept[0], c.kept[1], c.kept[2]
+	method, apimID, region := c.kept.method, c.kept.apimID, c.kept.region
 	if c.fc != nil {
 		rh := &c.fc.Response.Header
 		method, apimID, region = c.fc.Request.Header.Method(), rh.Peek("Apim-Request-Id"), rh.Peek("X-Ms-Region")

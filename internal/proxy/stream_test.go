@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -60,12 +61,7 @@ func streamRequest(proto, id string) string {
 	body := `{"stream":true,"messages":[{"role":"user","content":"hi"}]}`
 	return "POST " + chatPath + " " + proto + "\r\nHost: gw\r\nApi-Key: " + keyProd +
 		"\r\nX-Ms-Client-Request-Id: " + id + "\r\nContent-Type: application/json\r\nContent-Length: " +
-		itoa(len(body)) + "\r\n\r\n" + body
-}
-
-func itoa(n int) string {
-	b, _ := json.Marshal(n)
-	return string(b)
+		strconv.Itoa(len(body)) + "\r\n\r\n" + body
 }
 
 func TestStreamEndsWithItsConnection(t *testing.T) {

@@ -8,8 +8,8 @@ import (
 
 // body reads a streamed response body off its connection's reader and undoes its framing:
 // chunked (RFC 9112 §7.1), a length, or up to the connection's close. It is the gateway's own
-// rather than fasthttp's so that a stream waiting for its next event sits in a shallow stack
-// and holds no response object.
+// rather than fasthttp's so that a stream holds no response object while it waits for its next
+// event.
 type body struct {
 	r *bufio.Reader
 	// mode is how the body is framed; left is what remains of the current chunk (chunked) or of

@@ -209,7 +209,7 @@ func (t *Transport) closeExpired(now time.Time) {
 //
 // A response body of known length up to BufferLimit is read into resp and the returned Stream
 // is nil. Any other body (server-sent events, unknown length, large) is returned as a Stream,
-// which must be read to EOF or closed; resp must not be reset before then.
+// which must be read to EOF or closed; resp then holds the headers only.
 //
 // A request on a reused connection that the server had closed while it sat idle is retried
 // once on a new connection (the body is in req, so it can be sent again) when no response byte
@@ -649,8 +649,7 @@ func (s *Stream) Read(p []byte) (int, error) {
 
 // Buffered reports how many bytes of the upstream's answer have arrived and wait to be read
 // (framing included): while it is above zero, a Read will most likely not wait on the network.
-// It does not count what the response may already hold, so a zero is no promise that a Read
-// would block. It is 0 once the stream is done.
+// Those bytes may be framing only, so a Read can still wait. It is 0 once the stream is done.
 func (s *Stream) Buffered() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
