@@ -44,12 +44,12 @@ func runServeWith(ctx context.Context, args []string, getenv func(string) string
 	if err != nil {
 		return err
 	}
-	log, flush, err := newLogger(cfg.LogLevel, cfg.LogFormat, stderr)
+	log, access, flush, err := newLogger(cfg.LogLevel, cfg.LogFormat, stderr)
 	if err != nil {
 		return err
 	}
 	defer flush()
-	return serveGateway(ctx, gatewayOptions{cfg: cfg, log: log, stdout: stdout, entra: eo, configPath: *path, getenv: getenv})
+	return serveGateway(ctx, gatewayOptions{cfg: cfg, log: log, access: access, stdout: stdout, entra: eo, configPath: *path, getenv: getenv})
 }
 
 func runValidate(args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -99,15 +99,15 @@ func loadConfig(path string, getenv func(string) string, stderr io.Writer) (*con
 
 // newLogger builds the logger. Output is buffered (flushed every second, when 256 KiB have
 // gathered, and by flush, which must run before exit): a write(2) per access-log line costs
-// about as much as the rest of the gateway's own work on a call.
-func newLogger(level, format string, w io.Writer) (*zap.Logger, func(), error) {
+// about as much as the rest of the gateway's own work on a call. access is the same buffered
+// output when the format is JSON, for the access log's own encoder (proxy.Options.AccessLog);
+// nil otherwise.
+func newLogger(level, format string, w io.Writer) (log *zap.Logger, access io.Writer, flush func(), err error) {
 	lvl, err := zapcore.ParseLevel(level)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	ec := zap.NewProductionEncoderConfig()
-	ec.TimeKey = "ts"
-	ec.EncodeTime = zapcore.ISO8601TimeEncoder
+	ec := proxy.LogEncoderConfig()
 	var enc zapcore.Encoder
 	if format == "console" {
 		ec.EncodeLevel = zapcore.CapitalLevelEncoder
@@ -117,13 +117,17 @@ func newLogger(level, format string, w io.Writer) (*zap.Logger, func(), error) {
 		enc = zapcore.NewJSONEncoder(ec)
 	}
 	ws := &zapcore.BufferedWriteSyncer{WS: zapcore.AddSync(w), Size: 256 << 10, FlushInterval: time.Second}
+	if format != "console" {
+		access = ws
+	}
 	// No sampling: every access-log line is kept.
-	return zap.New(zapcore.NewCore(enc, ws, lvl), zap.ErrorOutput(ws)), func() { ws.Stop() }, nil
+	return zap.New(zapcore.NewCore(enc, ws, lvl), zap.ErrorOutput(ws)), access, func() { ws.Stop() }, nil
 }
 
 type gatewayOptions struct {
 	cfg    *config.Config
 	log    *zap.Logger
+	access io.Writer // the access log's output, if it is encoded by the proxy (newLogger)
 	stdout io.Writer
 	// entra configures how credentials, and the verification of callers' Entra tokens, reach
 	// Entra (the demo trusts its emulator's CA).
@@ -173,7 +177,7 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 		}
 	}
 	api, err := proxy.New(proxy.Options{
-		Config: cfg, Sources: sources, Logger: log.Named("access"), Registerer: reg, EntraHTTPClient: o.entra.HTTPClient,
+		Config: cfg, Sources: sources, Logger: log.Named("access"), AccessLog: o.access, Registerer: reg, EntraHTTPClient: o.entra.HTTPClient,
 	})
 	if err != nil {
 		return err

@@ -47,8 +47,9 @@ func benchHandler(b *testing.B, upURL string) (*Handler, *config.Config) {
 	if _, err := src.Token(context.Background()); err != nil {
 		b.Fatal(err)
 	}
-	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(io.Discard), zap.InfoLevel))
-	h, err := New(Options{Config: cfg, Sources: map[string]broker.TokenSource{"eastca": src}, Logger: log, Registerer: prometheus.NewRegistry()})
+	// The log as the gateway writes it: JSON, the access log through the handler's encoder.
+	log := zap.New(zapcore.NewCore(zapcore.NewJSONEncoder(LogEncoderConfig()), zapcore.AddSync(io.Discard), zap.InfoLevel)).Named("access")
+	h, err := New(Options{Config: cfg, Sources: map[string]broker.TokenSource{"eastca": src}, Logger: log, AccessLog: io.Discard, Registerer: prometheus.NewRegistry()})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -13,7 +13,6 @@ import (
 	"github.com/google/uuid"
 	"github.com/valyala/fasthttp"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 
 	"github.com/tokenproxy/tokenproxy/internal/backend"
 	"github.com/tokenproxy/tokenproxy/internal/transport"
@@ -103,8 +102,9 @@ func (h *Handler) finish(c *call, p any) {
 	if status == 0 {
 		status = statusClientClosed
 	}
-	h.observe(c, status)
-	h.accessLog(c, status)
+	end := time.Now()
+	h.observe(c, status, end)
+	h.accessLog(c, status, end)
 }
 
 // scrub removes the caller's credential from text that echoes what the caller sent (a path, a
@@ -128,64 +128,6 @@ func redactPanic(p any, credential string) string {
 		s = strings.ReplaceAll(s, credential, "[REDACTED]")
 	}
 	return jwtLike.ReplaceAllString(s, "[REDACTED]")
-}
-
-func (h *Handler) accessLog(c *call, status int) {
-	ce := h.log.Check(zapcore.InfoLevel, "request")
-	if ce == nil {
-		return
-	}
-	end := time.Now()
-	method, apimID, region := c.kept.method, c.kept.apimID, c.kept.region
-	if c.fc != nil {
-		rh := &c.fc.Response.Header
-		method, apimID, region = c.fc.Request.Header.Method(), rh.Peek("Apim-Request-Id"), rh.Peek("X-Ms-Region")
-	}
-	fields := make([]zap.Field, 0, 20)
-	fields = append(fields,
-		zap.String("request_id", c.id),
-		zap.String("caller", c.caller),
-		zap.String("deployment", c.scrub(c.deployment)),
-		zap.String("upstream", c.upstream),
-		zap.ByteString("method", method),
-		// The path only: query strings can carry things that do not belong in logs.
-		zap.String("path", c.scrub(c.path)),
-		zap.Int("status", status),
-		zap.Duration("duration", end.Sub(c.start)),
-		zap.Int("bytes_in", c.bytesIn),
-		zap.Int("bytes_out", c.bytesOut),
-	)
-	if v := apiVersion(c.query); v != "" {
-		fields = append(fields, zap.String("api_version", v))
-	}
-	if !c.proxyStart.IsZero() && !c.headerAt.IsZero() {
-		fields = append(fields, zap.Duration("upstream_duration", c.headerAt.Sub(c.proxyStart)))
-	}
-	if len(apimID) > 0 {
-		fields = append(fields, zap.ByteString("apim_request_id", apimID))
-	}
-	if len(region) > 0 {
-		fields = append(fields, zap.ByteString("x_ms_region", region))
-	}
-	if c.backend != "" {
-		fields = append(fields, zap.String("backend", c.backend))
-	}
-	if c.attempts > 1 {
-		fields = append(fields, zap.Int("attempts", c.attempts))
-	}
-	if c.streaming {
-		fields = append(fields, zap.Bool("stream", true))
-	}
-	if c.code != "" {
-		fields = append(fields, zap.String("error_code", c.code))
-	}
-	if c.err != nil {
-		fields = append(fields, zap.String("error", c.scrub(c.err.Error())))
-	}
-	if c.aborted {
-		fields = append(fields, zap.Bool("aborted", true))
-	}
-	ce.Write(fields...)
 }
 
 // apiVersion extracts api-version for the log; it is a date-like value, safe to log, and only

@@ -165,11 +165,11 @@ func statusLabel(status int) string {
 	return strconv.Itoa(status)
 }
 
-func (h *Handler) observe(c *call, status int) {
+func (h *Handler) observe(c *call, status int, end time.Time) {
 	code := statusLabel(status)
 	dep := h.m.deploymentLabel(c.deployment)
 	h.m.requests.WithLabelValues(c.caller, dep, code).Inc()
-	h.m.duration.WithLabelValues(dep).Observe(time.Since(c.start).Seconds())
+	h.m.duration.WithLabelValues(dep).Observe(end.Sub(c.start).Seconds())
 	if c.upstream != "" && !c.headerAt.IsZero() && !c.proxyStart.IsZero() {
 		h.m.upstreamLatency.WithLabelValues(c.upstream).Observe(c.headerAt.Sub(c.proxyStart).Seconds())
 	}

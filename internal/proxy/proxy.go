@@ -46,6 +46,12 @@ type Options struct {
 	// Logger receives the access log (one line per request at info) and errors. If nil,
 	// nothing is logged.
 	Logger *zap.Logger
+	// AccessLog, if set, receives the access log instead of Logger, as the JSON lines a JSON
+	// encoder with LogEncoderConfig would write, written by the handler's own encoder, which
+	// costs a fraction of zap's per call. Logger's level
+	// still decides whether they are written, and Logger's name is their "logger". Set it only
+	// when Logger encodes JSON to the same writer.
+	AccessLog io.Writer
 	// Registerer receives the request metrics. If nil, metrics are not registered.
 	Registerer prometheus.Registerer
 	// Transport carries requests to upstreams. If nil, one with Config's timeouts and the
@@ -68,6 +74,7 @@ func (o Options) logger() *zap.Logger {
 // Handler serves the gateway's API.
 type Handler struct {
 	log         *zap.Logger
+	accessOut   io.Writer // Options.AccessLog
 	callers     atomic.Pointer[callers]
 	loads       loads
 	tokens      *callertoken.Registry // Entra token verifiers, kept across reloads
@@ -105,6 +112,7 @@ func New(opts Options) (*Handler, error) {
 	}
 	h := &Handler{
 		log:         opts.logger(),
+		accessOut:   opts.AccessLog,
 		tokens:      callertoken.NewRegistry(callertoken.Options{HTTPClient: opts.EntraHTTPClient}),
 		upstreams:   map[string]*upstream{},
 		deployments: map[string]*deployment{},
