@@ -75,9 +75,8 @@ func failoverStatus(status int) bool {
 // Retry-After and may be waited for (wait_for_capacity). Once a response is being delivered,
 // nothing is retried.
 func (h *Handler) forward(c *call, d *deployment, p *plan) {
-	ctx, cancel := context.WithCancel(context.Background())
-	c.cancel = cancel
-	c.watch = watchDisconnect(c.fc.Conn(), cancel)
+	ctx := &c.ctx
+	c.watch.start(c.fc.Conn(), ctx)
 	if d.pool == nil {
 		h.attempt(ctx, c, d.ups[0], d.name, p, nil)
 		return

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -48,8 +47,8 @@ type call struct {
 	credential []byte  // the key or token the caller presented (the request's bytes), if any
 	credStr    string  // the same, as a string
 
-	cancel context.CancelFunc // ends the upstream call and any token wait
-	watch  func()             // stops watching for the caller going away
+	ctx   callCtx // cancelled to end the upstream call and any token wait
+	watch watched // watches for the caller going away
 
 	// kept is what the access log needs of the request and response once fc is gone (a
 	// relayed stream outlives it).
@@ -80,12 +79,8 @@ func (h *Handler) finish(c *call, p any) {
 	defer h.m.inflight.Dec() // last: a call counts as in flight until it is logged
 	h.release(c)
 	c.discardHeld()
-	if c.watch != nil {
-		c.watch()
-	}
-	if c.cancel != nil {
-		c.cancel()
-	}
+	c.watch.stop()
+	c.ctx.cancel()
 	if p != nil {
 		// The panic value, scrubbed, and the stack are logged; request headers are not.
 		h.log.Error("panic serving request", zap.String("request_id", c.id), zap.String("panic", redactPanic(p, c.credStr)), zap.Stack("stack"))

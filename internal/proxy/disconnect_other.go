@@ -2,11 +2,11 @@
 
 package proxy
 
-import (
-	"context"
-	"net"
-)
+import "net"
 
-// watchDisconnect is a no-op off Linux: a caller that goes away is noticed when the response is
-// written (which ends a stream at its next event).
-func watchDisconnect(net.Conn, context.CancelFunc) (stop func()) { return func() {} }
+// watched is a no-op off Linux: a caller that goes away is noticed when the response is written
+// (which ends a stream at its next event).
+type watched struct{}
+
+func (*watched) start(net.Conn, *callCtx) {}
+func (*watched) stop()                    {}

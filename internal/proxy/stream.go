@@ -328,7 +328,7 @@ func (s *streamSet) cut() int {
 	defer s.mu.Unlock()
 	for conn, r := range s.live {
 		conn.Close()
-		r.c.cancel()
+		r.c.ctx.cancel()
 	}
 	return len(s.live)
 }

@@ -457,6 +457,48 @@ func (c *conn) write(req *fasthttp.Request) error {
 	return err
 }
 
+// Interrupt makes what the connection is blocked on return at once (InterruptContext).
+func (c *conn) Interrupt() { c.nc.SetDeadline(aLongTimeAgo) }
+
+// An InterruptContext is a context that interrupts what registers with it when it is
+// cancelled. Do uses it, when the context it is given is one, instead of context.AfterFunc,
+// which allocates a context, a closure and its parent's map of children on every call.
+type InterruptContext interface {
+	context.Context
+	// OnCancel has i.Interrupt called once the context is cancelled: at once if it is already.
+	OnCancel(i Interrupter)
+	// OffCancel undoes OnCancel. It reports false if Interrupt has been called or is about to
+	// be (the context was cancelled first), as the stop function of context.AfterFunc does.
+	OffCancel(i Interrupter) bool
+}
+
+// An Interrupter has something to interrupt when a context is cancelled.
+type Interrupter interface{ Interrupt() }
+
+// cancelHook is a connection's registration with its call's context, for the call.
+type cancelHook struct {
+	ctx  InterruptContext // when the context is one; otherwise stop
+	c    *conn
+	stop func() bool // context.AfterFunc's
+}
+
+func onCancel(ctx context.Context, c *conn) cancelHook {
+	if ic, ok := ctx.(InterruptContext); ok {
+		ic.OnCancel(c)
+		return cancelHook{ctx: ic, c: c}
+	}
+	return cancelHook{stop: context.AfterFunc(ctx, c.Interrupt)}
+}
+
+// release ends the registration, reporting false if the context was cancelled first (the
+// connection's deadline may then be poisoned).
+func (h cancelHook) release() bool {
+	if h.ctx != nil {
+		return h.ctx.OffCancel(h.c)
+	}
+	return h.stop()
+}
+
 func (c *conn) close() {
 	c.returnReader()
 	c.nc.Close()
@@ -495,11 +537,10 @@ func (c *conn) do(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Res
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	// Cancelling the call interrupts whatever the connection is blocked on; the goroutine that
-	// runs this starts only if the context is cancelled.
-	stop := context.AfterFunc(ctx, func() { c.nc.SetDeadline(aLongTimeAgo) })
+	// Cancelling the call interrupts whatever the connection is blocked on.
+	stop := onCancel(ctx, c)
 	fail := func(err error) (*Stream, error) {
-		stop()
+		stop.release()
 		switch {
 		case ctx.Err() != nil:
 			return nil, ctx.Err()
@@ -599,8 +640,8 @@ func readHeader(br *bufio.Reader, h *fasthttp.ResponseHeader) error {
 }
 
 // finish ends a call whose body is fully read: the connection goes back to the pool if it can.
-func (c *conn) finish(stop func() bool, reusable bool) error {
-	stopped := stop() // false: the context was cancelled and the deadline is poisoned
+func (c *conn) finish(stop cancelHook, reusable bool) error {
+	stopped := stop.release() // false: the context was cancelled and the deadline is poisoned
 	if stopped && reusable && c.br.Buffered() == 0 {
 		c.returnReader()
 		c.p.put(c)
@@ -622,7 +663,7 @@ type Stream struct {
 	body     body
 	br       *bufio.Reader // what body reads from: a small reader over rest
 	rest     rest
-	stop     func() bool
+	stop     cancelHook
 	ctx      context.Context
 	reusable bool
 	mu       sync.Mutex
@@ -672,7 +713,7 @@ func (s *Stream) finish(eof bool) {
 		return
 	}
 	s.done = true
-	stopped := s.stop()
+	stopped := s.stop.release()
 	clean := s.br.Buffered() == 0 && len(s.rest.buf) == 0
 	s.releaseReader()
 	if eof && stopped && s.reusable && clean {

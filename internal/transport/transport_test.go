@@ -283,7 +283,62 @@ func TestResponseHeaderTimeout(t *testing.T) {
 	}
 }
 
+// interruptCtx is a cancellable context that is also an InterruptContext, as the gateway's
+// calls are.
+type interruptCtx struct {
+	context.Context
+	mu        sync.Mutex
+	hooks     map[Interrupter]bool
+	cancelled bool
+}
+
+func withInterrupt(parent context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(parent)
+	x := &interruptCtx{Context: ctx, hooks: map[Interrupter]bool{}}
+	return x, func() {
+		x.mu.Lock()
+		x.cancelled = true
+		hooks := x.hooks
+		x.hooks = nil
+		x.mu.Unlock()
+		cancel()
+		for i := range hooks {
+			i.Interrupt()
+		}
+	}
+}
+
+func (x *interruptCtx) OnCancel(i Interrupter) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	if x.cancelled {
+		i.Interrupt()
+		return
+	}
+	x.hooks[i] = true
+}
+
+func (x *interruptCtx) OffCancel(i Interrupter) bool {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	delete(x.hooks, i)
+	return !x.cancelled
+}
+
+// cancellable names the two kinds of context Do is given: a plain one, interrupted through
+// context.AfterFunc, and an InterruptContext.
+var cancellable = map[string]func(context.Context) (context.Context, context.CancelFunc){
+	"context.WithCancel": context.WithCancel,
+	"InterruptContext":   withInterrupt,
+}
+
 func TestCancelWhileWaitingForHeaders(t *testing.T) {
+	for name, withCancel := range cancellable {
+		t.Run(name, func(t *testing.T) { testCancelWhileWaitingForHeaders(t, withCancel) })
+	}
+}
+
+func testCancelWhileWaitingForHeaders(t *testing.T, withCancel func(context.Context) (context.Context, context.CancelFunc)) {
 	release := make(chan struct{})
 	arrived := make(chan struct{})
 	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
@@ -294,7 +349,7 @@ func TestCancelWhileWaitingForHeaders(t *testing.T) {
 	})
 	defer close(release)
 	tr := newTransport(t, Options{})
-	ctx, cancel := context.WithCancel(t.Context())
+	ctx, cancel := withCancel(t.Context())
 	go func() { <-arrived; cancel() }()
 	_, err := post(t, tr, ctx, srv.URL+"/slow", "x")
 	if !errors.Is(err, context.Canceled) {
@@ -312,6 +367,12 @@ func TestCancelWhileWaitingForHeaders(t *testing.T) {
 }
 
 func TestStreamingAndCancelMidBody(t *testing.T) {
+	for name, withCancel := range cancellable {
+		t.Run(name, func(t *testing.T) { testStreamingAndCancelMidBody(t, withCancel) })
+	}
+}
+
+func testStreamingAndCancelMidBody(t *testing.T, withCancel func(context.Context) (context.Context, context.CancelFunc)) {
 	next := make(chan struct{})
 	done := make(chan struct{})
 	srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
@@ -331,7 +392,7 @@ func TestStreamingAndCancelMidBody(t *testing.T) {
 	})
 	const headerTimeout = 50 * time.Millisecond
 	tr := newTransport(t, Options{ResponseHeaderTimeout: headerTimeout})
-	ctx, cancel := context.WithCancel(t.Context())
+	ctx, cancel := withCancel(t.Context())
 	r, err := post(t, tr, ctx, srv.URL, "x")
 	if err != nil {
 		t.Fatal(err)
