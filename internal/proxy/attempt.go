@@ -35,11 +35,15 @@ type plan struct {
 	ref  modelRef // where the body names the deployment (body-routed calls)
 }
 
-func (p *plan) pathFor(name string) string {
+// appendPath appends the call's path on the backend that knows the deployment as name.
+func (p *plan) appendPath(b []byte, name string) []byte {
 	if p.op != "" {
-		return prefixDeployments + name + "/" + p.op
+		b = append(b, prefixDeployments...)
+		b = append(b, name...)
+		b = append(b, '/')
+		return append(b, p.op...)
 	}
-	return p.path
+	return append(b, p.path...)
 }
 
 func (p *plan) bodyFor(exposed, name string) []byte {
@@ -152,7 +156,8 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 	}
 	out := fasthttp.AcquireRequest()
 	defer fasthttp.ReleaseRequest(out)
-	rewrite(out, &c.fc.Request, up, p.pathFor(name), c.query, p.bodyFor(c.deployment, name), tok.AuthorizationHeader()[0], c.id, c.credential, c.credStr, h.callers.Load())
+	var pathBuf [256]byte
+	rewrite(out, &c.fc.Request, up, p.appendPath(pathBuf[:0], name), c.query, p.bodyFor(c.deployment, name), tok.AuthorizationHeader()[0], c.id, c.credential, c.credStr, h.callers.Load())
 
 	c.proxyStart = time.Now()
 	upResp := fasthttp.AcquireResponse()

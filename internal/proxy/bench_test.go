@@ -184,7 +184,7 @@ func BenchmarkRewrite(b *testing.B) {
 	body := []byte(chatBody)
 	b.ReportAllocs()
 	for b.Loop() {
-		rewrite(&out, &in, up, "/openai/deployments/deploy-gpt-4.1/chat/completions", "api-version=2025-01-01-preview", body, "Bearer eyJ.x.y", "6a1b2c3d-0000-4000-8000-000000000000", []byte(keyProd), keyProd, nil)
+		rewrite(&out, &in, up, []byte("/openai/deployments/deploy-gpt-4.1/chat/completions"), "api-version=2025-01-01-preview", body, "Bearer eyJ.x.y", "6a1b2c3d-0000-4000-8000-000000000000", []byte(keyProd), keyProd, nil)
 		out.Reset()
 	}
 }

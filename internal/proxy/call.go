@@ -46,6 +46,7 @@ type call struct {
 	admitted   *caller // holds places in the concurrency limits until finish
 	credential []byte  // the key or token the caller presented (the request's bytes), if any
 	credStr    string  // the same, as a string
+	bodyBuf    *[]byte // the request body's buffer, from bodyBufs, until the handler returns
 
 	ctx   callCtx // cancelled to end the upstream call and any token wait
 	watch watched // watches for the caller going away

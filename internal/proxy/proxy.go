@@ -21,6 +21,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -236,6 +237,7 @@ func (h *Handler) ServeFastHTTP(fc *fasthttp.RequestCtx) {
 	c := newCall(fc)
 	h.m.inflight.Inc()
 	defer func() {
+		c.returnBody()
 		if c.streaming {
 			return // the stream writer finishes the call
 		}
@@ -405,7 +407,12 @@ func (h *Handler) readBody(c *call) ([]byte, *apiError) {
 		c.bytesIn = len(body)
 		return body, nil
 	}
-	buf := make([]byte, 0, max(req.Header.ContentLength(), 512))
+	c.bodyBuf = bodyBufs.Get().(*[]byte)
+	buf := (*c.bodyBuf)[:0]
+	if n := req.Header.ContentLength(); n > cap(buf) {
+		buf = make([]byte, 0, n)
+	}
+	defer func() { *c.bodyBuf = buf[:0] }() // keeps a buffer grown here for the next call
 	for {
 		if len(buf) == cap(buf) {
 			buf = append(buf, 0)[:len(buf)]
@@ -424,6 +431,23 @@ func (h *Handler) readBody(c *call) ([]byte, *apiError) {
 	}
 	c.bytesIn = len(buf)
 	return buf, nil
+}
+
+// bodyBufs lends the buffers request bodies are read into. A call gives its buffer back when
+// its handler returns: the upstream request, which points into it, has been sent by then (a
+// relayed stream goes on without it).
+var bodyBufs = sync.Pool{New: func() any { b := make([]byte, 0, 1024); return &b }}
+
+// maxPooledBody is the largest body buffer kept for reuse.
+const maxPooledBody = 64 << 10
+
+func (c *call) returnBody() {
+	if c.bodyBuf != nil {
+		if cap(*c.bodyBuf) <= maxPooledBody {
+			bodyBufs.Put(c.bodyBuf)
+		}
+		c.bodyBuf = nil
+	}
 }
 
 func tooLarge(limit int) *apiError {

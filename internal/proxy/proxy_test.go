@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -704,5 +705,39 @@ func TestStreamRelaysEveryByte(t *testing.T) {
 			i++
 		}
 		t.Fatalf("the caller got %d bytes, the upstream sent %d; they differ from byte %d", len(body), want.Len(), i)
+	}
+}
+
+// TestConcurrentBodiesStayApart sends calls with bodies of many sizes at once: each must reach
+// the upstream as it was sent, though the buffers bodies are read into are reused.
+func TestConcurrentBodiesStayApart(t *testing.T) {
+	g := newGateway(t)
+	const calls = 48
+	var wg sync.WaitGroup
+	for i := range calls {
+		wg.Go(func() {
+			filler := strings.Repeat(string(rune('a'+i%26)), i*i*40) // up to ~90 KB
+			body := fmt.Sprintf(`{"messages":[{"role":"user","content":"call %d %s"}]}`, i, filler)
+			resp, got := g.do("POST", chatPath, map[string]string{"api-key": keyProd, "x-ms-client-request-id": fmt.Sprintf("call-%d", i)}, body)
+			if resp.StatusCode != 200 {
+				t.Errorf("call %d: status %d: %s", i, resp.StatusCode, got)
+			}
+		})
+	}
+	wg.Wait()
+	seen := 0
+	for _, r := range g.emu.OpenAI.Requests() {
+		var i int
+		if _, err := fmt.Sscanf(r.Header.Get("x-ms-client-request-id"), "call-%d", &i); err != nil {
+			continue
+		}
+		seen++
+		want := fmt.Sprintf(`{"messages":[{"role":"user","content":"call %d %s"}]}`, i, strings.Repeat(string(rune('a'+i%26)), i*i*40))
+		if string(r.Body) != want {
+			t.Errorf("call %d reached the upstream with another body (%d bytes, want %d)", i, len(r.Body), len(want))
+		}
+	}
+	if seen != calls {
+		t.Fatalf("the upstream saw %d of the %d calls", seen, calls)
 	}
 }

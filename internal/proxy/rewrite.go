@@ -42,7 +42,7 @@ func dropMask(key []byte, names []string) uint32 {
 // header or query parameter it was put in: whatever the caller named them, it does not leave.
 // So is any header or parameter holding another of keys' keys (keys may be nil). The caller's
 // headers have passed checkHeaders.
-func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body []byte, authorization, requestID string, credential []byte, credStr string, keys *callers) {
+func rewrite(out, in *fasthttp.Request, up *upstream, path []byte, query string, body []byte, authorization, requestID string, credential []byte, credStr string, keys *callers) {
 	in.Header.CopyTo(&out.Header)
 	h := &out.Header
 	// One pass finds what is to go (deleting while iterating is not allowed); a call usually
@@ -75,11 +75,12 @@ func rewrite(out, in *fasthttp.Request, up *upstream, path, query string, body [
 	h.Set("X-Ms-Client-Request-Id", requestID)
 	h.SetHost(up.origin.Host())
 
-	uri := up.basePath + path
+	var uriBuf [512]byte
+	uri := append(append(uriBuf[:0], up.basePath...), path...)
 	if q := stripCredentialParams(query, credStr, keys); q != "" {
-		uri += "?" + q
+		uri = append(append(uri, '?'), q...)
 	}
-	h.SetRequestURI(uri)
+	h.SetRequestURIBytes(uri)
 	out.SetBodyRaw(body)
 	h.SetContentLength(len(body))
 }

@@ -26,7 +26,7 @@ func TestRewriteDropsHeaders(t *testing.T) {
 		t.Fatal(err)
 	}
 	origin, _ := transport.NewOrigin("https://eastca.openai.azure.com")
-	rewrite(&out, &in, &upstream{origin: origin}, "/openai/deployments/y/chat", "api-version=1", []byte("{}"), "Bearer tok", "rid", nil, "", nil)
+	rewrite(&out, &in, &upstream{origin: origin}, []byte("/openai/deployments/y/chat"), "api-version=1", []byte("{}"), "Bearer tok", "rid", nil, "", nil)
 	for _, k := range append(dropRequestHeaders, "X-Hop") {
 		if v := out.Header.Peek(k); len(v) > 0 && k != "Authorization" {
 			t.Errorf("%s: %q was forwarded", k, v)
