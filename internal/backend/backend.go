@@ -123,10 +123,18 @@ func (r *Registry) All() []*Backend {
 }
 
 // State reports the backend's state now.
-func (b *Backend) State() State {
+func (b *Backend) State() State { return b.stateAt(b.opts.now()) }
+
+func (b *Backend) stateAt(now time.Time) State {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.stateLocked(b.opts.now())
+	return b.stateLocked(now)
+}
+
+// eligible reports whether the backend may be picked at now: not open, not cooling down.
+func (b *Backend) eligible(now time.Time) bool {
+	s := b.stateAt(now)
+	return s != Open && s != Cooldown
 }
 
 func (b *Backend) stateLocked(now time.Time) State {
@@ -282,7 +290,7 @@ func (p *Pool) Pick(tried Tried) int {
 		j := i
 		total := 0
 		for ; j < len(p.members) && p.members[j].Priority == prio; j++ {
-			if tried&(1<<j) == 0 && p.members[j].State() != Open && p.members[j].State() != Cooldown {
+			if tried&(1<<j) == 0 && p.members[j].eligible(now) {
 				total += max(p.members[j].Weight, 0)
 			}
 		}
@@ -292,7 +300,7 @@ func (p *Pool) Pick(tried Tried) int {
 			r := rand.IntN(total)
 			for k := i; k < j; k++ {
 				m := p.members[k]
-				if tried&(1<<k) != 0 || m.State() == Open || m.State() == Cooldown {
+				if tried&(1<<k) != 0 || !m.eligible(now) {
 					continue
 				}
 				if r -= max(m.Weight, 0); r < 0 {

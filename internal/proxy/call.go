@@ -71,7 +71,11 @@ func (c *call) detach() {
 func init() { uuid.EnableRandPool() }
 
 func newCall(fc *fasthttp.RequestCtx) *call {
-	return &call{fc: fc, start: time.Now(), id: requestID(&fc.Request.Header)}
+	start := fc.Time() // the server read the clock as the request came in
+	if start.IsZero() {
+		start = time.Now()
+	}
+	return &call{fc: fc, start: start, id: requestID(&fc.Request.Header)}
 }
 
 // finish runs once per request, last: it ends the upstream call, recovers a panic, then counts

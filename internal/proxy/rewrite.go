@@ -193,6 +193,7 @@ func (cs *callers) holdsKey(v []byte) bool {
 	if cs.isKey(v) {
 		return true
 	}
+	whole := len(v)
 	for len(v) > 0 {
 		i := bytes.IndexAny(v, " ,;\t")
 		field := v
@@ -201,7 +202,8 @@ func (cs *callers) holdsKey(v []byte) bool {
 		} else {
 			v = nil
 		}
-		if len(field) >= minKeyLength && cs.isKey(field) {
+		// A value with no separator is its only field, hashed already.
+		if len(field) >= minKeyLength && len(field) < whole && cs.isKey(field) {
 			return true
 		}
 		if _, after, ok := bytes.Cut(field, []byte("=")); ok && len(after) >= minKeyLength && cs.isKey(after) {

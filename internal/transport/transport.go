@@ -220,11 +220,17 @@ func (t *Transport) Do(ctx context.Context, origin Origin, req *fasthttp.Request
 		return nil, err
 	}
 	for attempt := 0; ; attempt++ {
-		c, reused, err := p.get(ctx)
+		// One reading of the clock serves the pool's idle check, the header deadline and, for
+		// a buffered response, the time the connection goes idle (off by the call's length).
+		now := time.Now()
+		c, reused, err := p.get(ctx, now)
 		if err != nil {
 			return nil, err
 		}
-		stream, err := c.do(ctx, req, resp, t.opts.ResponseHeaderTimeout, t.opts.bufferLimit())
+		if !reused {
+			now = time.Now() // the header timeout starts after the dial
+		}
+		stream, err := c.do(ctx, now, req, resp, t.opts.ResponseHeaderTimeout, t.opts.bufferLimit())
 		if err == nil {
 			return stream, nil
 		}
@@ -265,8 +271,8 @@ type pool struct {
 }
 
 // get returns an idle connection (reused) or a new one.
-func (p *pool) get(ctx context.Context) (*conn, bool, error) {
-	cutoff := time.Now().Add(-p.t.opts.idleTimeout())
+func (p *pool) get(ctx context.Context, now time.Time) (*conn, bool, error) {
+	cutoff := now.Add(-p.t.opts.idleTimeout())
 	p.mu.Lock()
 	for n := len(p.idle); n > 0; n = len(p.idle) {
 		c := p.idle[n-1]
@@ -284,8 +290,8 @@ func (p *pool) get(ctx context.Context) (*conn, bool, error) {
 	return c, false, err
 }
 
-func (p *pool) put(c *conn) {
-	c.idleSince = time.Now()
+func (p *pool) put(c *conn, now time.Time) {
+	c.idleSince = now
 	p.mu.Lock()
 	if len(p.idle) < p.t.opts.maxIdle() {
 		p.idle = append(p.idle, c)
@@ -533,7 +539,7 @@ func (TimeoutError) Temporary() bool { return true }
 var eventStream = []byte("text/event-stream")
 
 // do writes req and reads the response on this connection.
-func (c *conn) do(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Response, headerTimeout time.Duration, bufferLimit int) (*Stream, error) {
+func (c *conn) do(ctx context.Context, now time.Time, req *fasthttp.Request, resp *fasthttp.Response, headerTimeout time.Duration, bufferLimit int) (*Stream, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -554,7 +560,7 @@ func (c *conn) do(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Res
 	}
 	c.borrowReader()
 	if headerTimeout > 0 {
-		c.nc.SetReadDeadline(time.Now().Add(headerTimeout))
+		c.nc.SetReadDeadline(now.Add(headerTimeout))
 	}
 	// Waiting for the first byte on its own tells a connection the server closed while idle
 	// (nothing at all arrives) from a response cut short.
@@ -577,14 +583,14 @@ func (c *conn) do(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Res
 	status := resp.StatusCode()
 	if req.Header.IsHead() || status == fasthttp.StatusNoContent || status == fasthttp.StatusNotModified {
 		resp.SkipBody = true
-		return nil, c.finish(stop, reusable)
+		return nil, c.finish(stop, reusable, now)
 	}
 	cl := resp.Header.ContentLength()
 	if cl >= 0 && cl <= bufferLimit && !bytes.HasPrefix(resp.Header.ContentType(), eventStream) {
 		if err := resp.ReadBody(c.br, bufferLimit); err != nil {
 			return fail(err)
 		}
-		return nil, c.finish(stop, reusable)
+		return nil, c.finish(stop, reusable, now)
 	}
 	// The body streams through a small reader of its own, after what the borrowed one holds.
 	s := &Stream{c: c, stop: stop, ctx: ctx, reusable: reusable && cl != -2}
@@ -640,11 +646,11 @@ func readHeader(br *bufio.Reader, h *fasthttp.ResponseHeader) error {
 }
 
 // finish ends a call whose body is fully read: the connection goes back to the pool if it can.
-func (c *conn) finish(stop cancelHook, reusable bool) error {
+func (c *conn) finish(stop cancelHook, reusable bool, now time.Time) error {
 	stopped := stop.release() // false: the context was cancelled and the deadline is poisoned
 	if stopped && reusable && c.br.Buffered() == 0 {
 		c.returnReader()
-		c.p.put(c)
+		c.p.put(c, now)
 		return nil
 	}
 	c.close()
@@ -717,7 +723,7 @@ func (s *Stream) finish(eof bool) {
 	clean := s.br.Buffered() == 0 && len(s.rest.buf) == 0
 	s.releaseReader()
 	if eof && stopped && s.reusable && clean {
-		s.c.p.put(s.c)
+		s.c.p.put(s.c, time.Now())
 		return
 	}
 	s.c.close()
