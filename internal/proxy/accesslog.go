@@ -223,6 +223,7 @@ const iso8601Layout = "2006-01-02T15:04:05.000Z0700"
 // milliseconds are written per line.
 type stamp struct {
 	sec          int64
+	loc          *time.Location
 	date, offset string // "2006-01-02T15:04:05" and the zone offset ("Z" or "+0100")
 }
 
@@ -231,10 +232,10 @@ var lastStamp atomic.Pointer[stamp]
 // appendISO8601 appends t (in its location) as zapcore.ISO8601TimeEncoder does.
 func appendISO8601(b []byte, t time.Time) []byte {
 	s := lastStamp.Load()
-	if s == nil || s.sec != t.Unix() {
+	if s == nil || s.sec != t.Unix() || s.loc != t.Location() {
 		full := t.Truncate(time.Second).Format(iso8601Layout)
 		date, offset, _ := strings.Cut(full, ".000")
-		s = &stamp{sec: t.Unix(), date: date, offset: offset}
+		s = &stamp{sec: t.Unix(), loc: t.Location(), date: date, offset: offset}
 		lastStamp.Store(s)
 	}
 	ms := t.Nanosecond() / int(time.Millisecond)
