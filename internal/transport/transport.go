@@ -39,8 +39,9 @@ type Options struct {
 	DialTimeout time.Duration
 	// TLSHandshakeTimeout bounds the TLS handshake. If zero, 10s.
 	TLSHandshakeTimeout time.Duration
-	// ResponseHeaderTimeout bounds the wait for response headers after the request is written.
-	// If zero, there is none.
+	// ResponseHeaderTimeout bounds the wait for response headers after the request is written,
+	// and for a body read whole (not streamed), the wait for the body too. If zero, there is
+	// none.
 	ResponseHeaderTimeout time.Duration
 	// IdleTimeout closes pooled connections idle for longer. If zero, 90s.
 	IdleTimeout time.Duration
@@ -528,11 +529,11 @@ func unwrapStale(err error) error {
 	return err
 }
 
-// TimeoutError is returned when the response headers do not arrive within
-// ResponseHeaderTimeout. It is a net.Error whose Timeout is true.
+// TimeoutError is returned when the response headers, or a body read whole, do not arrive
+// within ResponseHeaderTimeout. It is a net.Error whose Timeout is true.
 type TimeoutError struct{}
 
-func (TimeoutError) Error() string   { return "timeout awaiting response headers" }
+func (TimeoutError) Error() string   { return "timeout awaiting the response" }
 func (TimeoutError) Timeout() bool   { return true }
 func (TimeoutError) Temporary() bool { return true }
 
@@ -573,12 +574,9 @@ func (c *conn) do(ctx context.Context, now time.Time, req *fasthttp.Request, res
 	if err := readHeader(c.br, &resp.Header); err != nil {
 		return fail(err)
 	}
-	if headerTimeout > 0 {
-		c.nc.SetReadDeadline(time.Time{})
-		if ctx.Err() != nil { // cancelled before the deadline was cleared: honour it
-			return fail(ctx.Err())
-		}
-	}
+	// The deadline stays for a body read whole: one that stalls after its headers would
+	// otherwise hold the call until its caller gives up. A connection that goes back to the
+	// pool keeps it; the next call on it sets its own before reading.
 	reusable := !resp.Header.ConnectionClose() && !req.Header.ConnectionClose()
 	status := resp.StatusCode()
 	if req.Header.IsHead() || status == fasthttp.StatusNoContent || status == fasthttp.StatusNotModified {
@@ -591,6 +589,13 @@ func (c *conn) do(ctx context.Context, now time.Time, req *fasthttp.Request, res
 			return fail(err)
 		}
 		return nil, c.finish(stop, reusable, now)
+	}
+	// A stream is not bounded: its events may come minutes apart.
+	if headerTimeout > 0 {
+		c.nc.SetReadDeadline(time.Time{})
+		if ctx.Err() != nil { // cancelled before the deadline was cleared: honour it
+			return fail(ctx.Err())
+		}
 	}
 	// The body streams through a small reader of its own, after what the borrowed one holds.
 	s := &Stream{c: c, stop: stop, ctx: ctx, reusable: reusable && cl != -2}

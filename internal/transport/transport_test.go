@@ -283,6 +283,51 @@ func TestResponseHeaderTimeout(t *testing.T) {
 	}
 }
 
+// TestStalledBodyTimesOut: the header timeout bounds a body read whole too, and a connection
+// that answered within it is reused, its deadline renewed for the next call.
+func TestStalledBodyTimesOut(t *testing.T) {
+	release := make(chan struct{})
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "100")
+		w.Header().Set("Content-Type", "application/json")
+		if r.URL.Path == "/stall" {
+			io.WriteString(w, `{"partial":`)
+			w.(http.Flusher).Flush()
+			<-release
+			return
+		}
+		io.WriteString(w, strings.Repeat(" ", 100))
+	})
+	defer close(release)
+	const timeout = 300 * time.Millisecond
+	tr := newTransport(t, Options{ResponseHeaderTimeout: timeout})
+	for range 3 { // each call renews the pooled connection's deadline
+		r, err := post(t, tr, t.Context(), srv.URL+"/whole", "x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		r.body(t)
+		<-time.After(timeout / 2) // longer than the calls take together: a stale deadline would fire (the wait is the behaviour under test)
+	}
+	if n := conns.Load(); n != 1 {
+		t.Fatalf("%d connections for calls in a row, want 1", n)
+	}
+	o, req := request(t, "POST", srv.URL+"/stall", "x")
+	got := make(chan error, 1)
+	go func() {
+		_, err := tr.Do(t.Context(), o, req, &fasthttp.Response{})
+		got <- err
+	}()
+	select {
+	case err := <-got:
+		if !errors.As(err, new(TimeoutError)) {
+			t.Fatalf("a body that stalls after its headers: got %v, want a timeout", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a body that stalls after its headers holds the call past the timeout")
+	}
+}
+
 // interruptCtx is a cancellable context that is also an InterruptContext, as the gateway's
 // calls are.
 type interruptCtx struct {
