@@ -30,8 +30,12 @@ type watched struct {
 	tick       uint64          // watching.tick when the call joined
 }
 
-// start watches conn for the caller going away, which cancels ctx.
+// start watches conn for the caller going away, which cancels ctx. A call is watched once:
+// starting it again does nothing.
 func (w *watched) start(conn net.Conn, ctx *callCtx) {
+	if w.ctx != nil {
+		return
+	}
 	w.conn, w.ctx = conn, ctx
 	watching.add(w)
 }

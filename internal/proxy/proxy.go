@@ -47,11 +47,11 @@ type Options struct {
 	// Logger receives the access log (one line per request at info) and errors. If nil,
 	// nothing is logged.
 	Logger *zap.Logger
-	// AccessLog, if set, receives the access log instead of Logger, as the JSON lines a JSON
-	// encoder with LogEncoderConfig would write, written by the handler's own encoder, which
-	// costs a fraction of zap's per call. Logger's level
-	// still decides whether they are written, and Logger's name is their "logger". Set it only
-	// when Logger encodes JSON to the same writer.
+	// AccessLog, if set, receives the access log instead of Logger: the JSON lines a JSON
+	// encoder with LogEncoderConfig would write, written by the handler's own encoder at a
+	// fraction of zap's cost per call. Logger's level still decides whether they are written,
+	// and Logger's name is their "logger". Set it only when Logger encodes JSON to the same
+	// writer.
 	AccessLog io.Writer
 	// Registerer receives the request metrics. If nil, metrics are not registered.
 	Registerer prometheus.Registerer
