@@ -18,7 +18,7 @@ type callCtx struct {
 	done  chan struct{} // made when first asked for (closedChan if cancelled by then)
 	err   error
 	hooks []transport.Interrupter
-	room  [2]transport.Interrupter // hooks' first backing array: a call has one at a time
+	room  [2]transport.Interrupter // hooks' first backing array: its connection, and a dial's timeout
 }
 
 // closedChan is the Done of a context cancelled before anyone asked for it.
