@@ -75,9 +75,9 @@ type Config struct {
 	Callers     []*Caller              `yaml:"callers"`
 }
 
-// Timeouts are the gateway's time limits. None of them bounds a whole response, so long
-// streams are never cut; ResponseHeader bounds the wait for the upstream's first byte, which
-// for reasoning models can be minutes.
+// Timeouts are the gateway's time limits. None of them bounds a stream, so long streams are
+// never cut; ResponseHeader bounds the wait for the upstream's response headers, which for
+// reasoning models can take minutes, and for the rest of a body that is not streamed.
 type Timeouts struct {
 	// ReadHeader bounds reading a caller's request headers (slowloris protection).
 	ReadHeader time.Duration `yaml:"read_header"`
@@ -87,7 +87,8 @@ type Timeouts struct {
 	Dial time.Duration `yaml:"dial"`
 	// TLSHandshake bounds the TLS handshake with an upstream.
 	TLSHandshake time.Duration `yaml:"tls_handshake"`
-	// ResponseHeader bounds the wait for an upstream's response headers; past it the caller gets 504.
+	// ResponseHeader bounds the wait for an upstream's response headers (and the rest of a body
+	// that is not streamed); past it the caller gets 504.
 	ResponseHeader time.Duration `yaml:"response_header"`
 	// UpstreamIdle closes idle pooled connections to upstreams.
 	UpstreamIdle time.Duration `yaml:"upstream_idle"`

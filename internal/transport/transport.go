@@ -5,12 +5,14 @@
 // request's headers and body in separate syscalls, and it hands every request between the
 // caller's goroutine and per-connection read and write goroutines. Here a request is written
 // with one buffered flush and its response read on the caller's goroutine; a cancelled context
-// interrupts the connection through context.AfterFunc, with no goroutine per request. Unlike
+// interrupts the connection through context.AfterFunc (or, for an InterruptContext, its own
+// registration, which allocates nothing), with no goroutine per request. Unlike
 // fasthttp's own client, a context cancels a call at any point, and the response-header
 // timeout does not limit a long stream. Connections are pooled per origin (keep-alive), TLS is
 // verified with the system roots or a given pool, and HTTPS proxies are reached with CONNECT.
 // HTTP/2 is not spoken: Azure OpenAI and Foundry serve HTTP/1.1, where a keep-alive pool does
-// as well.
+// as well for calls; a stream cut short costs its connection, and the next one a dial (see
+// bench/README.md).
 package transport
 
 import (
