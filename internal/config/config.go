@@ -79,9 +79,12 @@ type Config struct {
 // never cut; ResponseHeader bounds the wait for the upstream's response headers, which for
 // reasoning models can take minutes, and for the rest of a body that is not streamed.
 type Timeouts struct {
-	// ReadHeader bounds reading a caller's request headers (slowloris protection).
+	// ReadHeader bounds reading a caller's request line and headers (slowloris protection), with
+	// the first 8 KiB of the body the server reads along; a new connection's first byte is also
+	// awaited this long.
 	ReadHeader time.Duration `yaml:"read_header"`
-	// Idle closes idle keep-alive connections from callers.
+	// Idle closes idle keep-alive connections from callers, and bounds reading the rest of a
+	// request body.
 	Idle time.Duration `yaml:"idle"`
 	// Dial bounds the TCP connect to an upstream.
 	Dial time.Duration `yaml:"dial"`

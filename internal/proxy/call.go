@@ -43,10 +43,11 @@ type call struct {
 	heldErr     error
 	heldBackend *backend.Backend // where heldResp came from
 
-	admitted   *caller // holds places in the concurrency limits until finish
-	credential []byte  // the key or token the caller presented (the request's bytes), if any
-	credStr    string  // the same, as a string
-	bodyBuf    *[]byte // the request body's buffer, from bodyBufs, until the handler returns
+	admitted   *caller   // holds places in the concurrency limits until finish
+	credential []byte    // the key or token the caller presented (the request's bytes), if any
+	credStr    string    // the same, as a string
+	bodyBuf    *[]byte   // the request body's buffer, from bodyBufs, until the handler returns
+	wait       *connWait // the connection's read timeouts, if the server keeps them
 
 	ctx   callCtx // cancelled to end the upstream call and any token wait
 	watch watched // watches for the caller going away

@@ -233,8 +233,16 @@ const (
 )
 
 // ServeFastHTTP handles one API call.
-func (h *Handler) ServeFastHTTP(fc *fasthttp.RequestCtx) {
+func (h *Handler) ServeFastHTTP(fc *fasthttp.RequestCtx) { h.serve(fc, nil) }
+
+// serve serves a call on a connection whose read timeouts w keeps (nil: none are kept).
+func (h *Handler) serve(fc *fasthttp.RequestCtx, w *connWait) {
 	c := newCall(fc)
+	// The body is read once the caller is known, within idle; so is whatever of it a call
+	// leaves unread, which the server reads and drops after the answer. Once read whole
+	// (readBody), nothing is read from the caller until the next request.
+	c.wait = w
+	w.waitIdle()
 	h.m.inflight.Inc()
 	defer func() {
 		c.returnBody()
@@ -405,6 +413,7 @@ func (h *Handler) readBody(c *call) ([]byte, *apiError) {
 			return nil, tooLarge(h.maxBody)
 		}
 		c.bytesIn = len(body)
+		c.wait.done()
 		return body, nil
 	}
 	c.bodyBuf = bodyBufs.Get().(*[]byte)
@@ -430,6 +439,7 @@ func (h *Handler) readBody(c *call) ([]byte, *apiError) {
 		}
 	}
 	c.bytesIn = len(buf)
+	c.wait.done() // nothing more is read from the caller during the call
 	return buf, nil
 }
 

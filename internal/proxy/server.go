@@ -6,7 +6,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"sync"
 	"syscall"
 	"time"
 
@@ -27,8 +26,8 @@ type Server struct {
 	m       *metrics
 	streams *streamSet
 
-	mu    sync.Mutex
-	conns map[net.Conn]struct{}
+	// The connections being served (not handed over to a stream), with their read timeouts.
+	conns *deadlines
 }
 
 // NewServer returns the API server for h with cfg's timeouts and limits.
@@ -36,17 +35,16 @@ func (h *Handler) NewServer(cfg *config.Config) *Server {
 	if h.streams == nil {
 		h.streams = newStreamSet()
 	}
-	s := &Server{log: h.log, m: h.m, streams: h.streams, conns: map[net.Conn]struct{}{}}
+	s := &Server{log: h.log, m: h.m, streams: h.streams, conns: newDeadlines(cfg.Timeouts.ReadHeader, cfg.Timeouts.Idle)}
 	s.srv = &fasthttp.Server{
-		Handler:      h.ServeFastHTTP,
-		ErrorHandler: h.serverError,
 		// The request line and headers must arrive within read_header; the body is read by the
-		// handler once the caller is authenticated (StreamRequestBody), within idle as a bound.
-		HeaderReceived: func(*fasthttp.RequestHeader) fasthttp.RequestConfig {
-			return fasthttp.RequestConfig{ReadTimeout: cfg.Timeouts.Idle}
+		// handler once the caller is authenticated (StreamRequestBody), within idle; a
+		// keep-alive connection is closed after idle. The gateway keeps these timeouts itself
+		// (deadlines), so fasthttp's ReadTimeout and IdleTimeout stay unset.
+		Handler: func(fc *fasthttp.RequestCtx) {
+			h.serve(fc, s.conns.of(fc.Conn()))
 		},
-		ReadTimeout:                  cfg.Timeouts.ReadHeader,
-		IdleTimeout:                  cfg.Timeouts.Idle,
+		ErrorHandler:                 h.serverError,
 		ReadBufferSize:               MaxHeaderBytes,
 		MaxRequestBodySize:           int(cfg.MaxRequestBytes),
 		StreamRequestBody:            true,
@@ -90,22 +88,29 @@ func isTimeout(err error) bool {
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
+// track follows the server's connections: what each one waits for, and which are open.
 func (s *Server) track(c net.Conn, state fasthttp.ConnState) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	switch state {
 	case fasthttp.StateNew:
-		s.conns[c] = struct{}{}
+		s.conns.open(c)
+	case fasthttp.StateActive: // a request's first byte is in
+		s.conns.of(c).waitHeaders()
+	case fasthttp.StateIdle: // answered; waiting for the next request
+		s.conns.of(c).waitIdle()
 	case fasthttp.StateHijacked:
-		delete(s.conns, c)
+		s.conns.forget(c)
 	case fasthttp.StateClosed:
-		delete(s.conns, c)
+		s.conns.forget(c)
 		s.streams.closed(c)
 	}
 }
 
-// Serve serves connections from ln until Shutdown.
-func (s *Server) Serve(ln net.Listener) error { return s.srv.Serve(ln) }
+// Serve serves connections from ln until Shutdown. The read timeouts are kept while a Serve
+// call runs; during a graceful shutdown, what is still open is bounded by the shutdown's grace.
+func (s *Server) Serve(ln net.Listener) error {
+	defer s.conns.start()()
+	return s.srv.Serve(ln)
+}
 
 // Shutdown stops accepting connections and waits for in-flight calls and streams to finish
 // until ctx is done; then it closes the connections still open and reports how many there were.
@@ -120,12 +125,11 @@ func (s *Server) Shutdown(ctx context.Context) (cut int, err error) {
 			err = ctx.Err()
 		}
 	}
-	s.mu.Lock()
-	for c := range s.conns {
-		c.Close()
+	s.conns.conns.Range(func(c, _ any) bool {
+		c.(net.Conn).Close()
 		cut++
-	}
-	s.mu.Unlock()
+		return true
+	})
 	cut += s.streams.cut()
 	s.m.shutdownCut.Add(float64(cut))
 	// Give the closed connections' handlers and streams the moment they need to see the close.

@@ -1,0 +1,164 @@
+package proxy
+
+import (
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// deadlines keeps the read timeouts on callers' connections:
+//   - a new connection's first byte within read_header;
+//   - a request's line and headers within read_header of their first byte (with the first
+//     8 KiB of the body, which the server reads along);
+//   - the rest of the body within idle of the handler starting (it reads the body once the
+//     caller is known), and whatever of it a call leaves unread, which the server drops;
+//   - a keep-alive connection's next request within idle of the last answer.
+//
+// Nothing is read from a caller while its call is with the upstream, so no timeout runs then.
+//
+// fasthttp can keep these itself, but it sets three socket deadlines on every call for them,
+// and each reads the clock five times and moves a runtime timer: about 2-4% of the gateway's
+// throughput (bench/README.md). Here a connection's wait only stores when it times out, on a
+// coarse clock that one goroutine advances every tick. That goroutine cuts each connection
+// whose time has passed by giving it a read deadline in the past, which fails the blocked read
+// as a deadline of its own would have: a request that did not arrive in time is answered 408,
+// an idle keep-alive connection (or a new one that sent nothing) is closed, a stalled body is
+// answered 400. The read deadline stays in the past, so a connection that was cut, if anything
+// was still to be read from it, is closed.
+//
+// A timeout takes effect between its length and its length plus two ticks (later if the
+// process is starved of CPU); a tick is an eighth of the shorter of the two timeouts, between
+// 10 ms and 1 s.
+type deadlines struct {
+	readHeader, idle time.Duration
+	tick             time.Duration
+	epoch            time.Time
+	now              atomic.Int64 // nanoseconds since epoch as of the last tick
+	conns            sync.Map     // net.Conn → *connWait: the connections being served
+
+	mu      sync.Mutex
+	serving int           // Serve calls running
+	stop    chan struct{} // closed to end the clock
+	done    chan struct{} // closed when the clock has ended
+}
+
+// connWait is a connection's current wait.
+type connWait struct {
+	d *deadlines
+	c net.Conn
+	// until is when the wait times out, on the deadlines' clock; 0 when the connection is not
+	// being waited for (a call is being handled, or the connection is poisoned already).
+	until atomic.Int64
+}
+
+func newDeadlines(readHeader, idle time.Duration) *deadlines {
+	return &deadlines{readHeader: readHeader, idle: idle, tick: tickFor(readHeader, idle), epoch: time.Now()}
+}
+
+// tickFor is how often the clock advances for these timeouts.
+func tickFor(readHeader, idle time.Duration) time.Duration {
+	return min(max(min(readHeader, idle)/8, 10*time.Millisecond), time.Second)
+}
+
+// open starts waiting for c's first request, within read_header.
+func (d *deadlines) open(c net.Conn) {
+	w := &connWait{d: d, c: c}
+	w.await(d.readHeader)
+	d.conns.Store(c, w)
+}
+
+// of returns c's wait, nil if c is not one of the server's connections.
+func (d *deadlines) of(c net.Conn) *connWait {
+	if d == nil || c == nil {
+		return nil
+	}
+	if w, ok := d.conns.Load(c); ok {
+		return w.(*connWait)
+	}
+	return nil
+}
+
+// forget stops keeping c's timeouts: it was closed or handed over.
+func (d *deadlines) forget(c net.Conn) { d.conns.Delete(c) }
+
+// await has w time out after timeout. The clock's reading can be a tick old, so a tick is added
+// for the wait to last at least timeout.
+func (w *connWait) await(timeout time.Duration) {
+	if w != nil {
+		w.until.Store(w.d.now.Load() + int64(timeout+w.d.tick))
+	}
+}
+
+// waitHeaders has w wait for a request's headers, within read_header.
+func (w *connWait) waitHeaders() {
+	if w != nil {
+		w.await(w.d.readHeader)
+	}
+}
+
+// waitIdle has w wait within idle: for the next request, or for the body of this one.
+func (w *connWait) waitIdle() {
+	if w != nil {
+		w.await(w.d.idle)
+	}
+}
+
+// done ends w's wait: nothing is read from the connection until the next one.
+func (w *connWait) done() {
+	if w != nil {
+		w.until.Store(0)
+	}
+}
+
+// start runs the clock while a Serve call runs; the returned function is to be called when it
+// returns.
+func (d *deadlines) start() (stop func()) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.serving++
+	if d.serving == 1 {
+		d.now.Store(int64(time.Since(d.epoch))) // the clock stood still while nothing was served
+		d.stop, d.done = make(chan struct{}), make(chan struct{})
+		go d.run(d.stop, d.done)
+	}
+	return func() {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		d.serving--
+		if d.serving == 0 {
+			close(d.stop)
+			<-d.done
+		}
+	}
+}
+
+func (d *deadlines) run(stop, done chan struct{}) {
+	defer close(done)
+	t := time.NewTicker(d.tick)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+			d.cut()
+		}
+	}
+}
+
+// cut advances the clock and poisons the connections whose wait is over.
+func (d *deadlines) cut() {
+	now := int64(time.Since(d.epoch))
+	d.now.Store(now)
+	d.conns.Range(func(_, v any) bool {
+		w := v.(*connWait)
+		if u := w.until.Load(); u != 0 && u <= now && w.until.CompareAndSwap(u, 0) {
+			w.c.SetReadDeadline(aLongTimeAgo)
+		}
+		return true
+	})
+}
+
+// aLongTimeAgo is a deadline that has passed.
+var aLongTimeAgo = time.Unix(1, 0)

@@ -1,0 +1,266 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tokenproxy/tokenproxy/internal/config"
+)
+
+func TestTickFor(t *testing.T) {
+	for _, c := range []struct{ readHeader, idle, want time.Duration }{
+		{10 * time.Second, 120 * time.Second, time.Second},
+		{2 * time.Second, 120 * time.Second, 250 * time.Millisecond},
+		{300 * time.Millisecond, time.Minute, 37500 * time.Microsecond},
+		{time.Minute, 40 * time.Millisecond, 10 * time.Millisecond},
+	} {
+		if got := tickFor(c.readHeader, c.idle); got != c.want {
+			t.Errorf("tickFor(%v, %v) = %v, want %v", c.readHeader, c.idle, got, c.want)
+		}
+	}
+}
+
+// answeredWithin reads the server's answer on br and checks when it came: not before min, not
+// after max.
+func answeredWithin(t *testing.T, br *bufio.Reader, start time.Time, min, max time.Duration) (*http.Response, string) {
+	t.Helper()
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("no answer: %v", err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if took := time.Since(start); took < min || took > max {
+		t.Errorf("answered after %v, want between %v and %v", took, min, max)
+	}
+	return resp, string(b)
+}
+
+// A connection that sends nothing is closed after read_header (without an answer: there is no
+// request to answer).
+func TestSilentConnectionClosedAfterReadHeader(t *testing.T) {
+	const readHeader = 300 * time.Millisecond
+	g := newGateway(t, func(c *config.Config) { c.Timeouts.ReadHeader = readHeader })
+	start := time.Now()
+	c := dial(t, g)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Fatalf("read %d bytes (%v) from a connection that sent nothing", n, err)
+	}
+	if took := time.Since(start); took < readHeader/2 || took > 5*time.Second {
+		t.Errorf("closed after %v, want about %v", took, readHeader)
+	}
+}
+
+// Headers that keep coming but never end are cut after read_header, on a new connection and
+// on a keep-alive one (where idle, which is longer here, bounds only the wait for the first byte).
+func TestTrickledHeadersGet408AfterReadHeader(t *testing.T) {
+	const readHeader = 300 * time.Millisecond
+	g := newGateway(t, func(c *config.Config) {
+		c.Timeouts.ReadHeader = readHeader
+		c.Timeouts.Idle = time.Minute
+	})
+	for _, keepAlive := range []bool{false, true} {
+		c := dial(t, g)
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		br := bufio.NewReader(c)
+		if keepAlive {
+			fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+				chatPath, keyProd, len(chatBody), chatBody)
+			resp, err := http.ReadResponse(br, nil)
+			if err != nil || resp.StatusCode != 200 {
+				t.Fatalf("got %v %v", resp, err)
+			}
+			io.Copy(io.Discard, resp.Body)
+		}
+		start := time.Now()
+		fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\n", chatPath, keyProd)
+		// Bytes keep coming, but the headers never end: only read_header stops this.
+		stop := make(chan struct{})
+		go func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				case <-time.After(20 * time.Millisecond):
+					if _, err := fmt.Fprintf(c, "X-Trickle-%d: a\r\n", i); err != nil {
+						return
+					}
+				}
+			}
+		}()
+		resp, body := answeredWithin(t, br, start, readHeader/2, 5*time.Second)
+		close(stop)
+		if resp.StatusCode != http.StatusRequestTimeout {
+			t.Errorf("keep-alive %v: got %d %s, want 408", keepAlive, resp.StatusCode, body)
+		}
+	}
+}
+
+// A body that stops coming is cut after timeouts.idle from when the gateway starts reading it
+// (after the caller is known), not after read_header.
+func TestStalledBodyIsCutAfterIdle(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	g := newGateway(t, func(c *config.Config) {
+		c.Timeouts.ReadHeader = time.Minute
+		c.Timeouts.Idle = idle
+	})
+	c := dial(t, g)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	start := time.Now()
+	// More than the 8 KiB the server reads with the headers, less than announced.
+	fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n%s",
+		chatPath, keyProd, strings.Repeat(" ", 9000))
+	resp, body := answeredWithin(t, bufio.NewReader(c), start, idle/2, 5*time.Second)
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(body, CodeInvalidBody) {
+		t.Errorf("got %d %s, want 400 %s", resp.StatusCode, body, CodeInvalidBody)
+	}
+	if n := len(g.emu.OpenAI.Requests()); n != 0 {
+		t.Errorf("%d requests reached the upstream", n)
+	}
+}
+
+// While a call is with the upstream, nothing is read from the caller, so no timeout runs: a
+// call longer than idle and read_header leaves its keep-alive connection usable.
+func TestCallLongerThanTheTimeoutsKeepsItsConnection(t *testing.T) {
+	g := newGateway(t, func(c *config.Config) {
+		c.Timeouts.ReadHeader = 150 * time.Millisecond
+		c.Timeouts.Idle = 150 * time.Millisecond
+	})
+	g.emu.OpenAI.SetLatency(600 * time.Millisecond)
+	c := dial(t, g)
+	c.SetReadDeadline(time.Now().Add(20 * time.Second))
+	br := bufio.NewReader(c)
+	for i := range 2 {
+		fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+			chatPath, keyProd, len(chatBody), chatBody)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("call %d on the connection: %v", i+1, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode != 200 || resp.Close {
+			t.Fatalf("call %d: %d, closing %v", i+1, resp.StatusCode, resp.Close)
+		}
+	}
+}
+
+func TestIdleKeepAliveClosedAfterIdle(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	g := newGateway(t, func(c *config.Config) {
+		c.Timeouts.ReadHeader = time.Minute
+		c.Timeouts.Idle = idle
+	})
+	c := dial(t, g)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+		chatPath, keyProd, len(chatBody), chatBody)
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("got %v %v", resp, err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	answered := time.Now()
+	if n, err := br.Read(make([]byte, 1)); n != 0 || err == nil {
+		t.Fatalf("read %d bytes (%v) from an idle connection", n, err)
+	}
+	if took := time.Since(answered); took < idle/2 || took > 5*time.Second {
+		t.Errorf("closed %v after the answer, want about %v", took, idle)
+	}
+}
+
+// The server keeps timeouts only for connections it serves: one handed over to a stream is
+// forgotten at once (fasthttp reports no close for it), and a closed one when it closes. Once
+// a graceful shutdown has waited for everything to end, none is left.
+func TestDeadlinesForgetHandedOverAndClosedConnections(t *testing.T) {
+	g := newGateway(t)
+	srv := g.handler.NewServer(g.cfg)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { srv.Serve(ln); close(done) }()
+	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	for _, body := range []string{`{"stream":true,"messages":[]}`, chatBody} {
+		req, _ := http.NewRequest("POST", "http://"+ln.Addr().String()+chatPath, strings.NewReader(body))
+		req.Header.Set("api-key", keyProd)
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("%s: %d", body, resp.StatusCode)
+		}
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	if _, err := srv.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	<-done
+	kept := 0
+	srv.conns.conns.Range(func(_, _ any) bool { kept++; return true })
+	if kept != 0 {
+		t.Errorf("the server still keeps timeouts for %d connections that have ended", kept)
+	}
+}
+
+// deadlineConn records the read deadlines it is given.
+type deadlineConn struct {
+	net.Conn
+	mu       sync.Mutex
+	deadline time.Time
+}
+
+func (c *deadlineConn) SetReadDeadline(t time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.deadline = t
+	return nil
+}
+
+func (c *deadlineConn) poisoned() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !c.deadline.IsZero() && c.deadline.Before(time.Now())
+}
+
+func TestDeadlinesCut(t *testing.T) {
+	d := newDeadlines(time.Minute, time.Minute)
+	d.epoch = d.epoch.Add(-time.Hour) // the server was made an hour before it served
+	defer d.start()()
+	waiting, handled, past := &deadlineConn{}, &deadlineConn{}, &deadlineConn{}
+	for _, c := range []*deadlineConn{waiting, handled, past} {
+		d.open(c)
+	}
+	d.of(handled).done()
+	d.of(past).until.Store(1) // its wait ended long ago
+	d.cut()
+	if waiting.poisoned() {
+		t.Error("a connection that has just opened timed out")
+	}
+	if handled.poisoned() {
+		t.Error("a connection with no wait timed out")
+	}
+	if !past.poisoned() {
+		t.Error("a connection whose wait is over was not cut")
+	}
+	if u := d.of(past).until.Load(); u != 0 {
+		t.Errorf("a cut connection still waits (until %d)", u)
+	}
+	d.forget(past)
+	if d.of(past) != nil {
+		t.Error("a forgotten connection is still kept")
+	}
+}
