@@ -43,6 +43,20 @@ func answeredWithin(t *testing.T, br *bufio.Reader, start time.Time, min, max ti
 	return resp, string(b)
 }
 
+// chatOn makes a chat call on the raw connection c (read through br) and returns its answer,
+// body read.
+func chatOn(t *testing.T, c net.Conn, br *bufio.Reader) *http.Response {
+	t.Helper()
+	fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+		chatPath, keyProd, len(chatBody), chatBody)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("the call on the connection got no answer: %v", err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	return resp
+}
+
 // A connection that sends nothing is closed after read_header (without an answer: there is no
 // request to answer).
 func TestSilentConnectionClosedAfterReadHeader(t *testing.T) {
@@ -72,13 +86,9 @@ func TestTrickledHeadersGet408AfterReadHeader(t *testing.T) {
 		c.SetReadDeadline(time.Now().Add(10 * time.Second))
 		br := bufio.NewReader(c)
 		if keepAlive {
-			fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
-				chatPath, keyProd, len(chatBody), chatBody)
-			resp, err := http.ReadResponse(br, nil)
-			if err != nil || resp.StatusCode != 200 {
-				t.Fatalf("got %v %v", resp, err)
+			if resp := chatOn(t, c, br); resp.StatusCode != 200 {
+				t.Fatalf("got %d", resp.StatusCode)
 			}
-			io.Copy(io.Discard, resp.Body)
 		}
 		start := time.Now()
 		fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\n", chatPath, keyProd)
@@ -139,14 +149,7 @@ func TestCallLongerThanTheTimeoutsKeepsItsConnection(t *testing.T) {
 	c.SetReadDeadline(time.Now().Add(20 * time.Second))
 	br := bufio.NewReader(c)
 	for i := range 2 {
-		fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
-			chatPath, keyProd, len(chatBody), chatBody)
-		resp, err := http.ReadResponse(br, nil)
-		if err != nil {
-			t.Fatalf("call %d on the connection: %v", i+1, err)
-		}
-		io.Copy(io.Discard, resp.Body)
-		if resp.StatusCode != 200 || resp.Close {
+		if resp := chatOn(t, c, br); resp.StatusCode != 200 || resp.Close {
 			t.Fatalf("call %d: %d, closing %v", i+1, resp.StatusCode, resp.Close)
 		}
 	}
@@ -160,14 +163,10 @@ func TestIdleKeepAliveClosedAfterIdle(t *testing.T) {
 	})
 	c := dial(t, g)
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
-		chatPath, keyProd, len(chatBody), chatBody)
 	br := bufio.NewReader(c)
-	resp, err := http.ReadResponse(br, nil)
-	if err != nil || resp.StatusCode != 200 {
-		t.Fatalf("got %v %v", resp, err)
+	if resp := chatOn(t, c, br); resp.StatusCode != 200 {
+		t.Fatalf("got %d", resp.StatusCode)
 	}
-	io.Copy(io.Discard, resp.Body)
 	answered := time.Now()
 	if n, err := br.Read(make([]byte, 1)); n != 0 || err == nil {
 		t.Fatalf("read %d bytes (%v) from an idle connection", n, err)
@@ -182,16 +181,10 @@ func TestIdleKeepAliveClosedAfterIdle(t *testing.T) {
 // a graceful shutdown has waited for everything to end, none is left.
 func TestDeadlinesForgetHandedOverAndClosedConnections(t *testing.T) {
 	g := newGateway(t)
-	srv := g.handler.NewServer(g.cfg)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { srv.Serve(ln); close(done) }()
+	srv, addr, done := serveOwn(t, g)
 	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
 	for _, body := range []string{`{"stream":true,"messages":[]}`, chatBody} {
-		req, _ := http.NewRequest("POST", "http://"+ln.Addr().String()+chatPath, strings.NewReader(body))
+		req, _ := http.NewRequest("POST", "http://"+addr+chatPath, strings.NewReader(body))
 		req.Header.Set("api-key", keyProd)
 		resp, err := client.Do(req)
 		if err != nil {

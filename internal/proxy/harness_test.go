@@ -249,3 +249,17 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// serveOwn serves g's handler on a server of the test's own, which the test shuts down; done is
+// closed when Serve returns.
+func serveOwn(t *testing.T, g *gateway) (srv *Server, addr string, done <-chan struct{}) {
+	t.Helper()
+	srv = g.handler.NewServer(g.cfg)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan struct{})
+	go func() { srv.Serve(ln); close(served) }()
+	return srv, ln.Addr().String(), served
+}

@@ -461,19 +461,13 @@ func soakCall(g *gateway, i int, deadline time.Time) (out struct {
 
 func TestShutdownCutsWhatOutlivesTheGrace(t *testing.T) {
 	g := newGateway(t)
-	srv := g.handler.NewServer(g.cfg)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { srv.Serve(ln); close(done) }()
+	srv, addr, done := serveOwn(t, g)
 	g.emu.OpenAI.SetStreamGate(make(chan struct{})) // streams that never end on their own
 
 	const n = 3
 	bodies := make([]io.ReadCloser, n)
 	for i := range bodies {
-		req, _ := http.NewRequest("POST", "http://"+ln.Addr().String()+chatPath, strings.NewReader(`{"stream":true,"messages":[]}`))
+		req, _ := http.NewRequest("POST", "http://"+addr+chatPath, strings.NewReader(`{"stream":true,"messages":[]}`))
 		req.Header.Set("api-key", keyProd)
 		resp, err := g.client.Do(req)
 		if err != nil {
