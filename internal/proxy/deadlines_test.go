@@ -137,6 +137,28 @@ func TestStalledBodyIsCutAfterIdle(t *testing.T) {
 	}
 }
 
+// The first 8 KiB of a body are read with the headers, before the caller is known: a short body
+// that stops coming is cut after read_header (408), not after idle.
+func TestStalledShortBodyIsCutAfterReadHeader(t *testing.T) {
+	const readHeader = 300 * time.Millisecond
+	g := newGateway(t, func(c *config.Config) {
+		c.Timeouts.ReadHeader = readHeader
+		c.Timeouts.Idle = time.Minute
+	})
+	c := dial(t, g)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	start := time.Now()
+	fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"messages\"",
+		chatPath, keyProd)
+	resp, body := answeredWithin(t, bufio.NewReader(c), start, readHeader/2, 5*time.Second)
+	if resp.StatusCode != http.StatusRequestTimeout {
+		t.Errorf("got %d %s, want 408", resp.StatusCode, body)
+	}
+	if n := len(g.emu.OpenAI.Requests()); n != 0 {
+		t.Errorf("%d requests reached the upstream", n)
+	}
+}
+
 // While a call is with the upstream, nothing is read from the caller, so no timeout runs: a
 // call longer than idle and read_header leaves its keep-alive connection usable.
 func TestCallLongerThanTheTimeoutsKeepsItsConnection(t *testing.T) {
