@@ -260,6 +260,18 @@ func (t *Transport) pool(o Origin) (*pool, error) {
 	p, ok := t.pools[o.key]
 	if !ok {
 		p = &pool{t: t, origin: o}
+		if o.tls {
+			p.tlsCfg = t.tlsCfg.Clone()
+			p.tlsCfg.ServerName = o.serverName
+			if o.roots != nil {
+				p.tlsCfg.RootCAs = o.roots
+			}
+			// Sessions resume, so a new connection (one per stream) skips the server's
+			// certificate and its verification, and holds less memory after its handshake.
+			// The cache is the pool's own: a session verified with one origin's CAs is never
+			// offered on behalf of another's.
+			p.tlsCfg.ClientSessionCache = tls.NewLRUClientSessionCache(4)
+		}
 		t.pools[o.key] = p
 	}
 	return p, nil
@@ -269,6 +281,7 @@ func (t *Transport) pool(o Origin) (*pool, error) {
 type pool struct {
 	t      *Transport
 	origin Origin
+	tlsCfg *tls.Config // for an https origin: the transport's, for this server
 
 	mu   sync.Mutex
 	idle []*conn // most recently used last
@@ -359,12 +372,7 @@ func (p *pool) dial(ctx context.Context) (*conn, error) {
 		}
 	}
 	if p.origin.tls {
-		cfg := p.t.tlsCfg.Clone()
-		cfg.ServerName = p.origin.serverName
-		if p.origin.roots != nil {
-			cfg.RootCAs = p.origin.roots
-		}
-		tc := tls.Client(nc, cfg)
+		tc := tls.Client(nc, p.tlsCfg)
 		hctx, cancel := context.WithTimeout(ctx, o.handshakeTimeout())
 		err := tc.HandshakeContext(hctx)
 		cancel()

@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"io"
 	"log"
 	"net"
@@ -575,6 +576,44 @@ func TestTLS(t *testing.T) {
 	resp := &fasthttp.Response{}
 	if _, err := untrusting.Do(t.Context(), o.WithRoots(pool, "test-ca"), req, resp); err != nil {
 		t.Errorf("with the origin's own CA: %v", err)
+	}
+}
+
+func TestTLSSessionsResume(t *testing.T) {
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, r.TLS.DidResume)
+	}))
+	srv.StartTLS()
+	defer srv.Close()
+	pool := x509.NewCertPool()
+	pool.AddCert(srv.Certificate())
+	tr := newTransport(t, Options{TLSConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}})
+
+	// Each call closes its connection, as a stream cut short does, so each one dials.
+	call := func(o Origin) string {
+		t.Helper()
+		_, req := request(t, "POST", srv.URL, "x")
+		req.Header.SetConnectionClose()
+		resp := &fasthttp.Response{}
+		stream, err := tr.Do(t.Context(), o, req, resp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return result{resp, stream}.body(t)
+	}
+	o, _ := request(t, "POST", srv.URL, "")
+	if got := call(o); got != "false" {
+		t.Fatalf("first connection: resumed = %s, want a full handshake", got)
+	}
+	for i := range 2 {
+		if got := call(o); got != "true" {
+			t.Errorf("connection %d after the first: resumed = %s, want the session resumed", i+2, got)
+		}
+	}
+	// The same server under other CAs is another pool: a session verified with one CA set is
+	// not offered on behalf of another.
+	if got := call(o.WithRoots(pool, "other-ca")); got != "false" {
+		t.Errorf("origin with its own CAs: resumed = %s, want a full handshake", got)
 	}
 }
 
