@@ -266,10 +266,10 @@ func (t *Transport) pool(o Origin) (*pool, error) {
 			if o.roots != nil {
 				p.tlsCfg.RootCAs = o.roots
 			}
-			// Sessions resume, so a new connection (one per stream) skips the server's
-			// certificate and its verification, and holds less memory after its handshake.
-			// The cache is the pool's own: a session verified with one origin's CAs is never
-			// offered on behalf of another's.
+			// Sessions resume, so a new connection (a stream needs one of its own) skips the
+			// server's certificate and its verification. The cache is the pool's own: a
+			// resumed session rests on the verification of the handshake that made it, so one
+			// verified with an origin's CAs is never offered on behalf of another's.
 			p.tlsCfg.ClientSessionCache = tls.NewLRUClientSessionCache(4)
 		}
 		t.pools[o.key] = p
