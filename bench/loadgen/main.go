@@ -61,8 +61,8 @@ const chunk = `data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","cr
 
 // sse answers every request with an event stream: one event at once, then one per interval until
 // the client goes away. With --tls-ca it serves HTTP/1.1 over TLS (as Azure's endpoints do) with
-// a certificate for 127.0.0.1 (and localhost) made at start, and writes that certificate to the file named, for
-// the proxies to trust.
+// a certificate for 127.0.0.1 and localhost made at start, and writes that certificate to the
+// file named, for the proxies to trust.
 func sse(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("sse", flag.ContinueOnError)
 	listen := fs.String("listen", "127.0.0.1:18005", "address")
@@ -108,8 +108,8 @@ func sse(ctx context.Context, args []string) error {
 	return nil
 }
 
-// selfSigned makes an ECDSA P-256 certificate for 127.0.0.1 and localhost, valid for a day, and writes it to
-// caFile.
+// selfSigned makes an ECDSA P-256 certificate for 127.0.0.1 and localhost, valid for a day, and
+// writes it to caFile.
 func selfSigned(caFile string) (tls.Certificate, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
