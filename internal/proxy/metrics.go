@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tokenproxy/tokenproxy/internal/backend"
+	"github.com/tokenproxy/tokenproxy/internal/transport"
 )
 
 // maxPassthroughLabels bounds the deployment label values when deployments pass through
@@ -28,6 +29,7 @@ type metrics struct {
 	budgetExhausted prometheus.Counter
 	shutdownCut     prometheus.Counter
 	backends        *backendCollector
+	pools           *poolCollector // nil unless the transport is the gateway's own
 
 	// Deployment label values: the configured names, or in pass-through mode the first
 	// maxPassthroughLabels names seen.
@@ -94,9 +96,62 @@ func newMetrics(passthrough bool, configured map[string]bool, reg *backend.Regis
 }
 
 func (m *metrics) register(reg prometheus.Registerer) error {
-	return errors.Join(reg.Register(m.requests), reg.Register(m.duration), reg.Register(m.upstreamLatency),
+	err := errors.Join(reg.Register(m.requests), reg.Register(m.duration), reg.Register(m.upstreamLatency),
 		reg.Register(m.inflight), reg.Register(m.attempts), reg.Register(m.failovers), reg.Register(m.budgetExhausted),
 		reg.Register(m.shutdownCut), reg.Register(m.backends))
+	if m.pools != nil {
+		err = errors.Join(err, reg.Register(m.pools))
+	}
+	return err
+}
+
+// poolCollector reports the upstream connections at scrape time, by origin (an origin reached
+// with two CA sets has two pools, added together here).
+type poolCollector struct {
+	stats        func() []transport.PoolStats
+	opened, idle *prometheus.Desc
+}
+
+func newPoolCollector(stats func() []transport.PoolStats) *poolCollector {
+	return &poolCollector{stats: stats,
+		opened: prometheus.NewDesc("tokenproxy_upstream_connections_opened_total",
+			"Connections opened to an upstream origin, by TLS handshake: full, resumed (a resumed TLS session), or none (plain http).",
+			[]string{"origin", "tls"}, nil),
+		idle: prometheus.NewDesc("tokenproxy_upstream_idle_connections",
+			"Idle keep-alive connections kept to an upstream origin.", []string{"origin"}, nil),
+	}
+}
+
+func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.opened
+	ch <- c.idle
+}
+
+func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
+	type sums struct {
+		tls                   bool
+		opened, resumed, idle float64
+	}
+	by := map[string]*sums{}
+	for _, p := range c.stats() {
+		s := by[p.Origin]
+		if s == nil {
+			s = &sums{tls: p.TLS}
+			by[p.Origin] = s
+		}
+		s.opened += float64(p.Opened)
+		s.resumed += float64(p.Resumed)
+		s.idle += float64(p.Idle)
+	}
+	for origin, s := range by {
+		if s.tls {
+			ch <- prometheus.MustNewConstMetric(c.opened, prometheus.CounterValue, s.opened, origin, "full")
+			ch <- prometheus.MustNewConstMetric(c.opened, prometheus.CounterValue, s.resumed, origin, "resumed")
+		} else {
+			ch <- prometheus.MustNewConstMetric(c.opened, prometheus.CounterValue, s.opened, origin, "none")
+		}
+		ch <- prometheus.MustNewConstMetric(c.idle, prometheus.GaugeValue, s.idle, origin)
+	}
 }
 
 // backendCollector reports backend health at scrape time.

@@ -137,6 +137,9 @@ func New(opts Options) (*Handler, error) {
 		configured[name] = true
 	}
 	h.m = newMetrics(h.passthrough, configured, h.backends)
+	if t, ok := h.transport.(*transport.Transport); ok {
+		h.m.pools = newPoolCollector(t.Stats)
+	}
 	if opts.Registerer != nil {
 		if err := h.m.register(opts.Registerer); err != nil {
 			return nil, fmt.Errorf("registering proxy metrics: %w", err)

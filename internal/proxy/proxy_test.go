@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/valyala/fasthttp"
 
 	"github.com/tokenproxy/tokenproxy/internal/config"
@@ -296,8 +297,24 @@ func TestUpstreamWithPrivateCA(t *testing.T) {
 		return startGateway(t, emu, applyOptions(t, cfg, nil))
 	}
 	path := "/openai/deployments/gpt-4o/chat/completions?api-version=1"
-	if resp, body := build(private.CertPEM()).do("POST", path, map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 200 {
-		t.Errorf("with the upstream's ca_file: got %d %s, want 200", resp.StatusCode, body)
+	g := build(private.CertPEM())
+	for range 2 {
+		if resp, body := g.do("POST", path, map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 200 {
+			t.Errorf("with the upstream's ca_file: got %d %s, want 200", resp.StatusCode, body)
+		}
+	}
+	// The metrics show the one connection, kept alive, and its full handshake.
+	origin := plane.URL()
+	want := fmt.Sprintf(`# HELP tokenproxy_upstream_connections_opened_total Connections opened to an upstream origin, by TLS handshake: full, resumed (a resumed TLS session), or none (plain http).
+# TYPE tokenproxy_upstream_connections_opened_total counter
+tokenproxy_upstream_connections_opened_total{origin=%[1]q,tls="full"} 1
+tokenproxy_upstream_connections_opened_total{origin=%[1]q,tls="resumed"} 0
+# HELP tokenproxy_upstream_idle_connections Idle keep-alive connections kept to an upstream origin.
+# TYPE tokenproxy_upstream_idle_connections gauge
+tokenproxy_upstream_idle_connections{origin=%[1]q} 1
+`, origin)
+	if err := testutil.GatherAndCompare(g.reg, strings.NewReader(want), "tokenproxy_upstream_connections_opened_total", "tokenproxy_upstream_idle_connections"); err != nil {
+		t.Error(err)
 	}
 	if resp, _ := build(nil).do("POST", path, map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 502 {
 		t.Errorf("without it: got %d, want 502 (the certificate is not trusted)", resp.StatusCode)

@@ -30,6 +30,7 @@ import (
 	"net/url"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -283,6 +284,10 @@ type pool struct {
 	origin Origin
 	tlsCfg *tls.Config // for an https origin: the transport's, for this server
 
+	// Connections dialled: over a resumed TLS session, or not (plain, or a full handshake).
+	// Each is counted once, in one of the two, so both only ever grow.
+	opened, resumed atomic.Uint64
+
 	mu   sync.Mutex
 	idle []*conn // most recently used last
 }
@@ -380,9 +385,45 @@ func (p *pool) dial(ctx context.Context) (*conn, error) {
 			nc.Close()
 			return nil, err
 		}
+		if tc.ConnectionState().DidResume {
+			p.resumed.Add(1)
+			return &conn{p: p, nc: tc}, nil
+		}
 		nc = tc
 	}
+	p.opened.Add(1)
 	return &conn{p: p, nc: nc}, nil
+}
+
+// PoolStats is what the connections to one origin have done, for metrics.
+type PoolStats struct {
+	Origin  string // scheme://host:port
+	TLS     bool
+	Opened  uint64 // connections opened plainly or, for https, with a full handshake
+	Resumed uint64 // connections opened over a resumed TLS session (not in Opened)
+	Idle    int    // idle connections kept now
+}
+
+// Stats returns one PoolStats per pool. An origin reached with more than one CA set has a pool
+// for each.
+func (t *Transport) Stats() []PoolStats {
+	t.mu.Lock()
+	pools := make([]*pool, 0, len(t.pools))
+	for _, p := range t.pools {
+		pools = append(pools, p)
+	}
+	t.mu.Unlock()
+	out := make([]PoolStats, 0, len(pools))
+	for _, p := range pools {
+		p.mu.Lock()
+		idle := len(p.idle)
+		p.mu.Unlock()
+		out = append(out, PoolStats{
+			Origin: p.origin.u.Scheme + "://" + p.origin.addr, TLS: p.origin.tls,
+			Opened: p.opened.Load(), Resumed: p.resumed.Load(), Idle: idle,
+		})
+	}
+	return out
 }
 
 func proxyAddr(u *url.URL) string {

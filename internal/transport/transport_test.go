@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -137,6 +138,10 @@ func TestRoundTripAndKeepAlive(t *testing.T) {
 	}
 	if n := conns.Load(); n != 1 {
 		t.Errorf("20 sequential requests opened %d connections, want 1 (keep-alive)", n)
+	}
+	want := []PoolStats{{Origin: srv.URL, Opened: 1, Idle: 1}}
+	if got := tr.Stats(); !slices.Equal(got, want) {
+		t.Errorf("stats %+v, want %+v", got, want)
 	}
 }
 
@@ -614,6 +619,19 @@ func TestTLSSessionsResume(t *testing.T) {
 	// not offered on behalf of another.
 	if got := call(o.WithRoots(pool, "other-ca")); got != "false" {
 		t.Errorf("origin with its own CAs: resumed = %s, want a full handshake", got)
+	}
+
+	// Stats count them, a pool for each CA set.
+	var opened, resumed uint64
+	stats := tr.Stats()
+	for _, s := range stats {
+		if want := "https://" + o.addr; s.Origin != want || !s.TLS || s.Idle != 0 {
+			t.Errorf("stats %+v, want origin %s, TLS, no idle connection", s, want)
+		}
+		opened, resumed = opened+s.Opened, resumed+s.Resumed
+	}
+	if len(stats) != 2 || opened != 2 || resumed != 2 {
+		t.Errorf("%d pools, %d connections opened with a full handshake, %d resumed; want 2, 2 and 2", len(stats), opened, resumed)
 	}
 }
 
