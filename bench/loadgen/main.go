@@ -9,18 +9,11 @@ package main
 import (
 	"bufio"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"net/url"
@@ -32,6 +25,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/tokenproxy/tokenproxy/internal/emulator"
 )
 
 func main() {
@@ -61,8 +56,8 @@ const chunk = `data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","cr
 
 // sse answers every request with an event stream: one event at once, then one per interval until
 // the client goes away. With --tls-ca it serves HTTP/1.1 over TLS (as Azure's endpoints do) with
-// a certificate for 127.0.0.1 and localhost made at start, and writes that certificate to the
-// file named, for the proxies to trust.
+// a certificate for 127.0.0.1 and localhost from a CA made at start (the emulator's), and writes
+// the CA's certificate to the file named, for the proxies to trust.
 func sse(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("sse", flag.ContinueOnError)
 	listen := fs.String("listen", "127.0.0.1:18005", "address")
@@ -93,12 +88,18 @@ func sse(ctx context.Context, args []string) error {
 	go func() { <-ctx.Done(); srv.Close() }()
 	serve := srv.ListenAndServe
 	if *caFile != "" {
-		cert, err := selfSigned(*caFile)
+		ca, err := emulator.NewCA()
 		if err != nil {
 			return err
 		}
+		if srv.TLSConfig, err = ca.ServerConfig(); err != nil {
+			return err
+		}
+		if err := os.WriteFile(*caFile, ca.CertPEM(), 0o644); err != nil {
+			return err
+		}
 		// HTTP/1.1 only, so that every proxy relays the stream the same way.
-		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"http/1.1"}}
+		srv.TLSConfig.NextProtos = []string{"http/1.1"}
 		srv.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
 		serve = func() error { return srv.ListenAndServeTLS("", "") }
 	}
@@ -106,35 +107,6 @@ func sse(ctx context.Context, args []string) error {
 		return err
 	}
 	return nil
-}
-
-// selfSigned makes an ECDSA P-256 certificate for 127.0.0.1 and localhost, valid for a day, and
-// writes it to caFile.
-func selfSigned(caFile string) (tls.Certificate, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "loadgen sse"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
-		DNSNames:              []string{"localhost"},
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	if err := os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
-		return tls.Certificate{}, err
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }
 
 // streams opens n streams through url, each on its own connection, then times --probes more
