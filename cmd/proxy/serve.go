@@ -50,7 +50,7 @@ func runServeWith(ctx context.Context, args []string, getenv func(string) string
 		return err
 	}
 	defer flush()
-	if limit := memoryLimit(getenv, "/"); limit > 0 {
+	if limit := memoryLimit(getenv, config.ContainerMemoryLimit("/")); limit > 0 {
 		debug.SetMemoryLimit(limit)
 		log.Info("the garbage collector keeps memory under 90% of the container's limit (set GOMEMLIMIT to choose)",
 			zap.Int64("memory_limit_bytes", limit))
@@ -58,15 +58,15 @@ func runServeWith(ctx context.Context, args []string, getenv func(string) string
 	return serveGateway(ctx, gatewayOptions{cfg: cfg, log: log, access: access, stdout: stdout, entra: eo, configPath: *path, getenv: getenv})
 }
 
-// memoryLimit is the soft memory limit for the garbage collector: 90% of the container's (cgroup
-// v2) memory limit read under root, so that a gateway holding many streams collects harder as it
-// nears the limit instead of being killed at it; 0 (leave the runtime's) when there is no limit
-// or GOMEMLIMIT is set, which the runtime applies itself.
-func memoryLimit(getenv func(string) string, root string) int64 {
+// memoryLimit is the soft memory limit for the garbage collector: 90% of the container's memory
+// limit (0 for none), so that a gateway holding many streams collects harder as it nears the
+// limit instead of being killed at it; 0 (leave the runtime's) when there is no limit or
+// GOMEMLIMIT is set, which the runtime applies itself.
+func memoryLimit(getenv func(string) string, container int64) int64 {
 	if getenv("GOMEMLIMIT") != "" {
 		return 0
 	}
-	return config.ContainerMemoryLimit(root) / 10 * 9
+	return container / 10 * 9
 }
 
 func runValidate(args []string, getenv func(string) string, stdout, stderr io.Writer) error {
