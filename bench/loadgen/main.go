@@ -62,7 +62,7 @@ func sse(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("sse", flag.ContinueOnError)
 	listen := fs.String("listen", "127.0.0.1:18005", "address")
 	interval := fs.Duration("interval", time.Second, "time between events after the first")
-	caFile := fs.String("tls-ca", "", "serve TLS, writing the certificate (PEM) to this file")
+	caFile := fs.String("tls-ca", "", "serve TLS, writing the CA certificate to trust (PEM) to this file")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}

@@ -376,6 +376,7 @@ func (p *pool) dial(ctx context.Context) (*conn, error) {
 			return nil, err
 		}
 	}
+	count := &p.opened
 	if p.origin.tls {
 		tc := tls.Client(nc, p.tlsCfg)
 		hctx, cancel := context.WithTimeout(ctx, o.handshakeTimeout())
@@ -386,12 +387,11 @@ func (p *pool) dial(ctx context.Context) (*conn, error) {
 			return nil, err
 		}
 		if tc.ConnectionState().DidResume {
-			p.resumed.Add(1)
-			return &conn{p: p, nc: tc}, nil
+			count = &p.resumed
 		}
 		nc = tc
 	}
-	p.opened.Add(1)
+	count.Add(1)
 	return &conn{p: p, nc: nc}, nil
 }
 
