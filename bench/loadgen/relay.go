@@ -1,0 +1,198 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"io"
+	"net"
+	"strconv"
+	"sync"
+)
+
+// relay is the suite's floor: the least a Go proxy can do for the same job as the nginx
+// configuration, with Go's standard library and nothing else. Each caller connection has a
+// goroutine with 4 KiB buffers; a request's api-key must equal --key and is dropped, and
+// --header lines are added; requests go out over a pool of keep-alive upstream connections. A
+// response with a Content-Length is relayed and its connection reused; any other (an event
+// stream) is copied through as it comes until one side closes. No routing, token, metrics, log,
+// limits or timeouts: it tells how much of a proxy's cost is Go's network stack and scheduler,
+// and how much is the work on top.
+func relay(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("relay", flag.ContinueOnError)
+	listen := fs.String("listen", "127.0.0.1:18009", "address")
+	upstream := fs.String("upstream", "", "upstream host:port (plain HTTP/1.1)")
+	key := fs.String("key", "", "the api-key a request must carry")
+	var headers multiFlag
+	fs.Var(&headers, "header", "header line to add to each request (repeatable)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *upstream == "" || *key == "" {
+		return errors.New("relay needs --upstream and --key")
+	}
+	r := &relayer{upstream: *upstream, key: []byte(*key)}
+	for _, h := range headers {
+		r.add = append(r.add, h+"\r\n"...)
+	}
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		return err
+	}
+	go func() { <-ctx.Done(); ln.Close() }()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			continue
+		}
+		go r.serve(c)
+	}
+}
+
+type relayer struct {
+	upstream string
+	key      []byte
+	add      []byte
+
+	mu   sync.Mutex
+	idle []*upConn
+}
+
+type upConn struct {
+	c  net.Conn
+	br *bufio.Reader
+}
+
+func (r *relayer) get() (*upConn, error) {
+	r.mu.Lock()
+	if n := len(r.idle); n > 0 {
+		u := r.idle[n-1]
+		r.idle = r.idle[:n-1]
+		r.mu.Unlock()
+		return u, nil
+	}
+	r.mu.Unlock()
+	c, err := net.Dial("tcp", r.upstream)
+	if err != nil {
+		return nil, err
+	}
+	return &upConn{c: c, br: bufio.NewReaderSize(c, 4<<10)}, nil
+}
+
+func (r *relayer) put(u *upConn) {
+	r.mu.Lock()
+	r.idle = append(r.idle, u)
+	r.mu.Unlock()
+}
+
+var (
+	contentLength = []byte("content-length:")
+	apiKey        = []byte("api-key:")
+	unauthorized  = []byte("HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+)
+
+// head reads a message head into buf, without its final empty line, and returns it with its
+// Content-Length (-1 if none) and whether it carried the api-key wanted (with the api-key line
+// left out) when want is set.
+func head(br *bufio.Reader, buf []byte, want []byte) (h []byte, cl int, keyOK bool, err error) {
+	h, cl = buf[:0], -1
+	for {
+		line, err := br.ReadSlice('\n')
+		if err != nil {
+			return nil, 0, false, err
+		}
+		if len(line) <= 2 {
+			return h, cl, keyOK, nil
+		}
+		switch {
+		case len(line) > len(contentLength) && bytes.EqualFold(line[:len(contentLength)], contentLength):
+			if cl, err = strconv.Atoi(string(bytes.TrimSpace(line[len(contentLength):]))); err != nil || cl < 0 {
+				return nil, 0, false, errors.New("bad Content-Length")
+			}
+		case want != nil && len(line) > len(apiKey) && bytes.EqualFold(line[:len(apiKey)], apiKey):
+			keyOK = bytes.Equal(bytes.TrimSpace(line[len(apiKey):]), want)
+			continue
+		}
+		h = append(h, line...)
+	}
+}
+
+func (r *relayer) serve(c net.Conn) {
+	defer c.Close()
+	br := bufio.NewReaderSize(c, 4<<10)
+	bw := bufio.NewWriterSize(c, 4<<10)
+	var hb, rb, out []byte
+	for {
+		h, cl, ok, err := head(br, hb[:0], r.key)
+		if err != nil {
+			return
+		}
+		hb = h
+		if !ok {
+			c.Write(unauthorized)
+			return
+		}
+		out = append(append(append(out[:0], h...), r.add...), "\r\n"...)
+		if cl > 0 {
+			n := len(out)
+			out = append(out, make([]byte, cl)...)
+			if _, err := io.ReadFull(br, out[n:]); err != nil {
+				return
+			}
+		}
+		u, err := r.get()
+		if err != nil {
+			return
+		}
+		if _, err := u.c.Write(out); err != nil {
+			u.c.Close()
+			return
+		}
+		h, cl, _, err = head(u.br, rb[:0], nil)
+		if err != nil {
+			u.c.Close()
+			return
+		}
+		rb = h
+		bw.Write(h)
+		bw.WriteString("\r\n")
+		if cl < 0 {
+			r.stream(c, bw, u)
+			return
+		}
+		if _, err := io.CopyN(bw, u.br, int64(cl)); err != nil {
+			u.c.Close()
+			return
+		}
+		r.put(u)
+		if bw.Flush() != nil {
+			return
+		}
+	}
+}
+
+// stream copies a response of unknown length through as it arrives, until either side closes.
+func (r *relayer) stream(c net.Conn, bw *bufio.Writer, u *upConn) {
+	defer u.c.Close()
+	if bw.Flush() != nil {
+		return
+	}
+	go func() { io.Copy(io.Discard, c); u.c.Close() }() // the caller hanging up ends the stream
+	buf := make([]byte, 512)
+	for {
+		n, err := u.br.Read(buf)
+		if n > 0 {
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
