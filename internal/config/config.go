@@ -32,6 +32,11 @@ const (
 	DefaultLogLevel        = "info"
 	DefaultLogFormat       = "json"
 	DefaultMaxRequestBytes = 32 << 20
+	// DefaultSpareConnections is one spare connection per upstream: enough to take a connect
+	// and a TLS handshake off a new stream's path while streams start one after another.
+	DefaultSpareConnections = 1
+	// MaxSpareConnections bounds spare_connections.
+	MaxSpareConnections = 64
 )
 
 // Config is the whole gateway configuration. Build it with Load, or for programmatic use (the
@@ -62,6 +67,11 @@ type Config struct {
 	// MaxConcurrent caps the calls in flight across all callers (streams included); past it, 429.
 	// Zero: no cap.
 	MaxConcurrent int `yaml:"max_concurrent"`
+	// SpareConnections is how many connections to each upstream are kept dialled ahead of need
+	// (connected, and through the TLS handshake), so that a new call or stream that finds no idle
+	// connection need not wait for one. Spares are dialled as calls use the pool and close when
+	// idle for timeouts.upstream_idle. Zero: none.
+	SpareConnections int `yaml:"spare_connections"`
 	// Timeouts bound every phase of a call; see Timeouts.
 	Timeouts Timeouts `yaml:"timeouts"`
 	// Resilience governs failover between a deployment's backends.
@@ -343,13 +353,14 @@ func (s Secret) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
 // key written explicitly, even as zero (`shutdown_delay: 0s`), wins over its default.
 func Default() *Config {
 	return &Config{
-		Listen:          DefaultListen,
-		AdminListen:     DefaultAdminListen,
-		LogLevel:        DefaultLogLevel,
-		LogFormat:       DefaultLogFormat,
-		MaxRequestBytes: DefaultMaxRequestBytes,
-		Timeouts:        DefaultTimeouts,
-		Resilience:      DefaultResilience,
+		Listen:           DefaultListen,
+		AdminListen:      DefaultAdminListen,
+		LogLevel:         DefaultLogLevel,
+		LogFormat:        DefaultLogFormat,
+		MaxRequestBytes:  DefaultMaxRequestBytes,
+		SpareConnections: DefaultSpareConnections,
+		Timeouts:         DefaultTimeouts,
+		Resilience:       DefaultResilience,
 	}
 }
 

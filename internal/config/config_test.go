@@ -24,13 +24,14 @@ func TestLoadIssueExample(t *testing.T) {
 		t.Fatalf("Load: %v", err)
 	}
 	want := &Config{
-		Listen:          "127.0.0.1:8080",
-		AdminListen:     "127.0.0.1:9090",
-		LogLevel:        "info",
-		LogFormat:       "json",
-		MaxRequestBytes: 32 << 20,
-		Timeouts:        DefaultTimeouts,
-		Resilience:      DefaultResilience,
+		Listen:           "127.0.0.1:8080",
+		AdminListen:      "127.0.0.1:9090",
+		LogLevel:         "info",
+		LogFormat:        "json",
+		MaxRequestBytes:  32 << 20,
+		SpareConnections: 1,
+		Timeouts:         DefaultTimeouts,
+		Resilience:       DefaultResilience,
 		Credentials: map[string]*Credential{"corp-app": {
 			Type:         TypeClientSecret,
 			TenantID:     "00000000-0000-0000-0000-000000000000",
@@ -106,6 +107,7 @@ log_format: xml
 listen: nope
 admin_listen: nope
 max_request_bytes: -1
+spare_connections: -1
 timeouts: {dial: -1s, shutdown_delay: -1s}
 credentials:
   a: {type: password}
@@ -134,6 +136,7 @@ callers:
 				`log_level: "loud" is not one of debug, info, warn, error`,
 				`log_format: "xml" is not one of json, console`,
 				`max_request_bytes: must be positive`,
+				`spare_connections: must be from 0 to 64`,
 				`timeouts.dial: must be positive`,
 				`timeouts.shutdown_delay: must not be negative`,
 				`credentials.a.type: "password" is not one of azure_cli, client_certificate, client_secret, default, managed_identity, workload_identity`,
@@ -191,6 +194,11 @@ callers:
 			name: "type error keeps its line",
 			yaml: minimal + "max_request_bytes: lots\n",
 			want: []string{"line 8: cannot unmarshal !!str `lots` into int64"},
+		},
+		{
+			name: "too many spare connections",
+			yaml: minimal + "spare_connections: 65\n",
+			want: []string{"spare_connections: must be from 0 to 64"},
 		},
 		{
 			name: "duplicate key",
@@ -453,5 +461,17 @@ func TestSecretNeverPrints(t *testing.T) {
 	}
 	if b, _ := c.ClientSecret.MarshalText(); string(b) != "REDACTED" {
 		t.Errorf("got MarshalText = %q, want REDACTED", b)
+	}
+}
+
+func TestSpareConnectionsZeroWins(t *testing.T) {
+	for yaml, want := range map[string]int{minimal: 1, minimal + "spare_connections: 0\n": 0, minimal + "spare_connections: 4\n": 4} {
+		cfg, err := Parse([]byte(yaml), t.TempDir(), env(nil))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if cfg.SpareConnections != want {
+			t.Errorf("spare_connections = %d, want %d, from:\n%s", cfg.SpareConnections, want, yaml)
+		}
 	}
 }

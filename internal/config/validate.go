@@ -29,6 +29,9 @@ func (c *Config) Validate() error {
 	if c.MaxRequestBytes <= 0 {
 		v.add("max_request_bytes", "must be positive")
 	}
+	if c.SpareConnections < 0 || c.SpareConnections > MaxSpareConnections {
+		v.add("spare_connections", "must be from 0 to %d", MaxSpareConnections)
+	}
 	c.Timeouts.validate(v)
 	if c.TLS != nil {
 		c.TLS.validate(v, "tls", true)

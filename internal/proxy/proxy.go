@@ -129,7 +129,7 @@ func New(opts Options) (*Handler, error) {
 	if opts.Transport != nil {
 		h.transport = opts.Transport
 	} else {
-		h.own = NewTransport(cfg.Timeouts)
+		h.own = NewTransport(cfg)
 		h.transport = h.own
 	}
 	configured := map[string]bool{}
@@ -203,14 +203,16 @@ func (h *Handler) SetCallers(cfg *config.Config) error {
 	return nil
 }
 
-// NewTransport returns the upstream transport for Config's timeouts, with the environment's
-// HTTPS_PROXY / NO_PROXY.
-func NewTransport(t config.Timeouts) *transport.Transport {
+// NewTransport returns the upstream transport for Config's timeouts and spare connections,
+// with the environment's HTTPS_PROXY / NO_PROXY.
+func NewTransport(cfg *config.Config) *transport.Transport {
+	t := cfg.Timeouts
 	return transport.New(transport.Options{
 		DialTimeout:           t.Dial,
 		TLSHandshakeTimeout:   t.TLSHandshake,
 		ResponseHeaderTimeout: t.ResponseHeader,
 		IdleTimeout:           t.UpstreamIdle,
+		Spares:                cfg.SpareConnections,
 		Proxy:                 transport.ProxyFromEnvironment,
 	})
 }

@@ -274,6 +274,40 @@ func TestKeyRotationAndConcurrencyLimits(t *testing.T) {
 	}
 }
 
+// TestSpareConnection checks that spare_connections reaches the upstream transport: a call
+// to an upstream with no idle connection dials for itself, and a spare is dialled beside it.
+func TestSpareConnection(t *testing.T) {
+	seen := make(chan struct{}, 8)
+	up := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"object":"chat.completion"}`)
+	}))
+	up.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			seen <- struct{}{}
+		}
+	}
+	up.Start()
+	defer up.Close()
+	emu, cfg := emulatorConfig(t)
+	if cfg.SpareConnections != 1 {
+		t.Fatalf("spare_connections defaults to %d, want 1", cfg.SpareConnections)
+	}
+	cfg.Upstreams = map[string]*config.Upstream{"u": {URL: up.URL, Credential: "corp-app"}}
+	cfg.Callers = []*config.Caller{{Name: "c", KeySHA256: hashKey(keyProd), Deployments: []string{"*"}}}
+	g := startGateway(t, emu, applyOptions(t, cfg, nil))
+	if resp, body := g.do("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=1", map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 200 {
+		t.Fatalf("got %d %s", resp.StatusCode, body)
+	}
+	for i := range 2 {
+		select {
+		case <-seen:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("the upstream saw %d connections, want 2: the call's and a spare", i)
+		}
+	}
+}
+
 func TestUpstreamWithPrivateCA(t *testing.T) {
 	emu, err := emulator.Start(emulator.Options{})
 	if err != nil {
@@ -291,6 +325,7 @@ func TestUpstreamWithPrivateCA(t *testing.T) {
 	t.Cleanup(plane.Close)
 	build := func(ca []byte) *gateway {
 		cfg := config.Default()
+		cfg.SpareConnections = 0 // the counts below are of the calls' own connections
 		cfg.Credentials = corpApp(emu)
 		cfg.Upstreams = map[string]*config.Upstream{"private": {URL: plane.URL(), Credential: "corp-app", CA: ca}}
 		cfg.Callers = []*config.Caller{{Name: "c", KeySHA256: hashKey(keyProd), Deployments: []string{"*"}}}

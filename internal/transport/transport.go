@@ -51,6 +51,12 @@ type Options struct {
 	IdleTimeout time.Duration
 	// MaxIdlePerHost caps pooled idle connections per origin. If zero, 256.
 	MaxIdlePerHost int
+	// Spares is how many connections to an origin are kept dialled ahead of need: when a call
+	// takes the pool's last idle connection, or finds none, another is dialled in the
+	// background (while fewer than Spares are idle or being dialled), so the next new call or
+	// stream finds one open and does not wait for a connect and a TLS handshake. Spares are
+	// made only as calls use the pool, and close like any idle connection. If zero, none.
+	Spares int
 	// BufferLimit is the largest response body (of known length) read into the response;
 	// larger ones, and those of unknown length or of type text/event-stream, are streamed.
 	// If zero, 1 MiB.
@@ -149,6 +155,11 @@ type Transport struct {
 	closed bool
 	stop   chan struct{}
 	reaped sync.WaitGroup
+
+	// Spare connections are dialled under ctx, which Close cancels, and counted in spares.
+	ctx    context.Context
+	cancel context.CancelFunc
+	spares sync.WaitGroup
 }
 
 // New returns a Transport. Close it to release its connections and its idle-connection reaper.
@@ -161,12 +172,13 @@ func New(opts Options) *Transport {
 	}
 	cfg.NextProtos = []string{"http/1.1"}
 	t := &Transport{opts: opts, tlsCfg: cfg, pools: map[string]*pool{}, stop: make(chan struct{})}
+	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.reaped.Go(t.reap)
 	return t
 }
 
-// Close closes every idle connection and stops the reaper. Connections in use are closed when
-// their response is done.
+// Close closes every idle connection, stops the reaper and any spare being dialled (see
+// Options.Spares). Connections in use are closed when their response is done.
 func (t *Transport) Close() {
 	t.mu.Lock()
 	if t.closed {
@@ -177,7 +189,9 @@ func (t *Transport) Close() {
 	pools := t.pools
 	t.mu.Unlock()
 	close(t.stop)
+	t.cancel()
 	t.reaped.Wait()
+	t.spares.Wait()
 	for _, p := range pools {
 		p.closeIdle(time.Time{})
 	}
@@ -288,8 +302,45 @@ type pool struct {
 	// Each is counted once, in one of the two, so both only ever grow.
 	opened, resumed atomic.Uint64
 
-	mu   sync.Mutex
-	idle []*conn // most recently used last
+	mu      sync.Mutex
+	idle    []*conn // most recently used last
+	dialing int     // spares being dialled
+}
+
+// spareLocked starts dialling spares in the background while the pool holds fewer than Spares
+// idle connections, counting those being dialled. p.mu is held.
+func (p *pool) spareLocked() {
+	n := p.t.opts.Spares - p.dialing - len(p.idle)
+	if n <= 0 {
+		return
+	}
+	p.t.mu.Lock()
+	closed := p.t.closed
+	if !closed {
+		p.t.spares.Add(n)
+	}
+	p.t.mu.Unlock()
+	if closed {
+		return
+	}
+	p.dialing += n
+	for range n {
+		go p.dialSpare()
+	}
+}
+
+// dialSpare dials a connection for the pool to keep. One that fails is let go: the next call
+// that finds no idle connection dials for itself, and reports what goes wrong.
+func (p *pool) dialSpare() {
+	defer p.t.spares.Done()
+	c, err := p.dial(p.t.ctx)
+	if err != nil {
+		p.mu.Lock()
+		p.dialing--
+		p.mu.Unlock()
+		return
+	}
+	p.keep(c, time.Now(), true)
 }
 
 // get returns an idle connection (reused) or a new one.
@@ -304,17 +355,26 @@ func (p *pool) get(ctx context.Context, now time.Time) (*conn, bool, error) {
 			c.nc.Close()
 			continue
 		}
+		p.spareLocked()
 		p.mu.Unlock()
 		return c, true, nil
 	}
+	p.spareLocked()
 	p.mu.Unlock()
 	c, err := p.dial(ctx)
 	return c, false, err
 }
 
-func (p *pool) put(c *conn, now time.Time) {
+func (p *pool) put(c *conn, now time.Time) { p.keep(c, now, false) }
+
+// keep adds c to the idle connections, or closes it if there are enough. A spare stops counting
+// as being dialled in the same step, so that no call in between starts one more.
+func (p *pool) keep(c *conn, now time.Time, spare bool) {
 	c.idleSince = now
 	p.mu.Lock()
+	if spare {
+		p.dialing--
+	}
 	if len(p.idle) < p.t.opts.maxIdle() {
 		p.idle = append(p.idle, c)
 		p.mu.Unlock()
