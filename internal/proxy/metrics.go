@@ -108,8 +108,8 @@ func (m *metrics) register(reg prometheus.Registerer) error {
 // poolCollector reports the upstream connections at scrape time, by origin (an origin reached
 // with two CA sets has two pools, added together here).
 type poolCollector struct {
-	stats        func() []transport.PoolStats
-	opened, idle *prometheus.Desc
+	stats                      func() []transport.PoolStats
+	opened, idle, spareFailure *prometheus.Desc
 }
 
 func newPoolCollector(stats func() []transport.PoolStats) *poolCollector {
@@ -119,18 +119,22 @@ func newPoolCollector(stats func() []transport.PoolStats) *poolCollector {
 			[]string{"origin", "tls"}, nil),
 		idle: prometheus.NewDesc("tokenproxy_upstream_idle_connections",
 			"Idle keep-alive connections kept to an upstream origin.", []string{"origin"}, nil),
+		spareFailure: prometheus.NewDesc("tokenproxy_upstream_spare_dial_failures_total",
+			"Spare connections (spare_connections) that could not be dialled to an upstream origin; the next call then dials for itself.",
+			[]string{"origin"}, nil),
 	}
 }
 
 func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.opened
 	ch <- c.idle
+	ch <- c.spareFailure
 }
 
 func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	type sums struct {
-		tls                   bool
-		opened, resumed, idle float64
+		tls                                 bool
+		opened, resumed, idle, spareFailure float64
 	}
 	by := map[string]*sums{}
 	for _, p := range c.stats() {
@@ -142,6 +146,7 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		s.opened += float64(p.Opened)
 		s.resumed += float64(p.Resumed)
 		s.idle += float64(p.Idle)
+		s.spareFailure += float64(p.SpareFailures)
 	}
 	for origin, s := range by {
 		if s.tls {
@@ -151,6 +156,7 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(c.opened, prometheus.CounterValue, s.opened, origin, "none")
 		}
 		ch <- prometheus.MustNewConstMetric(c.idle, prometheus.GaugeValue, s.idle, origin)
+		ch <- prometheus.MustNewConstMetric(c.spareFailure, prometheus.CounterValue, s.spareFailure, origin)
 	}
 }
 

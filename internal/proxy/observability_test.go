@@ -143,8 +143,9 @@ func TestGoldenMetrics(t *testing.T) {
 		"tokenproxy_request_duration_seconds":  4, // deployments: gpt-4.1-mini, gpt-4o, text-embedding-3-small, ""
 		"tokenproxy_upstream_response_seconds": 1, // eastca
 		// plain http: one series of connections opened (tls "none"), one of idle connections
-		"tokenproxy_upstream_connections_opened_total": 1,
-		"tokenproxy_upstream_idle_connections":         1,
+		"tokenproxy_upstream_connections_opened_total":  1,
+		"tokenproxy_upstream_idle_connections":          1,
+		"tokenproxy_upstream_spare_dial_failures_total": 1,
 	} {
 		if got := testutil.CollectAndCount(g.reg, name); got != want {
 			t.Errorf("got %d %s series, want %d", got, name, want)

@@ -347,8 +347,11 @@ tokenproxy_upstream_connections_opened_total{origin=%[1]q,tls="resumed"} 0
 # HELP tokenproxy_upstream_idle_connections Idle keep-alive connections kept to an upstream origin.
 # TYPE tokenproxy_upstream_idle_connections gauge
 tokenproxy_upstream_idle_connections{origin=%[1]q} 1
+# HELP tokenproxy_upstream_spare_dial_failures_total Spare connections (spare_connections) that could not be dialled to an upstream origin; the next call then dials for itself.
+# TYPE tokenproxy_upstream_spare_dial_failures_total counter
+tokenproxy_upstream_spare_dial_failures_total{origin=%[1]q} 0
 `, origin)
-	if err := testutil.GatherAndCompare(g.reg, strings.NewReader(want), "tokenproxy_upstream_connections_opened_total", "tokenproxy_upstream_idle_connections"); err != nil {
+	if err := testutil.GatherAndCompare(g.reg, strings.NewReader(want), "tokenproxy_upstream_connections_opened_total", "tokenproxy_upstream_idle_connections", "tokenproxy_upstream_spare_dial_failures_total"); err != nil {
 		t.Error(err)
 	}
 	if resp, _ := build(nil).do("POST", path, map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 502 {

@@ -136,6 +136,9 @@ func TestSpareConnections(t *testing.T) {
 				t.Fatalf("stats %+v, want the first connection only, idle", st)
 			}
 		}
+		if st := tr.Stats(); st[0].SpareFailures != 2 {
+			t.Errorf("%d spare failures counted, want 2", st[0].SpareFailures)
+		}
 	})
 
 	t.Run("Close stops a spare mid-handshake", func(t *testing.T) {
@@ -148,6 +151,9 @@ func TestSpareConnections(t *testing.T) {
 		case <-done:
 		case <-time.After(5 * time.Second):
 			t.Fatal("Close waited for a spare's handshake (10 s by default)")
+		}
+		if st := tr.Stats(); st[0].SpareFailures != 0 {
+			t.Errorf("a spare stopped by Close counted as a failure: %+v", st)
 		}
 	})
 }

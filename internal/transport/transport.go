@@ -301,6 +301,8 @@ type pool struct {
 	// Connections dialled: over a resumed TLS session, or not (plain, or a full handshake).
 	// Each is counted once, in one of the two, so both only ever grow.
 	opened, resumed atomic.Uint64
+	// Spares whose dial failed (not counting those Close stopped).
+	spareFailed atomic.Uint64
 
 	mu      sync.Mutex
 	idle    []*conn // most recently used last
@@ -338,6 +340,9 @@ func (p *pool) dialSpare() {
 		p.mu.Lock()
 		p.dialing--
 		p.mu.Unlock()
+		if p.t.ctx.Err() == nil {
+			p.spareFailed.Add(1)
+		}
 		return
 	}
 	p.keep(c, time.Now(), true)
@@ -462,6 +467,9 @@ type PoolStats struct {
 	Opened  uint64 // connections opened plainly or, for https, with a full handshake
 	Resumed uint64 // connections opened over a resumed TLS session (not in Opened)
 	Idle    int    // idle connections kept now
+	// SpareFailures counts spares (Options.Spares) that could not be dialled. A call that then
+	// finds no idle connection dials for itself, and its failure is the call's.
+	SpareFailures uint64
 }
 
 // Stats returns one PoolStats per pool. An origin reached with more than one CA set has a pool
@@ -481,6 +489,7 @@ func (t *Transport) Stats() []PoolStats {
 		out = append(out, PoolStats{
 			Origin: p.origin.u.Scheme + "://" + p.origin.addr, TLS: p.origin.tls,
 			Opened: p.opened.Load(), Resumed: p.resumed.Load(), Idle: idle,
+			SpareFailures: p.spareFailed.Load(),
 		})
 	}
 	return out
