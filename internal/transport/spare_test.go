@@ -53,8 +53,9 @@ func TestSpareConnections(t *testing.T) {
 		if got, want := tr.Stats(), []PoolStats{{Origin: srv.URL, Opened: 2, Idle: 2}}; !slices.Equal(got, want) {
 			t.Errorf("after sequential calls: %+v, want %+v", got, want)
 		}
-		if n := conns.Load(); n != 2 {
-			t.Errorf("the server saw %d connections, want 2", n)
+		// The server may not have accepted the unused spare yet, but it saw nothing more.
+		if n := conns.Load(); n > 2 {
+			t.Errorf("the server saw %d connections, want at most 2", n)
 		}
 	})
 
@@ -70,8 +71,8 @@ func TestSpareConnections(t *testing.T) {
 		if got, want := tr.Stats(), []PoolStats{{Origin: srv.URL, Opened: 5, Idle: 1}}; !slices.Equal(got, want) {
 			t.Errorf("stats %+v, want %+v", got, want)
 		}
-		if n := conns.Load(); n != 5 {
-			t.Errorf("the server saw %d connections, want 5: 4 calls and a spare", n)
+		if n := conns.Load(); n > 5 {
+			t.Errorf("the server saw %d connections, want at most 5: 4 calls and a spare", n)
 		}
 	})
 
