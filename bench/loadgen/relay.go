@@ -8,6 +8,7 @@ import (
 	"flag"
 	"io"
 	"net"
+	"slices"
 	"strconv"
 	"sync"
 )
@@ -140,7 +141,7 @@ func (r *relayer) serve(c net.Conn) {
 		out = append(append(append(out[:0], h...), r.add...), "\r\n"...)
 		if cl > 0 {
 			n := len(out)
-			out = append(out, make([]byte, cl)...)
+			out = slices.Grow(out, cl)[:n+cl]
 			if _, err := io.ReadFull(br, out[n:]); err != nil {
 				return
 			}

@@ -310,7 +310,8 @@ type pool struct {
 }
 
 // spareLocked starts dialling spares in the background while the pool holds fewer than Spares
-// idle connections, counting those being dialled. p.mu is held.
+// idle connections, counting those being dialled. p.mu is held; t.mu is taken inside it here,
+// and nothing takes p.mu inside t.mu.
 func (p *pool) spareLocked() {
 	n := p.t.opts.Spares - p.dialing - len(p.idle)
 	if n <= 0 {
