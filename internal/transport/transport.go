@@ -25,10 +25,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -213,10 +215,7 @@ func (t *Transport) reap() {
 // closeExpired closes the connections that have been idle longer than IdleTimeout at now.
 func (t *Transport) closeExpired(now time.Time) {
 	t.mu.Lock()
-	pools := make([]*pool, 0, len(t.pools))
-	for _, p := range t.pools {
-		pools = append(pools, p)
-	}
+	pools := slices.Collect(maps.Values(t.pools))
 	t.mu.Unlock()
 	for _, p := range pools {
 		p.closeIdle(now.Add(-t.opts.idleTimeout()))
@@ -318,14 +317,12 @@ func (p *pool) spareLocked() {
 		return
 	}
 	p.t.mu.Lock()
-	closed := p.t.closed
-	if !closed {
-		p.t.spares.Add(n)
-	}
-	p.t.mu.Unlock()
-	if closed {
+	if p.t.closed {
+		p.t.mu.Unlock()
 		return
 	}
+	p.t.spares.Add(n)
+	p.t.mu.Unlock()
 	p.dialing += n
 	for range n {
 		go p.dialSpare()
@@ -477,10 +474,7 @@ type PoolStats struct {
 // for each.
 func (t *Transport) Stats() []PoolStats {
 	t.mu.Lock()
-	pools := make([]*pool, 0, len(t.pools))
-	for _, p := range t.pools {
-		pools = append(pools, p)
-	}
+	pools := slices.Collect(maps.Values(t.pools))
 	t.mu.Unlock()
 	out := make([]PoolStats, 0, len(pools))
 	for _, p := range pools {
