@@ -10,9 +10,8 @@
 // fasthttp's own client, a context cancels a call at any point, and the response-header
 // timeout does not limit a long stream. Connections are pooled per origin (keep-alive), TLS is
 // verified with the system roots or a given pool, and HTTPS proxies are reached with CONNECT.
-// HTTP/2 is not spoken: Azure OpenAI and Foundry serve HTTP/1.1, where a keep-alive pool does
-// as well for calls; a stream cut short costs its connection, and the next one a dial (see
-// bench/README.md).
+// HTTP/2 is offered to the origins that ask for it (Origin.WithHTTP2, see h2.go); elsewhere a
+// stream cut short costs its connection, and the next one a dial (see bench/README.md).
 package transport
 
 import (
@@ -110,6 +109,18 @@ type Origin struct {
 	serverName string
 	tls        bool
 	roots      *x509.CertPool // if set, the CAs the server's certificate must chain to
+	h2         bool           // offer HTTP/2 (https only)
+}
+
+// WithHTTP2 returns the origin with HTTP/2 offered in the TLS handshake: if the server chooses
+// it, calls share multiplexed connections (see h2.go); if not, they go over HTTP/1.1. It has no
+// effect on a plain-http origin, where nothing negotiates a protocol.
+func (o Origin) WithHTTP2() Origin {
+	if o.tls && !o.h2 {
+		o.h2 = true
+		o.key += "#h2"
+	}
+	return o
 }
 
 // WithRoots returns the origin with its own CAs, instead of the transport's, for verifying the
@@ -151,6 +162,7 @@ func (o Origin) Host() string { return o.u.Host }
 type Transport struct {
 	opts   Options
 	tlsCfg *tls.Config
+	h2     *http.Transport // wraps HTTP/2 connections (h2.go); dials nothing
 
 	mu     sync.Mutex
 	pools  map[string]*pool
@@ -173,14 +185,15 @@ func New(opts Options) *Transport {
 		cfg = cfg.Clone()
 	}
 	cfg.NextProtos = []string{"http/1.1"}
-	t := &Transport{opts: opts, tlsCfg: cfg, pools: map[string]*pool{}, stop: make(chan struct{})}
+	t := &Transport{opts: opts, tlsCfg: cfg, h2: newH2Transport(opts), pools: map[string]*pool{}, stop: make(chan struct{})}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.reaped.Go(t.reap)
 	return t
 }
 
 // Close closes every idle connection, stops the reaper and any spare being dialled (see
-// Options.Spares). Connections in use are closed when their response is done.
+// Options.Spares). Connections in use (an HTTP/2 connection carrying calls) are closed when
+// their response (their last call) is done.
 func (t *Transport) Close() {
 	t.mu.Lock()
 	if t.closed {
@@ -196,7 +209,14 @@ func (t *Transport) Close() {
 	t.spares.Wait()
 	for _, p := range pools {
 		p.closeIdle(time.Time{})
+		p.closeH2(false)
 	}
+}
+
+func (t *Transport) isClosed() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.closed
 }
 
 func (t *Transport) reap() {
@@ -219,6 +239,7 @@ func (t *Transport) closeExpired(now time.Time) {
 	t.mu.Unlock()
 	for _, p := range pools {
 		p.closeIdle(now.Add(-t.opts.idleTimeout()))
+		p.h2Count() // lets go of HTTP/2 connections that closed (net/http closes idle ones)
 	}
 }
 
@@ -232,10 +253,19 @@ func (t *Transport) closeExpired(now time.Time) {
 // A request on a reused connection that the server had closed while it sat idle is retried
 // once on a new connection (the body is in req, so it can be sent again) when no response byte
 // had arrived.
+//
+// On an origin that offers HTTP/2 (Origin.WithHTTP2) and whose server chose it, the call goes
+// over a shared HTTP/2 connection instead.
 func (t *Transport) Do(ctx context.Context, origin Origin, req *fasthttp.Request, resp *fasthttp.Response) (*Stream, error) {
 	p, err := t.pool(origin)
 	if err != nil {
 		return nil, err
+	}
+	if p.speaksH2.Load() {
+		s, err := p.doH2(ctx, req, resp)
+		if err != errNotH2 {
+			return s, err
+		}
 	}
 	for attempt := 0; ; attempt++ {
 		// One reading of the clock serves the pool's idle check, the header deadline and, for
@@ -244,6 +274,12 @@ func (t *Transport) Do(ctx context.Context, origin Origin, req *fasthttp.Request
 		c, reused, err := p.get(ctx, now)
 		if err != nil {
 			return nil, err
+		}
+		if c.h2 { // a new connection, on which the server chose HTTP/2
+			if err := p.adoptH2(c); err != nil {
+				return nil, err
+			}
+			return p.doH2(ctx, req, resp)
 		}
 		if !reused {
 			now = time.Now() // the header timeout starts after the dial
@@ -277,6 +313,9 @@ func (t *Transport) pool(o Origin) (*pool, error) {
 		if o.tls {
 			p.tlsCfg = t.tlsCfg.Clone()
 			p.tlsCfg.ServerName = o.serverName
+			if o.h2 {
+				p.tlsCfg.NextProtos = []string{"h2", "http/1.1"}
+			}
 			if o.roots != nil {
 				p.tlsCfg.RootCAs = o.roots
 			}
@@ -306,6 +345,12 @@ type pool struct {
 	mu      sync.Mutex
 	idle    []*conn // most recently used last
 	dialing int     // spares being dialled
+
+	// speaksH2 is set once the server has chosen HTTP/2 (Origin.WithHTTP2): calls then go over
+	// h2's connections. h1Chosen is set while it chooses HTTP/1.1 instead. Where HTTP/2 is
+	// offered, spares are dialled only then: one HTTP/2 connection carries many calls.
+	speaksH2, h1Chosen atomic.Bool
+	h2                 h2Conns
 }
 
 // spareLocked starts dialling spares in the background while the pool holds fewer than Spares
@@ -313,7 +358,7 @@ type pool struct {
 // and nothing takes p.mu inside t.mu.
 func (p *pool) spareLocked() {
 	n := p.t.opts.Spares - p.dialing - len(p.idle)
-	if n <= 0 {
+	if n <= 0 || p.origin.h2 && !p.h1Chosen.Load() {
 		return
 	}
 	p.t.mu.Lock()
@@ -341,6 +386,13 @@ func (p *pool) dialSpare() {
 		if p.t.ctx.Err() == nil {
 			p.spareFailed.Add(1)
 		}
+		return
+	}
+	if c.h2 {
+		p.mu.Lock()
+		p.dialing--
+		p.mu.Unlock()
+		p.adoptH2(c) // a failure closes c, and the next call dials
 		return
 	}
 	p.keep(c, time.Now(), true)
@@ -439,7 +491,7 @@ func (p *pool) dial(ctx context.Context) (*conn, error) {
 			return nil, err
 		}
 	}
-	count := &p.opened
+	count, h2 := &p.opened, false
 	if p.origin.tls {
 		tc := tls.Client(nc, p.tlsCfg)
 		hctx, cancel := context.WithTimeout(ctx, o.handshakeTimeout())
@@ -449,13 +501,18 @@ func (p *pool) dial(ctx context.Context) (*conn, error) {
 			nc.Close()
 			return nil, err
 		}
-		if tc.ConnectionState().DidResume {
+		state := tc.ConnectionState()
+		if state.DidResume {
 			count = &p.resumed
 		}
 		nc = tc
+		h2 = state.NegotiatedProtocol == "h2"
+		if p.origin.h2 && !h2 {
+			p.h1Chosen.Store(true)
+		}
 	}
 	count.Add(1)
-	return &conn{p: p, nc: nc}, nil
+	return &conn{p: p, nc: nc, h2: h2}, nil
 }
 
 // PoolStats is what the connections to one origin have done, for metrics.
@@ -465,6 +522,7 @@ type PoolStats struct {
 	Opened  uint64 // connections opened plainly or, for https, with a full handshake
 	Resumed uint64 // connections opened over a resumed TLS session (not in Opened)
 	Idle    int    // idle connections kept now
+	HTTP2   int    // HTTP/2 connections open now (Origin.WithHTTP2), each carrying many calls
 	// SpareFailures counts spares (Options.Spares) that could not be dialled. A call that then
 	// finds no idle connection dials for itself, and its failure is the call's.
 	SpareFailures uint64
@@ -483,7 +541,7 @@ func (t *Transport) Stats() []PoolStats {
 		p.mu.Unlock()
 		out = append(out, PoolStats{
 			Origin: p.origin.u.Scheme + "://" + p.origin.addr, TLS: p.origin.tls,
-			Opened: p.opened.Load(), Resumed: p.resumed.Load(), Idle: idle,
+			Opened: p.opened.Load(), Resumed: p.resumed.Load(), Idle: idle, HTTP2: p.h2Count(),
 			SpareFailures: p.spareFailed.Load(),
 		})
 	}
@@ -537,6 +595,7 @@ type conn struct {
 	nc        net.Conn
 	br        *bufio.Reader // borrowed from readers while a response's headers and buffered body are read
 	idleSince time.Time
+	h2        bool // the server chose HTTP/2 in the handshake: the connection goes to p.h2
 }
 
 // readers buffer responses on their way in. A connection borrows one for a call's headers (and
@@ -792,6 +851,7 @@ func isTimeout(err error) bool {
 // Stream is a response body being read from the upstream. At EOF its connection returns to
 // the pool; closed earlier, the connection is closed.
 type Stream struct {
+	h2       *h2Stream // over HTTP/2; then c, body, br and rest are unused
 	c        *conn
 	body     body
 	br       *bufio.Reader // what body reads from: a small reader over rest
@@ -806,7 +866,13 @@ type Stream struct {
 // Read reads the body. After the context is cancelled it returns the context's error; if the
 // server hangs up before a framed body's end, it returns io.ErrUnexpectedEOF.
 func (s *Stream) Read(p []byte) (int, error) {
-	n, err := s.body.Read(p)
+	var n int
+	var err error
+	if s.h2 != nil {
+		n, err = s.h2.body.Read(p)
+	} else {
+		n, err = s.body.Read(p)
+	}
 	if err == nil {
 		return n, nil
 	}
@@ -827,7 +893,7 @@ func (s *Stream) Read(p []byte) (int, error) {
 func (s *Stream) Buffered() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.done {
+	if s.done || s.h2 != nil { // HTTP/2 does not tell: 0 makes the relay flush each read
 		return 0
 	}
 	return s.br.Buffered() + len(s.rest.buf)
@@ -846,6 +912,10 @@ func (s *Stream) finish(eof bool) {
 		return
 	}
 	s.done = true
+	if s.h2 != nil {
+		s.h2.close()
+		return
+	}
 	stopped := s.stop.release()
 	clean := s.br.Buffered() == 0 && len(s.rest.buf) == 0
 	s.releaseReader()

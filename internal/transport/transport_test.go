@@ -72,7 +72,7 @@ func (r result) body(t *testing.T) string {
 func (r result) header(k string) string { return string(r.resp.Header.Peek(k)) }
 
 // request builds a request for srvURL+path as the gateway does.
-func request(t *testing.T, method, rawURL, body string) (Origin, *fasthttp.Request) {
+func request(t testing.TB, method, rawURL, body string) (Origin, *fasthttp.Request) {
 	t.Helper()
 	u, err := url.Parse(rawURL)
 	if err != nil {
