@@ -201,6 +201,10 @@ type Upstream struct {
 	CAFile string `yaml:"ca_file"`
 	// CA is the content of CAFile, read by Load.
 	CA []byte `yaml:"-"`
+	// HTTP2 offers HTTP/2 in the TLS handshake: if the endpoint chooses it, calls share a few
+	// multiplexed connections, so a new stream waits for no connect or handshake and an open
+	// one holds no connection of its own. If it does not, calls go over HTTP/1.1 as without it.
+	HTTP2 bool `yaml:"http2"`
 }
 
 // Deployment says where a deployment name exposed to callers lives: one upstream (Upstream and

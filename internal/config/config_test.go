@@ -430,7 +430,10 @@ callers:
 func TestTLSSettings(t *testing.T) {
 	_, err := Parse([]byte(`
 credentials: {app: {type: managed_identity}}
-upstreams: {u: {url: "https://a.openai.azure.com", credential: app, ca_file: nope.pem}}
+upstreams:
+  u: {url: "https://a.openai.azure.com", credential: app, ca_file: nope.pem}
+  local: {url: "http://127.0.0.1:8080", credential: app, http2: true}
+deployments: {d: {upstream: u}}
 allow_unauthenticated: true
 tls: {cert_file: cert.pem, min_version: "1.1"}
 admin_tls: {cert_file: a.pem, key_file: a.key, client_ca_file: ca.pem}
@@ -438,6 +441,7 @@ admin_key_sha256: not-a-hash
 `), t.TempDir(), env(nil))
 	for _, w := range []string{
 		"upstreams.u.ca_file: open",
+		"upstreams.local.http2: needs an https url",
 		"tls: cert_file and key_file are both required",
 		`tls.min_version: "1.1" is not 1.2 or 1.3`,
 		"admin_tls: loading",
@@ -473,5 +477,22 @@ func TestSpareConnectionsZeroWins(t *testing.T) {
 		if cfg.SpareConnections != want {
 			t.Errorf("spare_connections = %d, want %d, from:\n%s", cfg.SpareConnections, want, yaml)
 		}
+	}
+}
+
+func TestUpstreamHTTP2Setting(t *testing.T) {
+	cfg, err := Parse([]byte(`
+credentials: {app: {type: managed_identity}}
+upstreams:
+  on: {url: "https://a.openai.azure.com", credential: app, http2: true}
+  off: {url: "https://b.openai.azure.com", credential: app}
+deployments: {d: {upstream: on}, e: {upstream: off}}
+allow_unauthenticated: true
+`), t.TempDir(), env(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.Upstreams["on"].HTTP2 || cfg.Upstreams["off"].HTTP2 {
+		t.Errorf("http2: on=%v off=%v, want true and the default false", cfg.Upstreams["on"].HTTP2, cfg.Upstreams["off"].HTTP2)
 	}
 }

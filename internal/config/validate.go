@@ -61,6 +61,9 @@ func (c *Config) Validate() error {
 		if _, err := u.Pool(); err != nil {
 			v.add(p+".ca_file", "%v", err)
 		}
+		if u.HTTP2 && !strings.HasPrefix(strings.ToLower(u.URL), "https://") {
+			v.add(p+".http2", "needs an https url: HTTP/2 is chosen in the TLS handshake")
+		}
 		switch {
 		case u.Credential == "":
 			v.add(p+".credential", "is required")

@@ -48,6 +48,9 @@ type OpenAIOptions struct {
 	Audience string
 	// TLS, if set, serves https with a certificate from this CA (a private endpoint).
 	TLS *CA
+	// HTTP2, with TLS, lets a client choose HTTP/2 in the handshake; otherwise only HTTP/1.1
+	// is offered.
+	HTTP2 bool
 }
 
 // DefaultDeployments are the emulator's deployments unless told otherwise.
@@ -74,6 +77,7 @@ type Fault struct {
 // Request is what the emulator received, for tests to inspect.
 type Request struct {
 	Method, Host, Path, RawQuery string
+	Proto                        string // HTTP/1.1 or HTTP/2.0
 	Header                       http.Header
 	Body                         []byte
 	// Claims of the bearer token, when it was valid.
@@ -140,6 +144,10 @@ func NewOpenAI(opts OpenAIOptions) (*OpenAI, error) {
 		if err != nil {
 			ln.Close()
 			return nil, err
+		}
+		cfg.NextProtos = []string{"http/1.1"}
+		if opts.HTTP2 {
+			cfg.NextProtos = []string{"h2", "http/1.1"}
 		}
 		ln = tls.NewListener(ln, cfg)
 		o.url = "https://" + ln.Addr().String()
@@ -241,7 +249,7 @@ func (o *OpenAI) serve(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<20))
 	rec := &Request{
 		Method: r.Method, Host: r.Host, Path: r.URL.Path, RawQuery: r.URL.RawQuery,
-		Header: r.Header.Clone(), Body: body,
+		Proto: r.Proto, Header: r.Header.Clone(), Body: body,
 	}
 	sw := &statusWriter{ResponseWriter: w}
 	defer func() {

@@ -110,6 +110,7 @@ func (m *metrics) register(reg prometheus.Registerer) error {
 type poolCollector struct {
 	stats                      func() []transport.PoolStats
 	opened, idle, spareFailure *prometheus.Desc
+	http2                      *prometheus.Desc
 }
 
 func newPoolCollector(stats func() []transport.PoolStats) *poolCollector {
@@ -122,6 +123,9 @@ func newPoolCollector(stats func() []transport.PoolStats) *poolCollector {
 		spareFailure: prometheus.NewDesc("tokenproxy_upstream_spare_dial_failures_total",
 			"Spare connections (spare_connections) that could not be dialled to an upstream origin; the next call then dials for itself.",
 			[]string{"origin"}, nil),
+		http2: prometheus.NewDesc("tokenproxy_upstream_http2_connections",
+			"HTTP/2 connections open to an upstream origin (upstreams.NAME.http2), each carrying many calls.",
+			[]string{"origin"}, nil),
 	}
 }
 
@@ -129,12 +133,14 @@ func (c *poolCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.opened
 	ch <- c.idle
 	ch <- c.spareFailure
+	ch <- c.http2
 }
 
 func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 	type sums struct {
 		tls                                 bool
 		opened, resumed, idle, spareFailure float64
+		http2                               float64
 	}
 	by := map[string]*sums{}
 	for _, p := range c.stats() {
@@ -147,6 +153,7 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		s.resumed += float64(p.Resumed)
 		s.idle += float64(p.Idle)
 		s.spareFailure += float64(p.SpareFailures)
+		s.http2 += float64(p.HTTP2)
 	}
 	for origin, s := range by {
 		if s.tls {
@@ -157,6 +164,7 @@ func (c *poolCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(c.idle, prometheus.GaugeValue, s.idle, origin)
 		ch <- prometheus.MustNewConstMetric(c.spareFailure, prometheus.CounterValue, s.spareFailure, origin)
+		ch <- prometheus.MustNewConstMetric(c.http2, prometheus.GaugeValue, s.http2, origin)
 	}
 }
 

@@ -160,6 +160,9 @@ func New(opts Options) (*Handler, error) {
 			sum := sha256.Sum256(u.CA)
 			origin = origin.WithRoots(pool, hex.EncodeToString(sum[:8]))
 		}
+		if u.HTTP2 {
+			origin = origin.WithHTTP2()
+		}
 		pu, err := url.Parse(u.URL)
 		if err != nil {
 			return nil, fmt.Errorf("upstream %q: %w", name, err)

@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
 	"runtime"
 	"strings"
 	"sync"
@@ -356,6 +357,84 @@ tokenproxy_upstream_spare_dial_failures_total{origin=%[1]q} 0
 	}
 	if resp, _ := build(nil).do("POST", path, map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 502 {
 		t.Errorf("without it: got %d, want 502 (the certificate is not trusted)", resp.StatusCode)
+	}
+}
+
+// With http2, calls to an upstream that chooses HTTP/2 share one connection, streams
+// included, and everything else holds: the caller's key stays behind, the broker's token goes
+// with each call, and a caller that goes away cancels its stream upstream.
+func TestUpstreamHTTP2(t *testing.T) {
+	emu, err := emulator.Start(emulator.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(emu.Close)
+	ca, err := emulator.NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	plane, err := emulator.NewOpenAI(emulator.OpenAIOptions{Verifier: emu.Authority, TLS: ca, HTTP2: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(plane.Close)
+	cfg := config.Default()
+	cfg.Credentials = corpApp(emu)
+	cfg.Upstreams = map[string]*config.Upstream{"h2": {URL: plane.URL(), Credential: "corp-app", CA: ca.CertPEM(), HTTP2: true}}
+	cfg.Callers = []*config.Caller{{Name: "c", KeySHA256: hashKey(keyProd), Deployments: []string{"*"}}}
+	g := startGateway(t, emu, applyOptions(t, cfg, nil))
+	path := "/openai/deployments/gpt-4o/chat/completions?api-version=1"
+
+	for range 3 {
+		if resp, body := g.do("POST", path, map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 200 || !strings.Contains(body, `"chat.completion"`) {
+			t.Fatalf("got %d %s, want 200", resp.StatusCode, body)
+		}
+	}
+	head, body := rawCall(t, g, strings.Replace(streamRequest("HTTP/1.1", "h2-stream"), chatPath, path, 1))
+	events, err := io.ReadAll(httputil.NewChunkedReader(strings.NewReader(body)))
+	if !strings.HasPrefix(head, "HTTP/1.1 200") || err != nil || !strings.HasSuffix(string(events), "data: [DONE]\n\n") {
+		t.Fatalf("stream: %q %q %v", head, events, err)
+	}
+
+	// A caller that goes away mid-stream cancels the upstream's stream.
+	plane.SetStreamGate(make(chan struct{}))
+	ctx, cancel := context.WithCancel(t.Context())
+	req, _ := http.NewRequestWithContext(ctx, "POST", g.url+path, strings.NewReader(`{"stream":true,"messages":[{"role":"user","content":"hi"}]}`))
+	req.Header.Set("api-key", keyProd)
+	resp, err := g.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if events := readEvents(t, resp.Body, 1); len(events) != 1 {
+		t.Fatalf("got %d events, want the first one", len(events))
+	}
+	cancel()
+	resp.Body.Close()
+	for cancelled := false; !cancelled; {
+		select {
+		case r := <-plane.Finished():
+			cancelled = r.Canceled
+		case <-time.After(10 * time.Second):
+			t.Fatal("the upstream stream was not cancelled after the caller went away")
+		}
+	}
+
+	for _, r := range plane.Requests() {
+		if r.Proto != "HTTP/2.0" || r.Header.Get("Api-Key") != "" || r.Claims.ObjectID == "" {
+			t.Errorf("upstream saw %s api-key=%q claims=%+v, want HTTP/2, no caller key and the broker's token", r.Proto, r.Header.Get("Api-Key"), r.Claims)
+		}
+	}
+	origin := plane.URL()
+	want := fmt.Sprintf(`# HELP tokenproxy_upstream_connections_opened_total Connections opened to an upstream origin, by TLS handshake: full, resumed (a resumed TLS session), or none (plain http).
+# TYPE tokenproxy_upstream_connections_opened_total counter
+tokenproxy_upstream_connections_opened_total{origin=%[1]q,tls="full"} 1
+tokenproxy_upstream_connections_opened_total{origin=%[1]q,tls="resumed"} 0
+# HELP tokenproxy_upstream_http2_connections HTTP/2 connections open to an upstream origin (upstreams.NAME.http2), each carrying many calls.
+# TYPE tokenproxy_upstream_http2_connections gauge
+tokenproxy_upstream_http2_connections{origin=%[1]q} 1
+`, origin)
+	if err := testutil.GatherAndCompare(g.reg, strings.NewReader(want), "tokenproxy_upstream_connections_opened_total", "tokenproxy_upstream_http2_connections"); err != nil {
+		t.Error(err)
 	}
 }
 
