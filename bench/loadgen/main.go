@@ -59,14 +59,16 @@ func main() {
 const chunk = `data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1730746163,"model":"gpt-4.1-mini-2025-04-14","choices":[{"index":0,"delta":{"content":"token "},"finish_reason":null}]}` + "\n\n"
 
 // sse answers every request with an event stream: one event at once, then one per interval until
-// the client goes away. With --tls-ca it serves HTTP/1.1 over TLS (as Azure's endpoints do) with
-// a certificate for 127.0.0.1 and localhost from a CA made at start (the emulator's), and writes
-// the CA's certificate to the file named, for the proxies to trust.
+// the client goes away. With --tls-ca it serves HTTP/1.1 over TLS, as Azure's endpoints are
+// reached, with a certificate for 127.0.0.1 and localhost from a CA made at start (the
+// emulator's), and writes the CA's certificate to the file named, for the proxies to trust; with
+// --http2 as well, it also offers HTTP/2 (ALPN h2) for clients that ask for it.
 func sse(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("sse", flag.ContinueOnError)
 	listen := fs.String("listen", "127.0.0.1:18005", "address")
 	interval := fs.Duration("interval", time.Second, "time between events after the first")
 	caFile := fs.String("tls-ca", "", "serve TLS, writing the CA certificate to trust (PEM) to this file")
+	h2 := fs.Bool("http2", false, "with --tls-ca, offer HTTP/2 too")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -102,9 +104,13 @@ func sse(ctx context.Context, args []string) error {
 		if err := os.WriteFile(*caFile, ca.CertPEM(), 0o644); err != nil {
 			return err
 		}
-		// HTTP/1.1 only, so that every proxy relays the stream the same way.
-		srv.TLSConfig.NextProtos = []string{"http/1.1"}
-		srv.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
+		if *h2 {
+			srv.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1000}
+		} else {
+			// HTTP/1.1 only, so that every proxy relays the stream the same way.
+			srv.TLSConfig.NextProtos = []string{"http/1.1"}
+			srv.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
+		}
 		serve = func() error { return srv.ListenAndServeTLS("", "") }
 	}
 	if err := serve(); !errors.Is(err, http.ErrServerClosed) {
