@@ -126,21 +126,13 @@ func (p *pool) h2Conn(ctx context.Context) (*http.ClientConn, error) {
 // reserveLocked reserves a stream on the first connection that can take one, letting go of
 // connections that can no longer be used. p.h2.mu is held.
 func (p *pool) reserveLocked() *http.ClientConn {
-	live := p.h2.conns[:0]
-	var got *http.ClientConn
+	p.pruneLocked()
 	for _, cc := range p.h2.conns {
-		if cc.Err() != nil {
-			cc.Close()
-			continue
-		}
-		live = append(live, cc)
-		if got == nil && cc.InFlight() < h2MaxStreams && cc.Reserve() == nil {
-			got = cc
+		if cc.InFlight() < h2MaxStreams && cc.Reserve() == nil {
+			return cc
 		}
 	}
-	clear(p.h2.conns[len(live):])
-	p.h2.conns = live
-	return got
+	return nil
 }
 
 // dialH2 dials a connection for HTTP/2. One on which the server chooses HTTP/1.1 after all goes
@@ -181,17 +173,27 @@ func (p *pool) closeH2(all bool) {
 	}
 }
 
-// h2Count reports the HTTP/2 connections still open.
+// h2Count reports the HTTP/2 connections still open, letting go of those that have closed.
 func (p *pool) h2Count() int {
 	p.h2.mu.Lock()
 	defer p.h2.mu.Unlock()
-	n := 0
+	p.pruneLocked()
+	return len(p.h2.conns)
+}
+
+// pruneLocked lets go of the HTTP/2 connections that can no longer be used (net/http closes
+// idle ones after IdleTimeout, and those the server closes or sends away). p.h2.mu is held.
+func (p *pool) pruneLocked() {
+	live := p.h2.conns[:0]
 	for _, cc := range p.h2.conns {
-		if cc.Err() == nil {
-			n++
+		if cc.Err() != nil {
+			cc.Close()
+			continue
 		}
+		live = append(live, cc)
 	}
-	return n
+	clear(p.h2.conns[len(live):])
+	p.h2.conns = live
 }
 
 // doH2 sends req over one of the pool's HTTP/2 connections and reads the response into resp as

@@ -239,7 +239,7 @@ func (t *Transport) closeExpired(now time.Time) {
 	t.mu.Unlock()
 	for _, p := range pools {
 		p.closeIdle(now.Add(-t.opts.idleTimeout()))
-		p.h2Count() // lets go of HTTP/2 connections that closed (net/http closes idle ones)
+		p.h2Count() // lets go of the HTTP/2 connections that have closed
 	}
 }
 
