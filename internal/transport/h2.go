@@ -91,9 +91,14 @@ func (p *pool) adoptH2(c *conn) error {
 }
 
 // h2Conn returns a connection with a stream reserved for one call, dialling one if none can
-// take it. Calls that find none wait for one dial rather than each making its own.
+// take it. Calls that find none wait for one dial rather than each making its own. A call
+// dials twice at most: a server that lets a new connection take no call at all (it may set
+// its stream limit to 0) is an error, not a reason to dial on and on.
 func (p *pool) h2Conn(ctx context.Context) (*http.ClientConn, error) {
-	for {
+	for dials := 0; ; {
+		if p.t.isClosed() {
+			return nil, errors.New("transport: closed")
+		}
 		p.h2.mu.Lock()
 		cc := p.reserveLocked()
 		if cc != nil {
@@ -109,6 +114,11 @@ func (p *pool) h2Conn(ctx context.Context) (*http.ClientConn, error) {
 				return nil, ctx.Err()
 			}
 		}
+		if dials == 2 {
+			p.h2.mu.Unlock()
+			return nil, errors.New("transport: no HTTP/2 connection to the upstream takes a call")
+		}
+		dials++
 		done := make(chan struct{})
 		p.h2.dialing = done
 		p.h2.mu.Unlock()

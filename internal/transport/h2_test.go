@@ -411,3 +411,22 @@ func cloneRequest(r *fasthttp.Request) *fasthttp.Request {
 	r.CopyTo(c)
 	return c
 }
+
+// A call that reaches for an HTTP/2 connection after the transport is closed gets an error; it
+// does not dial, nor dial again each time Close lets go of what it dialled.
+func TestHTTP2ClosedTransportDialsNoMore(t *testing.T) {
+	srv, roots, conns := h2Server(t, false, func(w http.ResponseWriter, r *http.Request) {})
+	tr := New(Options{})
+	o, _ := request(t, "GET", srv.URL, "")
+	p, err := tr.pool(o.WithRoots(roots, "test").WithHTTP2())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr.Close()
+	if _, err := p.h2Conn(t.Context()); err == nil || !strings.Contains(err.Error(), "closed") {
+		t.Errorf("got %v, want the transport closed", err)
+	}
+	if c := conns.Load(); c != 0 {
+		t.Errorf("%d connections dialled after Close", c)
+	}
+}
