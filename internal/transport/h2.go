@@ -313,9 +313,7 @@ func h2Request(ctx context.Context, o Origin, req *fasthttp.Request, body *h2Bod
 		hreq.Body = body
 	}
 	for k, v := range req.Header.All() {
-		switch string(k) {
-		case fasthttp.HeaderHost, fasthttp.HeaderContentLength, fasthttp.HeaderConnection,
-			fasthttp.HeaderTransferEncoding, "Keep-Alive", "Proxy-Connection", "Upgrade", fasthttp.HeaderTE:
+		if notForH2(k) {
 			continue
 		}
 		key := string(k)
@@ -336,6 +334,20 @@ func h2Request(ctx context.Context, o Origin, req *fasthttp.Request, body *h2Bod
 		hreq.Header["User-Agent"] = []string{""} // none, as over HTTP/1.1
 	}
 	return hreq.WithContext(ctx), nil
+}
+
+// notH2 are the request headers HTTP/2 has no place for: hop-by-hop ones (RFC 9113 §8.2.2), and
+// those it carries otherwise (Host as :authority, the length in its framing).
+var notH2 = [][]byte{[]byte("Host"), []byte("Content-Length"), []byte("Connection"), []byte("Keep-Alive"),
+	[]byte("Proxy-Connection"), []byte("Transfer-Encoding"), []byte("Upgrade"), []byte("Te"), []byte("Trailer")}
+
+func notForH2(k []byte) bool {
+	for _, n := range notH2 {
+		if bytes.EqualFold(k, n) {
+			return true
+		}
+	}
+	return false
 }
 
 // h2Body is a request body HTTP/2 sends from a goroutine of its own. It reads from the

@@ -48,6 +48,7 @@ func h2Do(t *testing.T, tr *Transport, ctx context.Context, srv *httptest.Server
 	req.Header.Set("Authorization", "Bearer token")
 	req.Header.Set("Connection", "keep-alive")
 	req.Header.Set("Keep-Alive", "timeout=5")
+	req.Header.Set("TE", "gzip") // HTTP/2 refuses any TE but "trailers": it must not be sent
 	resp := &fasthttp.Response{}
 	stream, err := tr.Do(ctx, o.WithRoots(roots, "test").WithHTTP2(), req, resp)
 	return result{resp, stream}, err
@@ -60,12 +61,12 @@ func TestHTTP2CallsShareAConnection(t *testing.T) {
 		w.Header().Add("X-Multi", "b")
 		w.Header().Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusCreated)
-		fmt.Fprintf(w, "%s %s %s?%s auth=%q conn=%q ka=%q ua=%q body=%s",
+		fmt.Fprintf(w, "%s %s %s?%s auth=%q conn=%q ka=%q te=%q ua=%q body=%s",
 			r.Proto, r.Method, r.URL.Path, r.URL.RawQuery, r.Header.Get("Authorization"),
-			r.Header.Get("Connection"), r.Header.Get("Keep-Alive"), r.Header.Values("User-Agent"), b)
+			r.Header.Get("Connection"), r.Header.Get("Keep-Alive"), r.Header.Get("Te"), r.Header.Values("User-Agent"), b)
 	})
 	tr := newTransport(t, Options{Spares: 2}) // not dialled: one HTTP/2 connection does
-	want := `HTTP/2.0 POST /openai/x?api-version=1&a=%2F auth="Bearer token" conn="" ka="" ua=[] body={"n":1}`
+	want := `HTTP/2.0 POST /openai/x?api-version=1&a=%2F auth="Bearer token" conn="" ka="" te="" ua=[] body={"n":1}`
 
 	r, err := h2Do(t, tr, t.Context(), srv, roots, "POST", "/openai/x?api-version=1&a=%2F", `{"n":1}`)
 	if err != nil {

@@ -849,7 +849,7 @@ func isTimeout(err error) bool {
 }
 
 // Stream is a response body being read from the upstream. At EOF its connection returns to
-// the pool; closed earlier, the connection is closed.
+// the pool; closed earlier, the connection is closed (over HTTP/2, only the stream is reset).
 type Stream struct {
 	h2       *h2Stream // over HTTP/2; then c, body, br and rest are unused
 	c        *conn
