@@ -99,6 +99,9 @@ func (p *pool) h2Conn(ctx context.Context) (*http.ClientConn, error) {
 		if p.t.isClosed() {
 			return nil, errors.New("transport: closed")
 		}
+		if p.h1Chosen.Load() && !p.speaksH2.Load() { // chosen while this call waited
+			return nil, errNotH2
+		}
 		p.h2.mu.Lock()
 		cc := p.reserveLocked()
 		if cc != nil {

@@ -431,3 +431,47 @@ func TestHTTP2ClosedTransportDialsNoMore(t *testing.T) {
 		t.Errorf("%d connections dialled after Close", c)
 	}
 }
+
+// Calls that start together before the first connection is up share it when the server
+// chooses HTTP/2, and each get one of their own when it chooses HTTP/1.1.
+func TestHTTP2FirstCallsTogether(t *testing.T) {
+	for _, h1only := range []bool{false, true} {
+		release := make(chan struct{})
+		var arrived sync.WaitGroup
+		arrived.Add(20)
+		srv, roots, conns := h2Server(t, h1only, func(w http.ResponseWriter, r *http.Request) {
+			arrived.Done()
+			<-release // every call is in flight at once
+			io.WriteString(w, r.Proto)
+		})
+		tr := newTransport(t, Options{})
+		var wg sync.WaitGroup
+		protos := make(chan string, 20)
+		for range 20 {
+			wg.Go(func() {
+				r, err := h2Do(t, tr, t.Context(), srv, roots, "POST", "/", "x")
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				protos <- r.body(t)
+			})
+		}
+		arrived.Wait()
+		close(release)
+		wg.Wait()
+		close(protos)
+		want, wantConns := "HTTP/2.0", int32(1)
+		if h1only {
+			want, wantConns = "HTTP/1.1", 20
+		}
+		for p := range protos {
+			if p != want {
+				t.Errorf("h1only=%v: got %s, want %s", h1only, p, want)
+			}
+		}
+		if c := conns.Load(); c != wantConns {
+			t.Errorf("h1only=%v: %d connections for 20 calls at once, want %d", h1only, c, wantConns)
+		}
+	}
+}

@@ -261,7 +261,11 @@ func (t *Transport) Do(ctx context.Context, origin Origin, req *fasthttp.Request
 	if err != nil {
 		return nil, err
 	}
-	if p.speaksH2.Load() {
+	// Until the server has chosen HTTP/1.1, a call to an origin that offers HTTP/2 goes the HTTP/2
+	// way: the calls that start together before the first connection is up then wait for that
+	// one, instead of each dialling its own. A server that chooses HTTP/1.1 leaves the connection
+	// in the idle pool, where the call below finds it.
+	if p.speaksH2.Load() || p.origin.h2 && !p.h1Chosen.Load() {
 		s, err := p.doH2(ctx, req, resp)
 		if err != errNotH2 {
 			return s, err
