@@ -475,3 +475,50 @@ func TestHTTP2FirstCallsTogether(t *testing.T) {
 		}
 	}
 }
+
+// A server going away gracefully (HTTP/2 GOAWAY, as a front end being drained sends) lets the
+// calls in flight on the connection finish.
+func TestHTTP2GoAwayLetsCallsFinish(t *testing.T) {
+	release := make(chan struct{})
+	srv, roots, _ := h2Server(t, false, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: first\n\n")
+		w.(http.Flusher).Flush()
+		<-release
+		io.WriteString(w, "data: last\n\n")
+	})
+	tr := newTransport(t, Options{})
+	r, err := h2Do(t, tr, t.Context(), srv, roots, "POST", "/chat", "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(r.stream)
+	readEvent(t, br)
+	down := make(chan error, 1)
+	go func() { down <- srv.Config.Shutdown(t.Context()) }() // sends GOAWAY, waits for the call
+	// Wait (bounded) for the client to have the GOAWAY: its connection then takes no new call.
+	o, _ := request(t, "GET", srv.URL, "")
+	p, _ := tr.pool(o.WithRoots(roots, "test").WithHTTP2())
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		p.h2.mu.Lock()
+		cc := p.h2.conns[0]
+		p.h2.mu.Unlock()
+		if cc.Reserve() != nil {
+			break
+		}
+		cc.Release()
+		if time.Now().After(deadline) {
+			t.Fatal("the connection still takes calls after GOAWAY")
+		}
+	}
+	close(release)
+	if ev := readEvent(t, br); ev != "data: last\n" {
+		t.Errorf("last event %q", ev)
+	}
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Errorf("after the last event: %v, want EOF", err)
+	}
+	if err := <-down; err != nil {
+		t.Errorf("shutdown: %v", err)
+	}
+}
