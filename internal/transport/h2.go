@@ -291,6 +291,9 @@ func (p *pool) doH2(ctx context.Context, req *fasthttp.Request, resp *fasthttp.R
 		}
 	}
 	resp.Header.SetContentLength(max(int(cl), -1)) // unknown: relayed in chunks
+	// Go's client keeps the response for as long as the stream is open; its headers and the
+	// request it points to are copied or sent by now.
+	hresp.Header, hresp.Request = nil, nil
 	return &Stream{ctx: ctx, h2: &h2Stream{body: hresp.Body, cancel: cancel}}, nil
 }
 
