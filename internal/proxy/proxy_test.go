@@ -309,21 +309,29 @@ func TestSpareConnection(t *testing.T) {
 	}
 }
 
-func TestUpstreamWithPrivateCA(t *testing.T) {
+// privatePlane starts Entra's emulator and a data plane of its own served over TLS with a
+// certificate from a private CA (a private endpoint), offering HTTP/2 if h2.
+func privatePlane(t *testing.T, h2 bool) (*emulator.Emulator, *emulator.CA, *emulator.OpenAI) {
+	t.Helper()
 	emu, err := emulator.Start(emulator.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(emu.Close)
-	private, err := emulator.NewCA()
+	ca, err := emulator.NewCA()
 	if err != nil {
 		t.Fatal(err)
 	}
-	plane, err := emulator.NewOpenAI(emulator.OpenAIOptions{Verifier: emu.Authority, TLS: private})
+	plane, err := emulator.NewOpenAI(emulator.OpenAIOptions{Verifier: emu.Authority, TLS: ca, HTTP2: h2})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(plane.Close)
+	return emu, ca, plane
+}
+
+func TestUpstreamWithPrivateCA(t *testing.T) {
+	emu, private, plane := privatePlane(t, false)
 	build := func(ca []byte) *gateway {
 		cfg := config.Default()
 		cfg.SpareConnections = 0 // the counts below are of the calls' own connections
@@ -364,20 +372,7 @@ tokenproxy_upstream_spare_dial_failures_total{origin=%[1]q} 0
 // included, and everything else holds: the caller's key stays behind, the broker's token goes
 // with each call, and a caller that goes away cancels its stream upstream.
 func TestUpstreamHTTP2(t *testing.T) {
-	emu, err := emulator.Start(emulator.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(emu.Close)
-	ca, err := emulator.NewCA()
-	if err != nil {
-		t.Fatal(err)
-	}
-	plane, err := emulator.NewOpenAI(emulator.OpenAIOptions{Verifier: emu.Authority, TLS: ca, HTTP2: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(plane.Close)
+	emu, ca, plane := privatePlane(t, true)
 	cfg := config.Default()
 	cfg.Credentials = corpApp(emu)
 	cfg.Upstreams = map[string]*config.Upstream{"h2": {URL: plane.URL(), Credential: "corp-app", CA: ca.CertPEM(), HTTP2: true}}
