@@ -128,8 +128,11 @@ func cleanResponse(h *fasthttp.ResponseHeader, requestID string) {
 			h.Del(k)
 		}
 	}
-	// An upstream closing its connection says nothing about the caller's.
+	// An upstream closing its connection says nothing about the caller's, and the version it
+	// answered in (HTTP/1.0 to an HTTP/1.0 caller's call, none over HTTP/2) says nothing about
+	// the gateway's: the status line is the gateway's own, HTTP/1.1, as on its own errors.
 	h.ResetConnectionClose()
+	h.SetProtocol(nil)
 	if !hasID || len(h.Peek("X-Ms-Client-Request-Id")) == 0 {
 		h.Set("X-Ms-Client-Request-Id", requestID)
 	}
