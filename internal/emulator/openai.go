@@ -163,6 +163,9 @@ func NewOpenAI(opts OpenAIOptions) (*OpenAI, error) {
 	return o, nil
 }
 
+// CA is the CA the data plane's certificate comes from (OpenAIOptions.TLS), or nil.
+func (o *OpenAI) CA() *CA { return o.opts.TLS }
+
 // URL is the resource endpoint, e.g. http://127.0.0.1:port.
 func (o *OpenAI) URL() string { return o.url }
 

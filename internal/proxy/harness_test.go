@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -64,6 +65,9 @@ func newGateway(t *testing.T, opts ...gatewayOption) *gateway {
 	t.Helper()
 	emu, cfg := emulatorConfig(t)
 	cfg.Upstreams = map[string]*config.Upstream{"eastca": {URL: emu.OpenAI.URL(), Credential: "corp-app"}}
+	if upstreamHTTP2 {
+		cfg.Upstreams["eastca"].CA, cfg.Upstreams["eastca"].HTTP2 = emu.OpenAI.CA().CertPEM(), true
+	}
 	cfg.Deployments = map[string]*config.Deployment{
 		"gpt-4.1-mini":           {Upstream: "eastca", Deployment: "deploy-gpt-4.1"},
 		"gpt-4o":                 {Upstream: "eastca"},
@@ -76,11 +80,24 @@ func newGateway(t *testing.T, opts ...gatewayOption) *gateway {
 	return startGateway(t, emu, applyOptions(t, cfg, opts))
 }
 
+// upstreamHTTP2 runs the tests with the emulator's data plane behind TLS, offering HTTP/2, and
+// newGateway's upstream with http2 on: TOKENPROXY_TEST_UPSTREAM=http2 (.ci/run runs this
+// package both ways). Upstreams a test points at a plain-http server of its own stay HTTP/1.1.
+var upstreamHTTP2 = os.Getenv("TOKENPROXY_TEST_UPSTREAM") == "http2"
+
 // emulatorConfig starts an emulator and returns a configuration whose credential "corp-app"
 // is a client secret app registered with it.
 func emulatorConfig(t *testing.T) (*emulator.Emulator, *config.Config) {
 	t.Helper()
-	emu, err := emulator.Start(emulator.Options{})
+	var opts emulator.Options
+	if upstreamHTTP2 {
+		ca, err := emulator.NewCA()
+		if err != nil {
+			t.Fatal(err)
+		}
+		opts.OpenAI = emulator.OpenAIOptions{TLS: ca, HTTP2: true}
+	}
+	emu, err := emulator.Start(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,6 +120,11 @@ func applyOptions(t *testing.T, cfg *config.Config, opts []gatewayOption) *confi
 	t.Helper()
 	for _, o := range opts {
 		o(cfg)
+	}
+	for _, u := range cfg.Upstreams {
+		if u.HTTP2 && strings.HasPrefix(u.URL, "http://") { // moved to a plain server of the test's own
+			u.HTTP2, u.CA = false, nil
+		}
 	}
 	cfg.ApplyDefaults()
 	if err := cfg.Validate(); err != nil {

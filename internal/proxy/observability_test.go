@@ -139,11 +139,15 @@ func TestGoldenMetrics(t *testing.T) {
 	if err := testutil.GatherAndCompare(g.reg, f, "tokenproxy_requests_total", "tokenproxy_inflight_requests", "tokenproxy_token_requests_total"); err != nil {
 		t.Error(err)
 	}
+	opened := 1 // plain http: one series of connections opened (tls "none")
+	if upstreamHTTP2 {
+		opened = 2 // https: full and resumed handshakes
+	}
 	for name, want := range map[string]int{
 		"tokenproxy_request_duration_seconds":  4, // deployments: gpt-4.1-mini, gpt-4o, text-embedding-3-small, ""
 		"tokenproxy_upstream_response_seconds": 1, // eastca
-		// plain http: one series of connections opened (tls "none"), one of idle connections
-		"tokenproxy_upstream_connections_opened_total":  1,
+		// one series of each per origin
+		"tokenproxy_upstream_connections_opened_total":  opened,
 		"tokenproxy_upstream_idle_connections":          1,
 		"tokenproxy_upstream_spare_dial_failures_total": 1,
 	} {

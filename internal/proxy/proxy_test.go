@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
+	"net/url"
 	"runtime"
 	"strings"
 	"sync"
@@ -54,8 +55,8 @@ func TestChatCompletionEndToEnd(t *testing.T) {
 	if up.RawQuery != "api-version=2025-01-01-preview" {
 		t.Errorf("upstream query = %q, want the caller's", up.RawQuery)
 	}
-	if want := strings.TrimPrefix(g.emu.OpenAI.URL(), "http://"); up.Host != want {
-		t.Errorf("upstream Host = %q, want %q", up.Host, want)
+	if u, _ := url.Parse(g.emu.OpenAI.URL()); up.Host != u.Host {
+		t.Errorf("upstream Host = %q, want %q", up.Host, u.Host)
 	}
 	if up.Claims.AppID != g.emu.ClientID {
 		t.Errorf("upstream saw token for %q, want the gateway's app", up.Claims.AppID)
