@@ -70,7 +70,10 @@ func rewrite(out, in *fasthttp.Request, up *upstream, path []byte, query string,
 		}
 	}
 	h.DelAllCookies()
+	// The upstream call is the gateway's own: HTTP/1.1, on a connection kept alive, whatever
+	// the caller spoke (an HTTP/1.0 call would otherwise cost the upstream connection).
 	h.ResetConnectionClose()
+	h.SetProtocolBytes(http11)
 	h.Set("Authorization", authorization)
 	h.Set("X-Ms-Client-Request-Id", requestID)
 	h.SetHost(up.origin.Host())
@@ -106,6 +109,8 @@ func validHeaderValue(v []byte) bool {
 	}
 	return true
 }
+
+var http11 = []byte("HTTP/1.1")
 
 // cleanResponse removes hop-by-hop headers from an upstream response and makes sure the
 // caller gets the request ID back even if the upstream does not echo it.

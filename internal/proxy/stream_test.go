@@ -104,6 +104,20 @@ func TestStreamToAnHTTP10Caller(t *testing.T) {
 	if line := logLine(t, g, "stream-http10"); line["status"] != 200.0 || line["aborted"] != nil {
 		t.Errorf("access log %v: want status 200, not aborted", line)
 	}
+	// The upstream call is the gateway's own, kept alive: never HTTP/1.0.
+	want := "HTTP/1.1"
+	if upstreamHTTP2 {
+		want = "HTTP/2.0"
+	}
+	reqs := g.emu.OpenAI.Requests()
+	if len(reqs) != 1 || reqs[0].Proto != want {
+		for _, r := range reqs {
+			t.Errorf("upstream call in %s, want one call in %s", r.Proto, want)
+		}
+		if len(reqs) == 0 {
+			t.Error("no upstream call")
+		}
+	}
 }
 
 func TestStreamStatusBeforeTheFirstEvent(t *testing.T) {
