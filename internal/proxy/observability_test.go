@@ -149,6 +149,7 @@ func TestGoldenMetrics(t *testing.T) {
 		// one series of each per origin
 		"tokenproxy_upstream_connections_opened_total":  opened,
 		"tokenproxy_upstream_idle_connections":          1,
+		"tokenproxy_upstream_http2_connections":         1,
 		"tokenproxy_upstream_spare_dial_failures_total": 1,
 	} {
 		if got := testutil.CollectAndCount(g.reg, name); got != want {
