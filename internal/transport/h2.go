@@ -33,6 +33,13 @@ const (
 	h2PingAfter    = 30 * time.Second // silence after which a connection is checked with a ping
 )
 
+// What the server chose in the handshake, where HTTP/2 is offered (pool.chose).
+const (
+	choseNone int32 = iota
+	choseH1
+	choseH2
+)
+
 // h2Conns are a pool's HTTP/2 connections.
 type h2Conns struct {
 	mu      sync.Mutex
@@ -79,8 +86,7 @@ func (p *pool) adoptH2(c *conn) error {
 		c.nc.Close()
 		return err
 	}
-	p.speaksH2.Store(true)
-	p.h1Chosen.Store(false)
+	p.chose.Store(choseH2)
 	p.h2.mu.Lock()
 	p.h2.conns = append(p.h2.conns, cc)
 	p.h2.mu.Unlock()
@@ -99,7 +105,7 @@ func (p *pool) h2Conn(ctx context.Context) (*http.ClientConn, error) {
 		if p.t.isClosed() {
 			return nil, errors.New("transport: closed")
 		}
-		if p.h1Chosen.Load() && !p.speaksH2.Load() { // chosen while this call waited
+		if p.chose.Load() == choseH1 { // chosen while this call waited
 			return nil, errNotH2
 		}
 		p.h2.mu.Lock()
@@ -155,8 +161,7 @@ func (p *pool) dialH2(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if !c.h2 {
-		p.speaksH2.Store(false)
+	if !c.h2 { // dial has recorded the choice
 		p.put(c, time.Now())
 		return errNotH2
 	}
@@ -235,7 +240,7 @@ func (p *pool) doH2(ctx context.Context, req *fasthttp.Request, resp *fasthttp.R
 		switch {
 		case ctx.Err() != nil:
 			return nil, ctx.Err()
-		case rctx.Err() != nil && context.Cause(rctx) == (TimeoutError{}):
+		case context.Cause(rctx) == (TimeoutError{}):
 			return nil, TimeoutError{}
 		}
 		return nil, err

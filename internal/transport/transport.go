@@ -3,7 +3,8 @@
 //
 // Profiles of net/http's Transport under load showed two costs this avoids: it writes a
 // request's headers and body in separate syscalls, and it hands every request between the
-// caller's goroutine and per-connection read and write goroutines. Here a request is written
+// caller's goroutine and per-connection read and write goroutines (HTTP/2, which goes through
+// Go's own client, pays them again: see h2.go). Here a request is written
 // with one buffered flush and its response read on the caller's goroutine; a cancelled context
 // interrupts the connection through context.AfterFunc (or, for an InterruptContext, its own
 // registration, which allocates nothing), with no goroutine per request. Unlike
@@ -265,7 +266,7 @@ func (t *Transport) Do(ctx context.Context, origin Origin, req *fasthttp.Request
 	// way: the calls that start together before the first connection is up then wait for that
 	// one, instead of each dialling its own. A server that chooses HTTP/1.1 leaves the connection
 	// in the idle pool, where the call below finds it.
-	if p.speaksH2.Load() || p.origin.h2 && !p.h1Chosen.Load() {
+	if p.origin.h2 && p.chose.Load() != choseH1 {
 		s, err := p.doH2(ctx, req, resp)
 		if err != errNotH2 {
 			return s, err
@@ -350,11 +351,11 @@ type pool struct {
 	idle    []*conn // most recently used last
 	dialing int     // spares being dialled
 
-	// speaksH2 is set once the server has chosen HTTP/2 (Origin.WithHTTP2): calls then go over
-	// h2's connections. h1Chosen is set while it chooses HTTP/1.1 instead. Where HTTP/2 is
-	// offered, spares are dialled only then: one HTTP/2 connection carries many calls.
-	speaksH2, h1Chosen atomic.Bool
-	h2                 h2Conns
+	// chose is the protocol the server chose on the last connection dialled, where HTTP/2 is
+	// offered (Origin.WithHTTP2): calls go over h2's connections unless it chose HTTP/1.1. Only
+	// then do calls reach get, and with it spares: one HTTP/2 connection carries many calls.
+	chose atomic.Int32 // choseNone, choseH1 or choseH2
+	h2    h2Conns
 }
 
 // spareLocked starts dialling spares in the background while the pool holds fewer than Spares
@@ -362,7 +363,7 @@ type pool struct {
 // and nothing takes p.mu inside t.mu.
 func (p *pool) spareLocked() {
 	n := p.t.opts.Spares - p.dialing - len(p.idle)
-	if n <= 0 || p.origin.h2 && !p.h1Chosen.Load() {
+	if n <= 0 {
 		return
 	}
 	p.t.mu.Lock()
@@ -512,7 +513,7 @@ func (p *pool) dial(ctx context.Context) (*conn, error) {
 		nc = tc
 		h2 = state.NegotiatedProtocol == "h2"
 		if p.origin.h2 && !h2 {
-			p.h1Chosen.Store(true)
+			p.chose.Store(choseH1)
 		}
 	}
 	count.Add(1)
