@@ -288,30 +288,39 @@ func (p *Pool) Pick(tried Tried) int {
 	for i := 0; i < len(p.members); {
 		prio := p.members[i].Priority
 		j := i
-		total := 0
-		for ; j < len(p.members) && p.members[j].Priority == prio; j++ {
-			if tried&(1<<j) == 0 && p.members[j].eligible(now) {
-				total += max(p.members[j].Weight, 0)
-			}
+		for j < len(p.members) && p.members[j].Priority == prio {
+			j++
 		}
-		// Draw by weight among this priority's candidates; fall back to each in turn if the
-		// drawn one cannot be reserved (a half-open probe already running).
-		for total > 0 {
-			r := rand.IntN(total)
+		// Draw by weight among this priority's candidates as they stand at the start of the
+		// draw, then reserve the one drawn, which checks its state again: other calls may have
+		// opened its circuit, rested it or taken its half-open probe since. One that cannot be
+		// reserved is left out of the next draw, so each draw either returns or has one
+		// candidate fewer. (Judging eligibility afresh while drawing could find every candidate
+		// gone and draw for ever.)
+		for {
+			var cands Tried
+			total := 0
 			for k := i; k < j; k++ {
-				m := p.members[k]
-				if tried&(1<<k) != 0 || !m.eligible(now) {
-					continue
-				}
-				if r -= max(m.Weight, 0); r < 0 {
-					if m.take(now) {
-						return k
-					}
-					tried |= 1 << k
-					total -= max(m.Weight, 0)
-					break
+				if tried&(1<<k) == 0 && p.members[k].eligible(now) && p.members[k].Weight > 0 {
+					cands |= 1 << k
+					total += p.members[k].Weight
 				}
 			}
+			if total == 0 {
+				break
+			}
+			k, r := i, rand.IntN(total)
+			for ; ; k++ {
+				if cands&(1<<k) != 0 {
+					if r -= p.members[k].Weight; r < 0 {
+						break
+					}
+				}
+			}
+			if p.members[k].take(now) {
+				return k
+			}
+			tried |= 1 << k
 		}
 		i = j
 	}

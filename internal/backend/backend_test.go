@@ -2,6 +2,7 @@ package backend
 
 import (
 	"net/http"
+	"sync"
 	"testing"
 	"time"
 )
@@ -208,6 +209,36 @@ func TestRetryAfter(t *testing.T) {
 		get := func(k string) []byte { return []byte(tt.header.Get(k)) }
 		if got := RetryAfter(get, now); got != tt.want {
 			t.Errorf("%s: got %v, want %v", tt.name, got, tt.want)
+		}
+	}
+}
+
+// A member can stop being eligible while another call is drawing from the pool (its circuit
+// opens, or it is rested by a 429). Pick must then draw again or give up, never spin.
+func TestPickWhileMembersStopBeingEligible(t *testing.T) {
+	for round := range 2000 {
+		r := NewRegistry(Options{BreakerFailures: 1, BreakerOpen: time.Hour})
+		p := r.NewPool([]Member{
+			{Backend: r.Backend("a", "d"), Priority: 1, Weight: 1},
+			{Backend: r.Backend("b", "d"), Priority: 1, Weight: 2},
+		})
+		done := make(chan struct{})
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Go(func() {
+				for p.Pick(0) >= 0 {
+					p.members[0].Abandoned()
+					p.members[1].Abandoned()
+				}
+			})
+		}
+		p.members[0].RateLimited(time.Hour)
+		p.members[1].Failed() // opens its circuit for an hour
+		go func() { wg.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("round %d: Pick did not return after every member stopped being eligible", round)
 		}
 	}
 }
