@@ -87,16 +87,20 @@ func (h *Handler) forward(c *call, d *deployment, p *plan) {
 	}
 	h.budget.Deposit()
 	var failed backend.Tried
-	waited := time.Duration(0)
+	waited, repicks := time.Duration(0), 0
 	for {
 		i := d.pool.Pick(failed)
 		if i < 0 {
-			if w := h.capacityWait(d, failed, waited); w > 0 {
+			switch w := h.capacityWait(d, failed, waited); {
+			case w > 0:
 				if !sleepCtx(ctx, w) {
 					h.proxyError(c, ctx.Err())
 					return
 				}
 				waited += w
+				continue
+			case w < 0 && repicks < 2: // a member came back since the pick: pick again
+				repicks++
 				continue
 			}
 			h.exhausted(c, d)
@@ -257,14 +261,18 @@ func (h *Handler) answerHeld(c *call) {
 }
 
 // capacityWait is how long to wait, within wait_for_capacity, for a backend the call may still
-// use (not one that failed it) to come back.
+// use (not one that failed it) to come back: 0 if none will within it, and -1 if one has come
+// back already, between the pick that found none and now (its rest or open circuit ran out).
 func (h *Handler) capacityWait(d *deployment, failed backend.Tried, waited time.Duration) time.Duration {
-	left := h.res.WaitForCapacity - waited
-	if left <= 0 {
+	until, first, _ := d.pool.Recovery(failed)
+	if first == nil {
 		return 0
 	}
-	until, first, _ := d.pool.Recovery(failed)
-	if w := time.Until(until); first != nil && w > 0 && w <= left {
+	w := time.Until(until)
+	if w <= 0 {
+		return -1
+	}
+	if w <= h.res.WaitForCapacity-waited {
 		return w
 	}
 	return 0

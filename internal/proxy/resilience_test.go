@@ -493,3 +493,23 @@ func TestShutdownCutsWhatOutlivesTheGrace(t *testing.T) {
 		t.Errorf("tokenproxy_shutdown_cut_connections_total = %v, want %d", got, n)
 	}
 }
+
+// A member whose rest runs out between the pick that found none and the look at when one comes
+// back is picked again, whatever wait_for_capacity: the call is not given up on. One that
+// failed the call is not waited for.
+func TestCapacityWaitSeesAMemberBackAlready(t *testing.T) {
+	g, _ := newPoolGateway(t, 2)
+	if resp, body := g.do("POST", chatPath, map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 200 {
+		t.Fatalf("got %d %s", resp.StatusCode, body)
+	}
+	d := g.handler.deployments["gpt-4.1-mini"]
+	for _, m := range d.pool.Members() {
+		m.RateLimited(time.Nanosecond) // over by the time capacityWait looks
+	}
+	if w := g.handler.capacityWait(d, 0, 0); w != -1 {
+		t.Errorf("capacityWait = %v with members back already, want -1 (pick again)", w)
+	}
+	if w := g.handler.capacityWait(d, 0b11, 0); w != 0 {
+		t.Errorf("capacityWait = %v with every member failed, want 0", w)
+	}
+}
