@@ -4,33 +4,34 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"io"
-	"net"
-	"net/http"
-	"net/url"
+	"strconv"
+	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/valyala/fasthttp"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 )
 
 // HTTP/2 to an origin that offers it (Origin.WithHTTP2): calls share a few TLS connections, so
 // a new stream needs no dial and no handshake, and an open one holds no connection or TLS state
-// of its own, and one cut short costs a stream reset, not its connection. The protocol is Go's
-// own (net/http's HTTP/2 client connections), over connections this package dials: the same
-// proxy tunnel, CAs and session cache as HTTP/1.1. The server chooses in the TLS handshake
-// (ALPN); one that does not choose h2 is spoken to in HTTP/1.1 as before.
+// of its own, and one cut short costs a stream reset, not its connection. The protocol is this
+// package's own client (h2conn.go), over connections this package dials: the same proxy
+// tunnel, CAs and session cache as HTTP/1.1. The server chooses in the TLS handshake (ALPN); one
+// that does not choose h2 is spoken to in HTTP/1.1 as before.
 //
 // Flow control bounds what a connection holds for calls whose callers read slower than the
 // upstream sends: each stream's window is h2StreamWindow and a connection carries at most
 // h2MaxStreams calls, whose windows together stay under the connection's, so callers that stop
 // reading never hold up the other calls on their connection.
 const (
-	h2StreamWindow = 64 << 10         // the protocol's own default window
-	h2ConnWindow   = 4<<20 - 1        // the largest net/http accepts
-	h2MaxStreams   = 60               // 60 × 64 KiB < 4 MiB
-	h2PingAfter    = 30 * time.Second // silence after which a connection is checked with a ping
+	h2StreamWindow   = 64 << 10         // the protocol's own default window
+	h2ConnWindow     = 4<<20 - 1        // the connection's window
+	h2MaxStreams     = 60               // 60 × 64 KiB < 4 MiB
+	h2PingAfter      = 30 * time.Second // silence after which a connection is checked with a ping
+	h2MaxHeaderBytes = 64 << 10         // the largest response head taken
+	h2WriteTimeout   = 30 * time.Second // a write blocked this long fails its connection
 )
 
 // What the server chose in the handshake, where HTTP/2 is offered (pool.chose).
@@ -43,47 +44,17 @@ const (
 // h2Conns are a pool's HTTP/2 connections.
 type h2Conns struct {
 	mu      sync.Mutex
-	conns   []*http.ClientConn
-	dialing chan struct{}          // closed when the dial in flight ends; nil if none
-	auth    atomic.Pointer[string] // the last Authorization value sent (see h2Request)
+	conns   []*h2Conn
+	dialing chan struct{} // closed when the dial in flight ends; nil if none
 }
-
-// handoff carries a connection this package dialled to newH2Transport's DialTLSContext.
-type handoff struct{}
 
 // errNotH2 reports that a connection dialled for HTTP/2 came back speaking HTTP/1.1.
 var errNotH2 = errors.New("transport: the server no longer chooses HTTP/2")
 
-// newH2Transport returns the net/http transport that wraps this package's connections in
-// HTTP/2 client connections. It dials nothing itself.
-func newH2Transport(o Options) *http.Transport {
-	var protos http.Protocols
-	protos.SetHTTP2(true)
-	return &http.Transport{
-		Protocols: &protos,
-		HTTP2: &http.HTTP2Config{
-			MaxReceiveBufferPerStream:     h2StreamWindow,
-			MaxReceiveBufferPerConnection: h2ConnWindow,
-			SendPingTimeout:               h2PingAfter,
-		},
-		DialTLSContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			if c, ok := ctx.Value(handoff{}).(net.Conn); ok {
-				return c, nil
-			}
-			return nil, errors.New("transport: no connection handed over")
-		},
-		DisableCompression:     true, // bodies pass through as the upstream sends them
-		IdleConnTimeout:        o.idleTimeout(),
-		MaxResponseHeaderBytes: 64 << 10,
-	}
-}
-
 // adoptH2 makes c, on which the server chose HTTP/2, one of the pool's HTTP/2 connections.
 func (p *pool) adoptH2(c *conn) error {
-	ctx := context.WithValue(context.Background(), handoff{}, c.nc)
-	cc, err := p.t.h2.NewClientConn(ctx, "https", p.origin.addr)
+	cc, err := newH2Conn(c.nc, p.t.opts.idleTimeout(), p.t.opts.handshakeTimeout())
 	if err != nil {
-		c.nc.Close()
 		return err
 	}
 	p.chose.Store(choseH2)
@@ -100,7 +71,7 @@ func (p *pool) adoptH2(c *conn) error {
 // take it. Calls that find none wait for one dial rather than each making its own. A call
 // dials twice at most: a server that lets a new connection take no call at all (it may set
 // its stream limit to 0) is an error, not a reason to dial on and on.
-func (p *pool) h2Conn(ctx context.Context) (*http.ClientConn, error) {
+func (p *pool) h2Conn(ctx context.Context) (*h2Conn, error) {
 	for dials := 0; ; {
 		if p.t.isClosed() {
 			return nil, errors.New("transport: closed")
@@ -144,10 +115,10 @@ func (p *pool) h2Conn(ctx context.Context) (*http.ClientConn, error) {
 
 // reserveLocked reserves a stream on the first connection that can take one, letting go of
 // connections that can no longer be used. p.h2.mu is held.
-func (p *pool) reserveLocked() *http.ClientConn {
+func (p *pool) reserveLocked() *h2Conn {
 	p.pruneLocked()
 	for _, cc := range p.h2.conns {
-		if cc.InFlight() < h2MaxStreams && cc.Reserve() == nil {
+		if cc.reserve() {
 			return cc
 		}
 	}
@@ -177,16 +148,9 @@ func (p *pool) closeH2(all bool) {
 	p.h2.mu.Unlock()
 	for _, cc := range conns {
 		if all {
-			cc.Close()
-			continue
-		}
-		cc.SetStateHook(func(cc *http.ClientConn) {
-			if cc.InFlight() == 0 {
-				go cc.Close()
-			}
-		})
-		if cc.InFlight() == 0 {
-			cc.Close()
+			cc.close()
+		} else {
+			cc.closeWhenIdle()
 		}
 	}
 }
@@ -199,13 +163,14 @@ func (p *pool) h2Count() int {
 	return len(p.h2.conns)
 }
 
-// pruneLocked lets go of the HTTP/2 connections that can no longer be used (net/http closes
-// idle ones after IdleTimeout, and those the server closes or sends away). p.h2.mu is held.
+// pruneLocked lets go of the HTTP/2 connections that can no longer be used: closed, sent away
+// and done, or idle longer than IdleTimeout. p.h2.mu is held.
 func (p *pool) pruneLocked() {
+	now := time.Now()
 	live := p.h2.conns[:0]
 	for _, cc := range p.h2.conns {
-		if cc.Err() != nil {
-			cc.Close()
+		if !cc.usable(now) {
+			cc.close()
 			continue
 		}
 		live = append(live, cc)
@@ -215,218 +180,280 @@ func (p *pool) pruneLocked() {
 }
 
 // doH2 sends req over one of the pool's HTTP/2 connections and reads the response into resp as
-// Do does.
+// Do does. A call the server did not take (it went away first, or refused the stream) goes
+// once more, on another connection.
 func (p *pool) doH2(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Response) (*Stream, error) {
-	cc, err := p.h2Conn(ctx)
-	if err != nil {
+	path, _, _ := bytes.Cut(req.Header.RequestURI(), []byte("?"))
+	if len(path) == 0 || path[0] != '/' || bytes.HasPrefix(path, []byte("//")) {
+		return nil, errors.New("transport: the request path must start with a single /")
+	}
+	for attempt := 0; ; attempt++ {
+		cc, err := p.h2Conn(ctx)
+		if err != nil {
+			return nil, err
+		}
+		s, err := cc.roundTrip(ctx, req, resp, p.t.opts)
+		if err == errH2Refused && attempt == 0 && ctx.Err() == nil {
+			resp.Reset()
+			continue
+		}
+		return s, err
+	}
+}
+
+// roundTrip sends req on a stream of its own and reads the response's head into resp, with its
+// body when it is read whole (see Do); otherwise the body is returned as a Stream.
+func (c *h2Conn) roundTrip(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Response, o Options) (*Stream, error) {
+	s := &h2Stream{c: c, wake: make(chan struct{}, 1), recvWin: h2StreamWindow, length: -1, want: -1,
+		noBody: req.Header.IsHead()}
+	s.hook = onCancel(ctx, s)
+	if err := c.start(s, req); err != nil {
+		s.hook.release()
 		return nil, err
 	}
-	// The response-header timeout cancels the call's own context, which then lives as long as
-	// the stream does.
-	rctx, cancel := ctx, context.CancelCauseFunc(nil)
 	var timer *time.Timer
-	if d := p.t.opts.ResponseHeaderTimeout; d > 0 {
-		rctx, cancel = context.WithCancelCause(ctx)
-		timer = time.AfterFunc(d, func() { cancel(TimeoutError{}) })
+	if d := o.ResponseHeaderTimeout; d > 0 {
+		timer = time.AfterFunc(d, s.timeout)
 	}
 	end := func() {
 		if timer != nil {
 			timer.Stop()
-			cancel(nil)
 		}
+		s.close()
 	}
 	fail := func(err error) (*Stream, error) {
 		end()
-		switch {
-		case ctx.Err() != nil:
+		if err == errStopped {
 			return nil, ctx.Err()
-		case context.Cause(rctx) == (TimeoutError{}):
-			return nil, TimeoutError{}
 		}
 		return nil, err
 	}
-	body := &h2Body{b: req.Body()}
-	hreq, err := h2Request(rctx, p.origin, req, body, &p.h2.auth)
-	if err != nil {
-		cc.Release()
+	if err := s.awaitHead(); err != nil {
 		return fail(err)
 	}
-	hresp, err := cc.RoundTrip(hreq)
-	// The request's body buffer is the caller's again once Do returns; what HTTP/2 still has
-	// to send of it (a server may answer before reading it all) is copied first.
-	body.detach()
-	if err != nil {
-		return fail(err)
-	}
-	resp.SetStatusCode(hresp.StatusCode)
-	for k, vv := range hresp.Header {
-		if k == "Content-Length" {
-			continue // set below, from what HTTP/2 checked
+	// The head is s's own from here: the connection does not touch it once it has come.
+	resp.SetStatusCode(s.status)
+	for _, hf := range s.fields {
+		if hf.Name == "content-length" || notForH2(hf.Name) {
+			continue // the length is set below, from what was checked
 		}
-		for _, v := range vv {
-			resp.Header.Add(k, v)
-		}
+		resp.Header.Add(hf.Name, hf.Value)
 	}
-	cl := hresp.ContentLength
-	status := hresp.StatusCode
-	if req.Header.IsHead() || status == fasthttp.StatusNoContent || status == fasthttp.StatusNotModified {
+	s.fields = nil
+	cl := s.length
+	if s.noBody || s.status == fasthttp.StatusNoContent || s.status == fasthttp.StatusNotModified {
 		resp.SkipBody = true
 		if cl >= 0 {
 			resp.Header.SetContentLength(int(cl))
 		}
-		hresp.Body.Close()
 		end()
 		return nil, nil
 	}
-	if cl >= 0 && cl <= int64(p.t.opts.bufferLimit()) && !bytes.HasPrefix(resp.Header.ContentType(), eventStream) {
-		err := readH2Body(resp, hresp.Body)
-		hresp.Body.Close()
-		if err != nil {
+	if cl >= 0 && cl <= int64(o.bufferLimit()) && !bytes.HasPrefix(resp.Header.ContentType(), eventStream) {
+		if err := s.readAll(resp.BodyWriter()); err != nil {
 			return fail(err)
 		}
 		resp.Header.SetContentLength(int(cl))
 		end()
 		return nil, nil
 	}
-	if timer != nil {
-		timer.Stop() // a stream is not bounded: its events may come minutes apart
-		if rctx.Err() != nil {
-			hresp.Body.Close()
-			return fail(rctx.Err())
-		}
+	if timer != nil && !timer.Stop() { // a stream is not bounded: its events may come minutes apart
+		return fail(TimeoutError{})
 	}
 	resp.Header.SetContentLength(max(int(cl), -1)) // unknown: relayed in chunks
-	// Go's client keeps the response for as long as the stream is open; its headers and the
-	// request it points to are copied or sent by now.
-	hresp.Header, hresp.Request = nil, nil
-	return &Stream{ctx: ctx, h2: &h2Stream{body: hresp.Body, cancel: cancel}}, nil
+	return &Stream{ctx: ctx, h2: s}, nil
 }
 
-// h2Request builds the net/http request for req. The hop-by-hop headers of HTTP/1.1 have no
-// place in HTTP/2, and Go's client adds no User-Agent the call did not have.
-//
-// The Authorization value, the same token for every call until it is renewed, is shared
-// through auth rather than copied for each: a request is kept as long as its stream is open.
-func h2Request(ctx context.Context, o Origin, req *fasthttp.Request, body *h2Body, auth *atomic.Pointer[string]) (*http.Request, error) {
-	path, query, _ := bytes.Cut(req.Header.RequestURI(), []byte("?"))
-	if len(path) == 0 || path[0] != '/' || bytes.HasPrefix(path, []byte("//")) {
-		return nil, errors.New("transport: the request path must start with a single /")
+// start opens s with req's head and sends its body, or as much of it as the windows let go at
+// once, in one write; the rest is copied (req's buffer is its owner's again when Do returns)
+// and sent as the server gives window. A call that finds the connection no longer taking
+// calls gets errH2Refused: nothing was sent.
+func (c *h2Conn) start(s *h2Stream, req *fasthttp.Request) error {
+	body := req.Body()
+	c.wlock()
+	defer c.wmu.Unlock()
+	c.mu.Lock()
+	c.reserved--
+	if c.nextID > 1<<31-1 { // stream IDs run out: the connection takes no more calls
+		c.goAway = true
 	}
-	hreq := &http.Request{
-		Method:        string(req.Header.Method()),
-		URL:           &url.URL{Scheme: "https", Host: o.u.Host, Opaque: string(path), RawQuery: string(query)},
-		Host:          string(req.Host()),
-		Header:        make(http.Header, req.Header.Len()),
-		ContentLength: int64(len(body.b)),
-		Body:          http.NoBody,
+	if c.err != nil || c.goAway {
+		c.mu.Unlock()
+		return errH2Refused
 	}
-	if len(body.b) > 0 {
-		hreq.Body = body
+	s.id = c.nextID
+	c.nextID += 2
+	c.streams[s.id] = s
+	s.sendWin = c.peerWin
+	send := min(int64(len(body)), int64(max(s.sendWin, 0)), int64(max(c.sendWin, 0)))
+	s.sendWin -= int32(send)
+	c.sendWin -= int32(send)
+	s.sent = send == int64(len(body))
+	if !s.sent {
+		s.rest = bytes.Clone(body[send:])
 	}
+	frame := int(c.peerFrame)
+	if c.tableN {
+		c.henc.SetMaxDynamicTableSizeLimit(c.table)
+		c.tableN = false
+	}
+	c.mu.Unlock()
+
+	c.encodeHead(req, len(body))
+	hb := c.hbuf.Bytes()
+	first := hb[:min(len(hb), frame)]
+	err := c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: s.id, BlockFragment: first,
+		EndStream: len(body) == 0, EndHeaders: len(first) == len(hb)})
+	for hb = hb[len(first):]; len(hb) > 0 && err == nil; {
+		n := min(len(hb), frame)
+		err = c.fr.WriteContinuation(s.id, n == len(hb), hb[:n])
+		hb = hb[n:]
+	}
+	for data := body[:send]; len(data) > 0 && err == nil; {
+		n := min(len(data), frame)
+		err = c.fr.WriteData(s.id, n == len(data) && s.sent, data[:n])
+		data = data[n:]
+	}
+	c.flushLocked(&err)
+	if err != nil {
+		return errH2Lost
+	}
+	if !s.sent {
+		go c.sendRest(s)
+	}
+	return nil
+}
+
+// sendRest sends what start left of a request body as the server's windows allow, until it is
+// sent or the stream ends.
+func (c *h2Conn) sendRest(s *h2Stream) {
+	for {
+		c.mu.Lock()
+		for c.streams[s.id] == s && !s.stopped && (s.sendWin <= 0 || c.sendWin <= 0) {
+			c.senders.Wait()
+		}
+		if c.streams[s.id] != s || s.stopped || len(s.rest) == 0 {
+			c.mu.Unlock()
+			return
+		}
+		n := min(len(s.rest), int(s.sendWin), int(c.sendWin), int(c.peerFrame))
+		s.sendWin -= int32(n)
+		c.sendWin -= int32(n)
+		data := s.rest[:n]
+		s.rest = s.rest[n:]
+		c.mu.Unlock()
+
+		c.wlock()
+		c.mu.Lock()
+		open := c.streams[s.id] == s // a stream reset meanwhile is not written to
+		last := len(s.rest) == 0
+		if open && last {
+			s.sent = true // before the write: the response may end as soon as it is out
+			s.rest = nil
+		}
+		c.mu.Unlock()
+		var err error
+		if open {
+			err = c.fr.WriteData(s.id, last, data)
+			c.flushLocked(&err)
+		}
+		c.wmu.Unlock()
+		if !open || last || err != nil {
+			return
+		}
+	}
+}
+
+// encodeHead encodes req's head into c.hbuf. The hop-by-hop headers of HTTP/1.1 have no place
+// in HTTP/2, and no User-Agent is added that the call did not have. wmu is held.
+func (c *h2Conn) encodeHead(req *fasthttp.Request, bodyLen int) {
+	c.hbuf.Reset()
+	e := c.henc
+	method := methodName(req.Header.Method())
+	e.WriteField(hpack.HeaderField{Name: ":method", Value: method})
+	e.WriteField(hpack.HeaderField{Name: ":scheme", Value: "https"})
+	if host := req.Host(); string(host) != c.authority {
+		c.authority = string(host)
+	}
+	e.WriteField(hpack.HeaderField{Name: ":authority", Value: c.authority})
+	e.WriteField(hpack.HeaderField{Name: ":path", Value: string(req.Header.RequestURI())})
 	for k, v := range req.Header.All() {
 		if notForH2(k) {
 			continue
 		}
-		key := string(k)
-		var val string
-		if key == fasthttp.HeaderAuthorization {
-			if last := auth.Load(); last != nil && *last == string(v) {
-				val = *last
-			} else {
-				val = string(v)
-				auth.Store(&val)
+		name := c.lowerName(k)
+		var value string
+		if name == "authorization" { // the same token for every call until it is renewed
+			if string(v) != c.auth {
+				c.auth = string(v)
 			}
+			value = c.auth
 		} else {
-			val = string(v)
+			value = string(v)
 		}
-		hreq.Header[key] = append(hreq.Header[key], val)
+		e.WriteField(hpack.HeaderField{Name: name, Value: value})
 	}
-	if _, ok := hreq.Header["User-Agent"]; !ok {
-		hreq.Header["User-Agent"] = []string{""} // none, as over HTTP/1.1
+	if bodyLen > 0 || method == "POST" || method == "PUT" || method == "PATCH" {
+		e.WriteField(hpack.HeaderField{Name: "content-length", Value: strconv.Itoa(bodyLen)})
 	}
-	return hreq.WithContext(ctx), nil
 }
 
-// notH2 are the request headers HTTP/2 has no place for: hop-by-hop ones (RFC 9113 §8.2.2), and
-// those it carries otherwise (Host as :authority, the length in its framing).
-var notH2 = [][]byte{[]byte("Host"), []byte("Content-Length"), []byte("Connection"), []byte("Keep-Alive"),
-	[]byte("Proxy-Connection"), []byte("Transfer-Encoding"), []byte("Upgrade"), []byte("Te"), []byte("Trailer")}
+// lowerName is a header name in lower case, as HTTP/2 has them: a constant for the usual ones.
+func (c *h2Conn) lowerName(k []byte) string {
+	if name, ok := h2Names[string(k)]; ok {
+		return name
+	}
+	c.lower = append(c.lower[:0], k...)
+	for i, b := range c.lower {
+		if 'A' <= b && b <= 'Z' {
+			c.lower[i] = b + 'a' - 'A'
+		}
+	}
+	return string(c.lower)
+}
 
-func notForH2(k []byte) bool {
+// h2Names are the usual request header names, as fasthttp spells them and in lower case.
+var h2Names = func() map[string]string {
+	m := map[string]string{}
+	for _, n := range []string{"Accept", "Accept-Encoding", "Accept-Language", "Authorization", "Content-Type",
+		"User-Agent", "X-Ms-Client-Request-Id", "X-Request-Id", "Traceparent", "Tracestate", "Openai-Organization",
+		"X-Stainless-Lang", "X-Stainless-Package-Version", "X-Stainless-Os", "X-Stainless-Arch",
+		"X-Stainless-Runtime", "X-Stainless-Runtime-Version", "X-Stainless-Retry-Count", "X-Stainless-Timeout",
+		"X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Forwarded", "Cookie", "Api-Key"} {
+		m[n] = strings.ToLower(n)
+	}
+	return m
+}()
+
+// methodName is the method as a string, a constant for the usual ones.
+func methodName(m []byte) string {
+	switch string(m) {
+	case "POST":
+		return "POST"
+	case "GET":
+		return "GET"
+	case "DELETE":
+		return "DELETE"
+	case "PUT":
+		return "PUT"
+	case "PATCH":
+		return "PATCH"
+	case "HEAD":
+		return "HEAD"
+	}
+	return string(m)
+}
+
+// notH2 are the headers HTTP/2 has no place for: hop-by-hop ones (RFC 9113 §8.2.2), and those
+// it carries otherwise (Host as :authority, the length in its framing).
+var notH2 = []string{"Host", "Content-Length", "Connection", "Keep-Alive", "Proxy-Connection",
+	"Transfer-Encoding", "Upgrade", "Te", "Trailer"}
+
+func notForH2[T string | []byte](k T) bool {
 	for _, n := range notH2 {
-		if bytes.EqualFold(k, n) {
+		if len(k) == len(n) && strings.EqualFold(string(k), n) {
 			return true
 		}
 	}
 	return false
-}
-
-// h2Body is a request body HTTP/2 sends from a goroutine of its own. It reads from the
-// request's buffer until detach, which copies what is left, so that the buffer can go back to
-// its owner when Do returns.
-type h2Body struct {
-	mu  sync.Mutex
-	b   []byte
-	own bool
-}
-
-func (b *h2Body) Read(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if len(b.b) == 0 {
-		return 0, io.EOF
-	}
-	n := copy(p, b.b)
-	b.b = b.b[n:]
-	return n, nil
-}
-
-func (b *h2Body) Close() error {
-	b.mu.Lock()
-	b.b, b.own = nil, true
-	b.mu.Unlock()
-	return nil
-}
-
-func (b *h2Body) detach() {
-	b.mu.Lock()
-	if !b.own && len(b.b) > 0 {
-		b.b = bytes.Clone(b.b)
-	}
-	b.own = true
-	b.mu.Unlock()
-}
-
-// h2Bufs copy bodies read whole into responses.
-var h2Bufs = sync.Pool{New: func() any { b := make([]byte, 16<<10); return &b }}
-
-// readH2Body reads a body of known length (HTTP/2 checks it against Content-Length) into resp.
-func readH2Body(resp *fasthttp.Response, r io.Reader) error {
-	bp := h2Bufs.Get().(*[]byte)
-	defer h2Bufs.Put(bp)
-	w := resp.BodyWriter()
-	for {
-		n, err := r.Read(*bp)
-		w.Write((*bp)[:n])
-		if err == io.EOF {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-	}
-}
-
-// h2Stream is a body streamed over HTTP/2. Closed before its end, it resets its stream only:
-// the connection goes on carrying the others.
-type h2Stream struct {
-	body   io.ReadCloser
-	cancel context.CancelCauseFunc // the response-header timeout's context, if there is one
-}
-
-func (s *h2Stream) close() {
-	s.body.Close()
-	if s.cancel != nil {
-		s.cancel(nil)
-	}
 }

@@ -503,10 +503,10 @@ func TestHTTP2GoAwayLetsCallsFinish(t *testing.T) {
 		p.h2.mu.Lock()
 		cc := p.h2.conns[0]
 		p.h2.mu.Unlock()
-		if cc.Reserve() != nil {
+		if !cc.reserve() {
 			break
 		}
-		cc.Release()
+		cc.release()
 		if time.Now().After(deadline) {
 			t.Fatal("the connection still takes calls after GOAWAY")
 		}

@@ -163,7 +163,6 @@ func (o Origin) Host() string { return o.u.Host }
 type Transport struct {
 	opts   Options
 	tlsCfg *tls.Config
-	h2     *http.Transport // wraps HTTP/2 connections (h2.go); dials nothing
 
 	mu     sync.Mutex
 	pools  map[string]*pool
@@ -186,7 +185,7 @@ func New(opts Options) *Transport {
 		cfg = cfg.Clone()
 	}
 	cfg.NextProtos = []string{"http/1.1"}
-	t := &Transport{opts: opts, tlsCfg: cfg, h2: newH2Transport(opts), pools: map[string]*pool{}, stop: make(chan struct{})}
+	t := &Transport{opts: opts, tlsCfg: cfg, pools: map[string]*pool{}, stop: make(chan struct{})}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.reaped.Go(t.reap)
 	return t
@@ -662,26 +661,27 @@ type InterruptContext interface {
 // An Interrupter has something to interrupt when a context is cancelled.
 type Interrupter interface{ Interrupt() }
 
-// cancelHook is a connection's registration with its call's context, for the call.
+// cancelHook is a connection's (or an HTTP/2 stream's) registration with its call's context,
+// for the call.
 type cancelHook struct {
 	ctx  InterruptContext // when the context is one; otherwise stop
-	c    *conn
+	i    Interrupter
 	stop func() bool // context.AfterFunc's
 }
 
-func onCancel(ctx context.Context, c *conn) cancelHook {
+func onCancel(ctx context.Context, i Interrupter) cancelHook {
 	if ic, ok := ctx.(InterruptContext); ok {
-		ic.OnCancel(c)
-		return cancelHook{ctx: ic, c: c}
+		ic.OnCancel(i)
+		return cancelHook{ctx: ic, i: i}
 	}
-	return cancelHook{stop: context.AfterFunc(ctx, c.Interrupt)}
+	return cancelHook{stop: context.AfterFunc(ctx, i.Interrupt)}
 }
 
 // release ends the registration, reporting false if the context was cancelled first (the
 // connection's deadline may then be poisoned).
 func (h cancelHook) release() bool {
 	if h.ctx != nil {
-		return h.ctx.OffCancel(h.c)
+		return h.ctx.OffCancel(h.i)
 	}
 	return h.stop()
 }
@@ -874,7 +874,7 @@ func (s *Stream) Read(p []byte) (int, error) {
 	var n int
 	var err error
 	if s.h2 != nil {
-		n, err = s.h2.body.Read(p)
+		n, err = s.h2.Read(p)
 	} else {
 		n, err = s.body.Read(p)
 	}
