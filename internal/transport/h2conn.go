@@ -171,12 +171,13 @@ func (c *h2Conn) release() {
 }
 
 // usable reports whether the connection can still take calls, now or once some end; one that
-// cannot is closed by its pool. One with no call for idleTimeout cannot.
+// cannot is closed by its pool. One with no call for idleTimeout cannot, nor one whose server
+// allows no stream at all.
 func (c *h2Conn) usable(now time.Time) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	quiet := len(c.streams) == 0 && c.reserved == 0
-	return c.err == nil && !(quiet && (c.goAway || now.Sub(c.idleSince) > c.idleTimeout))
+	return c.err == nil && !(quiet && (c.goAway || c.peerMax == 0 || now.Sub(c.idleSince) > c.idleTimeout))
 }
 
 // closeWhenIdle stops the connection taking calls and closes it once those it carries end.

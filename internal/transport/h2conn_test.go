@@ -199,6 +199,25 @@ func TestHTTP2RefusedCallGoesAgain(t *testing.T) {
 	}
 }
 
+// A server that lets its connections take no call (a stream limit of 0) gets an error, after
+// two connections: not a dial per call for ever.
+func TestHTTP2NoStreamsAllowed(t *testing.T) {
+	o, _, conns := frameServer(t, []http2.Setting{{ID: http2.SettingMaxConcurrentStreams, Val: 0}}, func(n int, fc *frameConn) {
+		for fc.next() != nil {
+		}
+	})
+	tr := newTransport(t, Options{})
+	if _, _, err := frameCall(t, tr, o); err == nil || !strings.Contains(err.Error(), "takes a call") {
+		t.Errorf("got %v, want no connection taking the call", err)
+	}
+	if c := conns.Load(); c != 2 {
+		t.Errorf("%d connections, want 2", c)
+	}
+	if n := tr.Stats()[0].HTTP2; n != 0 {
+		t.Errorf("%d connections kept that take no call", n)
+	}
+}
+
 // Answers that break the protocol fail their call with an error, and only their call.
 func TestHTTP2MalformedAnswers(t *testing.T) {
 	cases := []struct {
