@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -45,42 +44,18 @@ func frameServer(t *testing.T, settings []http2.Setting, script func(n int, fc *
 	if err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	var open []net.Conn
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, nc := range open {
-			nc.Close()
-		}
-		mu.Unlock()
-		wg.Wait()
-	})
 	var conns atomic.Int32
-	wg.Go(func() {
-		for {
-			nc, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			open = append(open, nc)
-			mu.Unlock()
-			n := int(conns.Add(1))
-			wg.Go(func() {
-				defer nc.Close()
-				fc := &frameConn{nc: nc, fr: http2.NewFramer(nc, nc)}
-				fc.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-				fc.henc = hpack.NewEncoder(&fc.hbuf)
-				preface := make([]byte, len(http2.ClientPreface))
-				if _, err := io.ReadFull(nc, preface); err != nil || string(preface) != http2.ClientPreface {
-					return
-				}
-				fc.fr.WriteSettings(settings...)
-				script(n, fc)
-			})
+	acceptAll(t, ln, func(nc net.Conn, _ func(net.Conn)) {
+		n := int(conns.Add(1))
+		fc := &frameConn{nc: nc, fr: http2.NewFramer(nc, nc)}
+		fc.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+		fc.henc = hpack.NewEncoder(&fc.hbuf)
+		preface := make([]byte, len(http2.ClientPreface))
+		if _, err := io.ReadFull(nc, preface); err != nil || string(preface) != http2.ClientPreface {
+			return
 		}
+		fc.fr.WriteSettings(settings...)
+		script(n, fc)
 	})
 	o, err := NewOrigin("https://" + ln.Addr().String())
 	if err != nil {

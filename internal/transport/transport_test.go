@@ -635,18 +635,18 @@ func TestTLSSessionsResume(t *testing.T) {
 	}
 }
 
-// connectProxy is a minimal HTTP CONNECT proxy that records the Proxy-Authorization it got.
-func connectProxy(t *testing.T) (*url.URL, *atomic.Value) {
-	t.Helper()
-	var auth atomic.Value
-	auth.Store("")
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+// acceptAll serves each connection ln accepts, in a goroutine of its own. When the test ends,
+// the listener and the connections (with any others handed to keep) are closed, and the
+// goroutines waited for.
+func acceptAll(t testing.TB, ln net.Listener, serve func(c net.Conn, keep func(net.Conn))) {
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var open []net.Conn
+	keep := func(c net.Conn) {
+		mu.Lock()
+		open = append(open, c)
+		mu.Unlock()
+	}
 	t.Cleanup(func() {
 		ln.Close()
 		mu.Lock()
@@ -662,28 +662,41 @@ func connectProxy(t *testing.T) (*url.URL, *atomic.Value) {
 			if err != nil {
 				return
 			}
+			keep(c)
 			wg.Go(func() {
 				defer c.Close()
-				br := bufio.NewReader(c)
-				req, err := http.ReadRequest(br)
-				if err != nil || req.Method != http.MethodConnect {
-					io.WriteString(c, "HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
-					return
-				}
-				auth.Store(req.Header.Get("Proxy-Authorization"))
-				up, err := net.Dial("tcp", req.Host)
-				if err != nil {
-					io.WriteString(c, "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
-					return
-				}
-				mu.Lock()
-				open = append(open, c, up)
-				mu.Unlock()
-				io.WriteString(c, "HTTP/1.1 200 Connection Established\r\n\r\n")
-				go func() { io.Copy(up, br); up.Close() }()
-				io.Copy(c, up)
+				serve(c, keep)
 			})
 		}
+	})
+}
+
+// connectProxy is a minimal HTTP CONNECT proxy that records the Proxy-Authorization it got.
+func connectProxy(t *testing.T) (*url.URL, *atomic.Value) {
+	t.Helper()
+	var auth atomic.Value
+	auth.Store("")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	acceptAll(t, ln, func(c net.Conn, keep func(net.Conn)) {
+		br := bufio.NewReader(c)
+		req, err := http.ReadRequest(br)
+		if err != nil || req.Method != http.MethodConnect {
+			io.WriteString(c, "HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+			return
+		}
+		auth.Store(req.Header.Get("Proxy-Authorization"))
+		up, err := net.Dial("tcp", req.Host)
+		if err != nil {
+			io.WriteString(c, "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+			return
+		}
+		keep(up)
+		io.WriteString(c, "HTTP/1.1 200 Connection Established\r\n\r\n")
+		go func() { io.Copy(up, br); up.Close() }()
+		io.Copy(c, up)
 	})
 	u := &url.URL{Scheme: "http", Host: ln.Addr().String(), User: url.UserPassword("user", "pass")}
 	return u, &auth
