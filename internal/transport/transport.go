@@ -1,17 +1,18 @@
-// Package transport is the gateway's HTTP/1.1 client to upstreams, built for a proxy's hot
-// path on fasthttp's request and response types (zero-allocation parsing and writing).
+// Package transport is the gateway's HTTP/1.1 and HTTP/2 client to upstreams, built for a
+// proxy's hot path on fasthttp's request and response types (zero-allocation parsing and
+// writing).
 //
 // Profiles of net/http's Transport under load showed two costs this avoids: it writes a
 // request's headers and body in separate syscalls, and it hands every request between the
-// caller's goroutine and per-connection read and write goroutines (HTTP/2, which goes through
-// Go's own client, pays them again: see h2.go). Here a request is written
+// caller's goroutine and per-connection read and write goroutines. Here a request is written
 // with one buffered flush and its response read on the caller's goroutine; a cancelled context
 // interrupts the connection through context.AfterFunc (or, for an InterruptContext, its own
 // registration, which allocates nothing), with no goroutine per request. Unlike
 // fasthttp's own client, a context cancels a call at any point, and the response-header
 // timeout does not limit a long stream. Connections are pooled per origin (keep-alive), TLS is
 // verified with the system roots or a given pool, and HTTPS proxies are reached with CONNECT.
-// HTTP/2 is offered to the origins that ask for it (Origin.WithHTTP2, see h2.go); elsewhere a
+// HTTP/2 is offered to the origins that ask for it (Origin.WithHTTP2, see h2.go and h2conn.go:
+// a request goes in one write there too, and a call has no goroutine of its own); elsewhere a
 // stream cut short costs its connection, and the next one a dial (see bench/README.md).
 package transport
 
