@@ -493,15 +493,12 @@ func (c *h2Conn) onData(f *http2.DataFrame) error {
 	}
 	c.recvWin -= n
 	s := c.streams[f.StreamID]
-	if s == nil || s.ended {
+	if s == nil { // a stream that has ended or was reset leaves the map at once
 		unknown := f.StreamID >= c.nextID
-		conn, _ := c.giveBack(nil, n) // a stream reset here: its data only counts for the connection
+		conn, _ := c.giveBack(nil, n) // its data only counts for the connection
 		c.mu.Unlock()
 		if unknown {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
-		}
-		if s != nil { // data after END_STREAM
-			c.resetStream(s.id, http2.ErrCodeStreamClosed, errors.New("transport: HTTP/2 data after the stream's end"))
 		}
 		c.updateWindows(0, conn, 0)
 		return nil
@@ -552,14 +549,8 @@ func (c *h2Conn) endStream(s *h2Stream) {
 	}
 	s.ended = true
 	s.signal()
-	done := false
-	if s.sent {
-		done = c.forgetLocked(s)
-	}
 	rst := !s.sent && c.streams[s.id] == s // the server needs no more of the request
-	if rst {
-		done = c.forgetLocked(s)
-	}
+	done := c.forgetLocked(s)
 	c.mu.Unlock()
 	if rst {
 		c.writeControl(func(fr *http2.Framer) error { return fr.WriteRSTStream(s.id, http2.ErrCodeNo) })
