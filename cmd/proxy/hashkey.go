@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"strings"
+
+	"github.com/tokenproxy/tokenproxy/internal/config"
 )
 
 // minKeyLength is the shortest key hash-key accepts without a warning.
@@ -53,7 +55,7 @@ func runHashKey(args []string, stdin io.Reader, stdout, stderr io.Writer) error 
 func newKey() string {
 	b := make([]byte, 32)
 	rand.Read(b)
-	return "tpk_" + base64.RawURLEncoding.EncodeToString(b)
+	return config.GeneratedKeyPrefix + base64.RawURLEncoding.EncodeToString(b)
 }
 
 func hashKey(key string) string {

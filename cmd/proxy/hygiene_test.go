@@ -244,7 +244,7 @@ callers:
 		{"a credential whose secret is wrong", "POST", "/openai/deployments/text-embedding-3-small/embeddings?api-version=1", map[string]string{"api-key": keyCI}, `{"input":"x"}`, 503},
 		{"a body over the limit", "POST", chat, map[string]string{"api-key": keyApp}, `{"messages":"` + strings.Repeat(keyApp, 200) + `"}`, 413},
 		{"a body that is not JSON", "POST", "/openai/v1/chat/completions", map[string]string{"api-key": keyApp}, `{"model":` + keyApp, 400},
-		{"a path holding the key", "POST", "/openai/deployments/" + keyApp + "/chat/completions?api-version=1", map[string]string{"api-key": keyApp}, body, 404},
+		{"a path holding the key", "POST", "/openai/deployments/" + keyApp + "/chat/completions?api-version=1", map[string]string{"api-key": keyApp}, body, 400},
 		{"no api-version", "POST", "/openai/deployments/gpt-4.1-mini/chat/completions?key=" + keyApp, map[string]string{"api-key": keyApp}, body, 400},
 	} {
 		if got := call(tt.name, tt.method, tt.path, tt.header, tt.body); got != tt.want {

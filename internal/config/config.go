@@ -271,6 +271,14 @@ var DefaultResilience = Resilience{
 	MaxCooldown:         time.Hour,
 }
 
+// Keys made by `proxy hash-key --generate` are GeneratedKeyPrefix and 43 base64url characters
+// (256 random bits), GeneratedKeyLength bytes in all: a shape secret scanners, and the gateway
+// (which drops any header holding one of its callers' keys), can find wherever it is put.
+const (
+	GeneratedKeyPrefix = "tpk_"
+	GeneratedKeyLength = len(GeneratedKeyPrefix) + 43
+)
+
 // Caller is a client allowed to call the gateway. It is one of three kinds: it presents a key
 // (any of the key fields), an Entra ID access token (Entra), or a TLS client certificate (MTLS).
 type Caller struct {

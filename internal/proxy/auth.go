@@ -44,6 +44,8 @@ type callers struct {
 	audiences map[*callertoken.Verifier]map[string]bool // every audience accepted per tenant
 	verified  tokenCache
 	tokenWait time.Duration
+
+	deployments map[string]bool // the deployments' names, not hashed when looking for keys in a path
 }
 
 // mtlsCaller is a caller identified by its TLS client certificate.
@@ -117,6 +119,10 @@ func newCallers(cfg *config.Config, l *loads, tokens *callertoken.Registry) (*ca
 		byIssuer: map[string]*callertoken.Verifier{}, audiences: map[*callertoken.Verifier]map[string]bool{},
 		tokenWait: cfg.Timeouts.TokenAcquire}
 	k.anonymous = &caller{name: "anonymous", all: true, load: l.get("anonymous")}
+	k.deployments = make(map[string]bool, len(cfg.Deployments))
+	for d := range cfg.Deployments {
+		k.deployments[d] = true
+	}
 	for _, c := range cfg.Callers {
 		cl := &caller{name: c.Name, allowed: map[string]bool{}, max: int64(c.MaxConcurrent), load: l.get(c.Name)}
 		for _, d := range c.Deployments {
@@ -152,6 +158,14 @@ func newCallers(cfg *config.Config, l *loads, tokens *callertoken.Registry) (*ca
 			}
 			k.entra = append(k.entra, &entraCaller{caller: cl, verifier: v, audiences: lowerSet(e.Audiences),
 				apps: lowerSet(e.AppIDs), principals: lowerSet(e.ObjectIDs), roles: lowerSet(e.Roles)})
+		}
+	}
+	// Path segments that are route words or deployments' names are not checked for being keys.
+	for _, set := range []map[string]bool{routeWords, k.deployments} {
+		for w := range set {
+			if cl, ok := k.byHash[sha256.Sum256([]byte(w))]; ok {
+				return nil, fmt.Errorf("caller %q: a key is %q, a word of the gateway's request paths; make one with proxy hash-key --generate", cl.name, w)
+			}
 		}
 	}
 	return k, nil

@@ -71,12 +71,12 @@ func (c *call) detach() {
 // they are correlation IDs the caller sees, not secrets.
 func init() { uuid.EnableRandPool() }
 
-func newCall(fc *fasthttp.RequestCtx) *call {
+func newCall(fc *fasthttp.RequestCtx, cs *callers) *call {
 	start := fc.Time() // the server read the clock as the request came in
 	if start.IsZero() {
 		start = time.Now()
 	}
-	return &call{fc: fc, start: start, id: requestID(&fc.Request.Header)}
+	return &call{fc: fc, start: start, id: requestID(&fc.Request.Header, cs)}
 }
 
 // finish runs once per request, last: it ends the upstream call, recovers a panic, then counts
@@ -144,10 +144,11 @@ func apiVersion(rawQuery string) string {
 	return ""
 }
 
-// requestID returns the caller's x-ms-client-request-id when it is a sane identifier, else a
-// new UUID. Caller-chosen IDs let a client correlate its logs with the gateway's and Azure's.
-func requestID(h *fasthttp.RequestHeader) string {
-	if v := h.Peek("X-Ms-Client-Request-Id"); saneID(string(v)) {
+// requestID returns the caller's x-ms-client-request-id when it is a sane identifier and holds
+// none of cs's keys (it goes upstream and to the log), else a new UUID. Caller-chosen IDs let a
+// client correlate its logs with the gateway's and Azure's.
+func requestID(h *fasthttp.RequestHeader, cs *callers) string {
+	if v := h.Peek("X-Ms-Client-Request-Id"); saneID(string(v)) && !cs.holdsKey(v) {
 		return string(v)
 	}
 	return uuid.NewString()

@@ -54,7 +54,7 @@ func (s *countingSource) Token(context.Context) (*broker.Token, error) {
 	return s.tok, nil
 }
 
-var fuzzKeys = []string{keyProd, keyAdmin}
+var fuzzKeys = []string{keyProd, keyAdmin, keyGen}
 
 // fuzzHandler is a gateway with two upstreams (one deployment renamed), a restricted and an
 // unrestricted caller, a recording upstream and a counting token source.
@@ -74,6 +74,7 @@ func fuzzHandler(t testing.TB) (*Handler, *recordingUpstream, *countingSource, m
 		{Name: "a360-prod", KeySHA256: hashKey(keyProd), Deployments: []string{"gpt-4.1-mini"}},
 		{Name: "admin", KeySHA256: hashKey(keyAdmin), Deployments: []string{"*"}},
 	}
+	withKeyGen(cfg)
 	cfg.ApplyDefaults()
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
@@ -112,6 +113,8 @@ func FuzzHandler(f *testing.F) {
 		"POST /openai/deployments/gpt-4o/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nConnection: X-Secret\r\nX-Secret: " + keyAdmin + "\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
 		"POST /openai/deployments/gpt-4o/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nX-Ms-Client-Request-Id: " + keyAdmin + "\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
 		"POST /openai/deployments/" + strings.Repeat("a", 200) + "/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
+		"POST /openai/deployments/gpt-4.1-mini/chat?api-version=1&x=0" + keyGen + " HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyGen + "\r\nX-A: 0" + keyProd + "\r\nX-B: 0" + keyAdmin + "0\r\n\r\n",
+		"POST /openai/v1/" + keyProd + "/x HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\nX-Ms-Client-Request-Id: " + keyGen + "\r\nContent-Length: 17\r\n\r\n{\"model\":\"gpt-4o\"}",
 	} {
 		f.Add([]byte(s))
 	}
@@ -152,13 +155,36 @@ func FuzzHandler(f *testing.F) {
 			if got := r.headers["authorization"]; len(got) != 1 || got[0] != "Bearer "+src.tok.Value {
 				t.Fatalf("upstream Authorization %q is not the gateway's token", got)
 			}
+			// The key presented, and any generated key, must not be anywhere; another
+			// caller's key of another shape not as a value or a field of one (the gateway
+			// knows keys only by hash, and so not where one glued to other text would end).
+			anywhere := map[string]bool{keyGen: true}
+			for _, k := range fuzzKeys {
+				for _, name := range []string{"Api-Key", "Authorization"} {
+					for _, v := range req.Header.PeekAll(name) {
+						anywhere[k] = anywhere[k] || bytes.Contains(v, []byte(k))
+					}
+				}
+			}
+			leaked := func(v string) bool {
+				for _, k := range fuzzKeys {
+					if anywhere[k] && strings.Contains(v, k) || !anywhere[k] && holdsField(v, k) {
+						return true
+					}
+				}
+				return false
+			}
 			for name, vs := range r.headers {
 				for _, v := range vs {
-					for _, k := range fuzzKeys {
-						if strings.Contains(v, k) {
-							t.Fatalf("a caller key reached the upstream in %s: %q", name, raw)
-						}
+					if leaked(v) {
+						t.Fatalf("a caller key reached the upstream in %s: %q", name, raw)
 					}
+				}
+			}
+			path, query, _ := strings.Cut(r.uri, "?")
+			for _, part := range append(strings.Split(path, "/"), strings.Split(query, "&")...) {
+				if leaked(part) {
+					t.Fatalf("a caller key reached the upstream in the URI %q", r.uri)
 				}
 			}
 			for _, banned := range []string{"api-key", "cookie", "ocp-apim-subscription-key"} {
@@ -166,11 +192,17 @@ func FuzzHandler(f *testing.F) {
 					t.Fatalf("upstream got a %s header: %q", banned, raw)
 				}
 			}
-			for _, k := range fuzzKeys {
-				if strings.Contains(r.uri, k) {
-					t.Fatalf("a caller key reached the upstream in the URI %q", r.uri)
-				}
-			}
 		}
 	})
+}
+
+// holdsField reports whether v is k, or has k as a field (split at spaces, commas, semicolons and
+// tabs) or as what follows an '=' in one.
+func holdsField(v, k string) bool {
+	for _, f := range append(strings.FieldsFunc(v, func(r rune) bool { return strings.ContainsRune(" ,;\t", r) }), v) {
+		if _, after, _ := strings.Cut(f, "="); f == k || after == k {
+			return true
+		}
+	}
+	return false
 }

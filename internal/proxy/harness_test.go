@@ -30,7 +30,14 @@ import (
 const (
 	keyProd  = "tp-test-key-prod-0123456789abcdef" // may use gpt-4.1-mini
 	keyAdmin = "tp-test-key-admin-0123456789abcde" // may use everything
+	// keyGen has the shape of the keys proxy hash-key --generate makes; withKeyGen adds its caller.
+	keyGen = "tpk_test-generated-key-0123456789abcdefghijklmn"
 )
+
+// withKeyGen adds caller "batch", with key keyGen, allowed gpt-4.1-mini.
+func withKeyGen(c *config.Config) {
+	c.Callers = append(c.Callers, &config.Caller{Name: "batch", KeySHA256: hashKey(keyGen), Deployments: []string{"gpt-4.1-mini"}})
+}
 
 func hashKey(k string) string {
 	s := sha256.Sum256([]byte(k))

@@ -245,7 +245,8 @@ func (h *Handler) ServeFastHTTP(fc *fasthttp.RequestCtx) { h.serve(fc, nil) }
 
 // serve serves a call on a connection whose read timeouts w keeps (nil: none are kept).
 func (h *Handler) serve(fc *fasthttp.RequestCtx, w *connWait) {
-	c := newCall(fc)
+	cs := h.callers.Load()
+	c := newCall(fc, cs)
 	// The body is read once the caller is known, within idle; so is whatever of it a call
 	// leaves unread, which the server reads and drops after the answer. Once read whole
 	// (readBody), nothing is read from the caller until the next request.
@@ -269,6 +270,12 @@ func (h *Handler) serve(fc *fasthttp.RequestCtx, w *connWait) {
 	}
 	if e := checkHeaders(&fc.Request.Header); e != nil {
 		h.fail(c, e)
+		return
+	}
+	if cs.keyInPath(path) {
+		// Refused whoever asks: the path would go upstream, and it is logged (without the key).
+		c.path = "[REDACTED]"
+		h.fail(c, keyInPath())
 		return
 	}
 	switch {
@@ -374,6 +381,9 @@ func (h *Handler) admit(c *call) (*caller, *apiError) {
 	}
 	c.caller = cl.name
 	c.credential, c.credStr = cred, string(cred)
+	if c.credStr != "" && strings.Contains(c.path, c.credStr) {
+		return nil, keyInPath()
+	}
 	if c.credStr != "" && strings.Contains(c.id, c.credStr) {
 		// The caller sent its credential as the request ID, which goes upstream and to the log.
 		c.id = uuid.NewString()
@@ -398,6 +408,12 @@ func (h *Handler) release(c *call) {
 		h.inflight.Add(-1)
 		c.admitted = nil
 	}
+}
+
+// keyInPath is the answer to a request path holding a caller's key or token.
+func keyInPath() *apiError {
+	return errorf(http.StatusBadRequest, CodeInvalidPath,
+		"the request path holds a caller's key or token: send it in the api-key or Authorization header")
 }
 
 func tooBusy(format string, args ...any) *apiError {

@@ -140,9 +140,12 @@ func TestCallerCredentialsNeverReachUpstream(t *testing.T) {
 func TestOtherCallersKeysNeverReachUpstream(t *testing.T) {
 	// A caller that sends another caller's key, in any header or parameter, does not get it to
 	// Azure either: the gateway knows its keys only by hash, so it hashes what could be one.
-	g := newGateway(t)
-	resp, body := g.do("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=2025-01-01-preview&other="+keyProd+"&x=1",
+	// A generated key (proxy hash-key --generate) is found wherever it is, even glued to other
+	// text; the request ID is the caller's only if it holds no key.
+	g := newGateway(t, withKeyGen)
+	resp, body := g.do("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=2025-01-01-preview&other="+keyProd+"&x=1&g=0"+keyGen+"&"+keyGen+"=1",
 		map[string]string{"api-key": keyAdmin, "X-Other": keyProd, "X-Auth": "Bearer " + keyProd, "X-Pair": "k=" + keyProd + "; a=b",
+			"X-Glued": "0" + keyGen + "0", "X-Ms-Client-Request-Id": keyProd,
 			"X-Keep": "kept, as it is", "User-Agent": "AzureOpenAI/Python 1.54.0"}, chatBody)
 	if resp.StatusCode != 200 {
 		t.Fatalf("got %d %s, want 200", resp.StatusCode, body)
@@ -151,16 +154,75 @@ func TestOtherCallersKeysNeverReachUpstream(t *testing.T) {
 	r := reqs[len(reqs)-1]
 	for k, vs := range r.Header {
 		for _, v := range vs {
-			if strings.Contains(v, keyProd) || strings.Contains(v, keyAdmin) {
+			if strings.Contains(v, keyProd) || strings.Contains(v, keyAdmin) || strings.Contains(v, keyGen) {
 				t.Errorf("upstream received a caller key in %s", k)
 			}
 		}
+	}
+	if id := resp.Header.Get("X-Ms-Client-Request-Id"); id == "" || id != r.Header.Get("X-Ms-Client-Request-Id") {
+		t.Errorf("request ID %q back, %q upstream: want the gateway's own, the same", id, r.Header.Get("X-Ms-Client-Request-Id"))
+	}
+	if strings.Contains(g.logs.String(), keyProd) || strings.Contains(g.logs.String(), keyGen) {
+		t.Error("the log holds a caller key")
 	}
 	if r.RawQuery != "api-version=2025-01-01-preview&x=1" {
 		t.Errorf("upstream query %q, want the parameter holding a key dropped and the rest kept", r.RawQuery)
 	}
 	if r.Header.Get("X-Keep") != "kept, as it is" || r.Header.Get("User-Agent") != "AzureOpenAI/Python 1.54.0" {
 		t.Errorf("upstream headers %v: want those holding no key kept", r.Header)
+	}
+}
+
+func TestKeysInThePathAreRefused(t *testing.T) {
+	// The path goes upstream as it is and to the log: one holding a key is refused, whoever
+	// sends it, and the log does not get the key.
+	g := newGateway(t, withKeyGen)
+	before := len(g.emu.OpenAI.Requests())
+	for _, tc := range []struct {
+		name, path, key string
+	}{
+		{"another caller's key", "/openai/v1/" + keyProd + "/x", keyAdmin},
+		{"the caller's own key", "/openai/v1/responses/" + keyAdmin, keyAdmin},
+		{"a generated key, glued", "/openai/deployments/gpt-4o/chat/completions0" + keyGen + "0?api-version=1", keyAdmin},
+		{"no key presented", "/openai/deployments/" + keyProd + "/chat/completions?api-version=1", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := map[string]string{}
+			if tc.key != "" {
+				h["api-key"] = tc.key
+			}
+			resp, body := g.do("POST", tc.path, h, `{"model":"gpt-4o"}`)
+			if resp.StatusCode != 400 || !strings.Contains(body, `"code":"`+CodeInvalidPath+`"`) {
+				t.Fatalf("got %d %s, want 400 %s", resp.StatusCode, body, CodeInvalidPath)
+			}
+			if strings.Contains(body, keyProd) || strings.Contains(body, keyGen) {
+				t.Errorf("the error echoes the key: %s", body)
+			}
+		})
+	}
+	if n := len(g.emu.OpenAI.Requests()); n != before {
+		t.Errorf("%d requests reached the upstream", n-before)
+	}
+	for _, k := range []string{keyProd, keyAdmin, keyGen} {
+		if strings.Contains(g.logs.String(), k) {
+			t.Errorf("the log holds a caller key")
+		}
+	}
+	// A route's own words are not keys: a path of them goes through.
+	if resp, body := g.do("POST", "/openai/v1/chat/completions", map[string]string{"api-key": keyGen}, `{"model":"gpt-4.1-mini"}`); resp.StatusCode != 200 {
+		t.Errorf("got %d %s, want 200", resp.StatusCode, body)
+	}
+}
+
+func TestKeyThatIsARouteWordIsRefused(t *testing.T) {
+	for _, key := range []string{"completions", "gpt-4.1-mini"} {
+		cfg := config.Default()
+		cfg.Deployments = map[string]*config.Deployment{"gpt-4.1-mini": {}}
+		cfg.Callers = []*config.Caller{{Name: "lazy", KeyHashes: []string{hashKey(key)}}}
+		var l loads
+		if _, err := newCallers(cfg, &l, nil); err == nil || !strings.Contains(err.Error(), `caller "lazy": a key is "`+key+`"`) {
+			t.Errorf("got %v, want the key %q refused", err, key)
+		}
 	}
 }
 

@@ -8,6 +8,8 @@ import (
 	"strings"
 
 	"github.com/valyala/fasthttp"
+
+	"github.com/tokenproxy/tokenproxy/internal/config"
 )
 
 // Request headers never forwarded: hop-by-hop ones (RFC 9110 §7.6.1), the caller's
@@ -52,7 +54,7 @@ func rewrite(out, in *fasthttp.Request, up *upstream, path []byte, query string,
 	for k, v := range h.All() {
 		bit := dropMask(k, dropRequestHeaders)
 		drop |= bit
-		if bit == 0 && (len(credential) > 0 && bytes.Contains(v, credential) || keys.holdsKey(v)) {
+		if bit == 0 && !bytes.EqualFold(k, requestIDHeader) && (len(credential) > 0 && bytes.Contains(v, credential) || keys.holdsKey(v)) {
 			carriers = append(carriers, bytes.Clone(k))
 		}
 	}
@@ -75,7 +77,7 @@ func rewrite(out, in *fasthttp.Request, up *upstream, path []byte, query string,
 	h.ResetConnectionClose()
 	h.SetProtocolBytes(http11)
 	h.Set("Authorization", authorization)
-	h.Set("X-Ms-Client-Request-Id", requestID)
+	h.SetBytesKV(requestIDHeader, []byte(requestID))
 	h.SetHost(up.origin.Host())
 
 	var uriBuf [512]byte
@@ -110,7 +112,10 @@ func validHeaderValue(v []byte) bool {
 	return true
 }
 
-var http11 = []byte("HTTP/1.1")
+var (
+	http11          = []byte("HTTP/1.1")
+	requestIDHeader = []byte("X-Ms-Client-Request-Id") // replaced by the call's own (see admit)
+)
 
 // cleanResponse removes hop-by-hop headers from an upstream response and makes sure the
 // caller gets the request ID back even if the upstream does not echo it.
@@ -167,7 +172,7 @@ func stripCredentialParams(rawQuery, credential string, keys *callers) string {
 			continue
 		case credential != "" && (strings.Contains(v, credential) || strings.Contains(kv, credential)):
 			continue
-		case keys.holdsKey([]byte(v)):
+		case keys.holdsKey([]byte(v)), keys.holdsGenerated([]byte(k)):
 			continue
 		}
 		kept = append(kept, kv)
@@ -191,14 +196,15 @@ func hasQueryParam(rawQuery, key string) bool {
 // flags, counts) are not worth hashing, and no one issues keys that short.
 const minKeyLength = 8
 
-// holdsKey reports whether v is, or has as a field (split at spaces, commas and semicolons, and
-// after an '='), one of the callers' keys. Keys are known only by their SHA-256, so each
-// candidate of minKeyLength or more is hashed. cs may be nil.
+// holdsKey reports whether v holds one of the callers' keys: as the whole value, as a field of
+// it (split at spaces, commas, semicolons and tabs, and after an '='), or, for a generated key,
+// anywhere in it. Keys are known only by their SHA-256, so each candidate of minKeyLength or
+// more is hashed. cs may be nil.
 func (cs *callers) holdsKey(v []byte) bool {
 	if cs == nil || len(cs.byHash) == 0 || len(v) < minKeyLength {
 		return false
 	}
-	if cs.isKey(v) {
+	if cs.isKey(v) || cs.holdsGenerated(v) {
 		return true
 	}
 	whole := len(v)
@@ -221,10 +227,36 @@ func (cs *callers) holdsKey(v []byte) bool {
 	return false
 }
 
-// inQuery reports whether a parameter value of the raw query is one of the callers' keys.
+// holdsGenerated reports whether v holds, anywhere, one of the callers' keys of the shape
+// `proxy hash-key --generate` makes: a key of any other shape is found only where holdsKey
+// looks, since without its length nothing says where it would end.
+func (cs *callers) holdsGenerated(v []byte) bool {
+	if cs == nil || len(cs.byHash) == 0 {
+		return false
+	}
+	for len(v) >= config.GeneratedKeyLength {
+		i := bytes.Index(v, generatedKeyPrefix)
+		if i < 0 || len(v)-i < config.GeneratedKeyLength {
+			return false
+		}
+		if cs.isKey(v[i : i+config.GeneratedKeyLength]) {
+			return true
+		}
+		v = v[i+1:]
+	}
+	return false
+}
+
+var generatedKeyPrefix = []byte(config.GeneratedKeyPrefix)
+
+// inQuery reports whether the raw query may hold one of the callers' keys: as a parameter's
+// value, or anything of a generated key's shape (stripCredentialParams then looks closer).
 func (cs *callers) inQuery(rawQuery string) bool {
 	if cs == nil || len(cs.byHash) == 0 {
 		return false
+	}
+	if strings.Contains(rawQuery, config.GeneratedKeyPrefix) {
+		return true
 	}
 	for rawQuery != "" {
 		var kv string
@@ -234,6 +266,39 @@ func (cs *callers) inQuery(rawQuery string) bool {
 		}
 	}
 	return false
+}
+
+// keyInPath reports whether a segment of the request path is one of the callers' keys, or the
+// path holds a generated key anywhere. The words of Azure's routes and the deployments' names
+// are not hashed (newCallers refuses a key that is one).
+func (cs *callers) keyInPath(path string) bool {
+	if cs == nil || len(cs.byHash) == 0 {
+		return false
+	}
+	if strings.Contains(path, config.GeneratedKeyPrefix) && cs.holdsGenerated([]byte(path)) {
+		return true
+	}
+	for path != "" {
+		var seg string
+		seg, path, _ = strings.Cut(path, "/")
+		if len(seg) >= minKeyLength && !routeWords[seg] && !cs.deployments[seg] && cs.isKeyString(seg) {
+			return true
+		}
+	}
+	return false
+}
+
+// routeWords are the segments of Azure OpenAI and Foundry routes long enough to be hashed as a
+// candidate key.
+var routeWords = map[string]bool{
+	"deployments": true, "completions": true, "embeddings": true, "responses": true, "generations": true,
+	"transcriptions": true, "translations": true, "assistants": true, "messages": true, "vector_stores": true,
+	"extensions": true, "realtime": true, "variations": true, "input_items": true,
+}
+
+func (cs *callers) isKeyString(s string) bool {
+	var b [64]byte
+	return cs.isKey(append(b[:0], s...))
 }
 
 func (cs *callers) isKey(v []byte) bool {

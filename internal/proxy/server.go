@@ -80,7 +80,7 @@ func (h *Handler) serverError(fc *fasthttp.RequestCtx, err error) {
 	}
 	h.m.requests.WithLabelValues("", "", statusLabel(e.status)).Inc()
 	fc.SetConnectionClose()
-	writeError(fc, e, requestID(&fc.Request.Header))
+	writeError(fc, e, requestID(&fc.Request.Header, h.callers.Load()))
 }
 
 func isTimeout(err error) bool {
