@@ -513,3 +513,32 @@ func TestCapacityWaitSeesAMemberBackAlready(t *testing.T) {
 		t.Errorf("capacityWait = %v with every member failed, want 0", w)
 	}
 }
+
+func TestServeAfterShutdownReturns(t *testing.T) {
+	// A shutdown that comes before Serve has taken its listener (a signal as the process starts,
+	// a failed admin listener) still ends it: fasthttp's own Shutdown would not know of it.
+	g := newGateway(t)
+	srv := g.handler.NewServer(g.cfg)
+	if _, err := srv.Shutdown(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("Serve after Shutdown: %v, want nil", err)
+		}
+	case <-time.After(10 * time.Second):
+		ln.Close()
+		t.Fatal("Serve still serving 10 s after Shutdown")
+	}
+	if c, err := net.Dial("tcp", ln.Addr().String()); err == nil {
+		c.Close()
+		t.Error("the listener still accepts connections")
+	}
+}

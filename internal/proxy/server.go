@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"sync"
 	"syscall"
 	"time"
 
@@ -28,6 +29,13 @@ type Server struct {
 
 	// The connections being served (not handed over to a stream), with their read timeouts.
 	conns *deadlines
+
+	// The listeners Serve was given, and whether Shutdown has begun: fasthttp closes only the
+	// listeners its Serve has taken, so one whose Serve had not got that far would be served
+	// for ever after a Shutdown; Shutdown closes them all (see Serve).
+	lmu  sync.Mutex
+	lns  []net.Listener
+	shut bool
 }
 
 // NewServer returns the API server for h with cfg's timeouts and limits.
@@ -107,15 +115,37 @@ func (s *Server) track(c net.Conn, state fasthttp.ConnState) {
 
 // Serve serves connections from ln until Shutdown. The read timeouts are kept while a Serve
 // call runs; during a graceful shutdown, what is still open is bounded by the shutdown's grace.
+// A Serve called after Shutdown closes ln and returns nil at once.
 func (s *Server) Serve(ln net.Listener) error {
+	s.lmu.Lock()
+	if s.shut {
+		s.lmu.Unlock()
+		ln.Close()
+		return nil
+	}
+	s.lns = append(s.lns, ln)
+	s.lmu.Unlock()
 	defer s.conns.start()()
 	return s.srv.Serve(ln)
+}
+
+// closeListeners closes the listeners of Serve calls fasthttp's Shutdown may not have known
+// of (fasthttp's Serve then returns nil), and makes later Serve calls return at once.
+func (s *Server) closeListeners() {
+	s.lmu.Lock()
+	s.shut = true
+	lns := s.lns
+	s.lmu.Unlock()
+	for _, ln := range lns {
+		ln.Close() // closed already, most often: fasthttp's Shutdown did it
+	}
 }
 
 // Shutdown stops accepting connections and waits for in-flight calls and streams to finish
 // until ctx is done; then it closes the connections still open and reports how many there were.
 func (s *Server) Shutdown(ctx context.Context) (cut int, err error) {
 	err = s.srv.ShutdownWithContext(ctx)
+	s.closeListeners()
 	if err == nil {
 		// The server is done with its connections; relayed streams may still be running.
 		select {
