@@ -522,3 +522,35 @@ func TestHTTP2GoAwayLetsCallsFinish(t *testing.T) {
 		t.Errorf("shutdown: %v", err)
 	}
 }
+
+func TestCancelledCallIsNotSent(t *testing.T) {
+	// A call whose context has ended before Do (the caller hung up while the gateway waited for
+	// a token, say) is not sent, over either protocol.
+	for _, h1only := range []bool{true, false} {
+		var calls atomic.Int32
+		srv, roots, _ := h2Server(t, h1only, func(w http.ResponseWriter, r *http.Request) {
+			calls.Add(1)
+			io.WriteString(w, "ok")
+		})
+		tr := newTransport(t, Options{})
+		if _, err := h2Do(t, tr, t.Context(), srv, roots, "POST", "/warm", "x"); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(t.Context())
+		cancel()
+		for range 20 {
+			if _, err := h2Do(t, tr, ctx, srv, roots, "POST", "/gone", "x"); !errors.Is(err, context.Canceled) {
+				t.Errorf("h1only=%v: %v, want context.Canceled", h1only, err)
+			}
+		}
+		// Calls on one connection are served in order over HTTP/1.1; over HTTP/2 the server
+		// starts a call's handler as its headers arrive, so the cancelled ones, had they been
+		// sent, would be counted by the time the last call is answered.
+		if r, err := h2Do(t, tr, t.Context(), srv, roots, "POST", "/last", "x"); err != nil || r.body(t) != "ok" {
+			t.Fatal(err)
+		}
+		if n := calls.Load(); n != 2 {
+			t.Errorf("h1only=%v: the server got %d calls, want 2 (none of the cancelled ones)", h1only, n)
+		}
+	}
+}

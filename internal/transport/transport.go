@@ -258,6 +258,9 @@ func (t *Transport) closeExpired(now time.Time) {
 // On an origin that offers HTTP/2 (Origin.WithHTTP2) and whose server chose it, the call goes
 // over a shared HTTP/2 connection instead.
 func (t *Transport) Do(ctx context.Context, origin Origin, req *fasthttp.Request, resp *fasthttp.Response) (*Stream, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err // nobody waits for the answer: the upstream is not asked
+	}
 	p, err := t.pool(origin)
 	if err != nil {
 		return nil, err
