@@ -114,7 +114,7 @@ func validHeaderValue(v []byte) bool {
 
 var (
 	http11          = []byte("HTTP/1.1")
-	requestIDHeader = []byte("X-Ms-Client-Request-Id") // replaced by the call's own (see admit)
+	requestIDHeader = []byte("X-Ms-Client-Request-Id") // replaced by the call's own, checked for keys (requestID, admit)
 )
 
 // cleanResponse removes hop-by-hop headers from an upstream response and makes sure the
