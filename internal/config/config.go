@@ -201,10 +201,51 @@ type Upstream struct {
 	CAFile string `yaml:"ca_file"`
 	// CA is the content of CAFile, read by Load.
 	CA []byte `yaml:"-"`
-	// HTTP2 offers HTTP/2 in the TLS handshake: if the endpoint chooses it, calls share a few
-	// multiplexed connections, so a new stream waits for no connect or handshake and an open
-	// one holds no connection of its own. If it does not, calls go over HTTP/1.1 as without it.
-	HTTP2 bool `yaml:"http2"`
+	// HTTP2 says which calls offer HTTP/2 in the TLS handshake (see HTTP2Mode): if the endpoint
+	// chooses it, those calls share a few multiplexed connections, so a new stream waits for no
+	// connect or handshake and an open one holds no connection of its own. If it does not, they
+	// go over HTTP/1.1 as the others do. Empty means HTTP2Streams for an https url.
+	HTTP2 HTTP2Mode `yaml:"http2"`
+}
+
+// HTTP2Mode is which of an upstream's calls offer HTTP/2. In YAML, true and false stand for
+// HTTP2On and HTTP2Off.
+type HTTP2Mode string
+
+const (
+	// HTTP2Off: every call goes over HTTP/1.1.
+	HTTP2Off HTTP2Mode = "off"
+	// HTTP2On: every call offers HTTP/2.
+	HTTP2On HTTP2Mode = "on"
+	// HTTP2Streams: calls that ask for an event stream ("stream": true in the body) offer
+	// HTTP/2, the others go over HTTP/1.1. The default for https: an open stream then holds no
+	// connection or TLS state of its own, while a plain call keeps HTTP/1.1's lower CPU cost.
+	HTTP2Streams HTTP2Mode = "streams"
+)
+
+// HTTP2Mode returns the mode in force: the default for an empty setting, and HTTP2Off for a
+// plain-http url or a value Validate refuses.
+func (u *Upstream) HTTP2Mode() HTTP2Mode {
+	if !strings.HasPrefix(strings.ToLower(u.URL), "https://") {
+		return HTTP2Off
+	}
+	m, _ := u.HTTP2.parse()
+	return m
+}
+
+// parse returns the mode a setting names (the default when empty), and false if it names none.
+func (m HTTP2Mode) parse() (HTTP2Mode, bool) {
+	switch strings.ToLower(string(m)) {
+	case "":
+		return HTTP2Streams, true
+	case "on", "true":
+		return HTTP2On, true
+	case "off", "false":
+		return HTTP2Off, true
+	case "streams":
+		return HTTP2Streams, true
+	}
+	return HTTP2Off, false
 }
 
 // Deployment says where a deployment name exposed to callers lives: one upstream (Upstream and

@@ -485,14 +485,40 @@ func TestUpstreamHTTP2Setting(t *testing.T) {
 credentials: {app: {type: managed_identity}}
 upstreams:
   on: {url: "https://a.openai.azure.com", credential: app, http2: true}
-  off: {url: "https://b.openai.azure.com", credential: app}
-deployments: {d: {upstream: on}, e: {upstream: off}}
+  on2: {url: "https://a.openai.azure.com", credential: app, http2: on}
+  off: {url: "https://b.openai.azure.com", credential: app, http2: false}
+  off2: {url: "https://b.openai.azure.com", credential: app, http2: "off"}
+  streams: {url: "https://c.openai.azure.com", credential: app, http2: streams}
+  default: {url: "https://d.openai.azure.com", credential: app}
+  plain: {url: "http://127.0.0.1:8080", credential: app}
+  plainoff: {url: "http://127.0.0.1:8080", credential: app, http2: false}
+deployments: {a: {upstream: on}, b: {upstream: on2}, c: {upstream: off}, d: {upstream: off2}, e: {upstream: streams}, f: {upstream: default}, g: {upstream: plain}, h: {upstream: plainoff}}
 allow_unauthenticated: true
 `), t.TempDir(), env(nil))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !cfg.Upstreams["on"].HTTP2 || cfg.Upstreams["off"].HTTP2 {
-		t.Errorf("http2: on=%v off=%v, want true and the default false", cfg.Upstreams["on"].HTTP2, cfg.Upstreams["off"].HTTP2)
+	want := map[string]HTTP2Mode{"on": HTTP2On, "on2": HTTP2On, "off": HTTP2Off, "off2": HTTP2Off,
+		"streams": HTTP2Streams, "default": HTTP2Streams, "plain": HTTP2Off, "plainoff": HTTP2Off}
+	for name, w := range want {
+		if got := cfg.Upstreams[name].HTTP2Mode(); got != w {
+			t.Errorf("upstream %s: http2 %q is in force as %q, want %q", name, cfg.Upstreams[name].HTTP2, got, w)
+		}
+	}
+
+	for _, tc := range []struct{ setting, url, want string }{
+		{"http2: maybe", "https://a.openai.azure.com", `upstreams.u.http2: "maybe" is not one of streams (the default), on (or true), off (or false)`},
+		{"http2: true", "http://127.0.0.1", "upstreams.u.http2: needs an https url"},
+		{"http2: streams", "http://127.0.0.1", "upstreams.u.http2: needs an https url"},
+	} {
+		_, err := Parse([]byte(`
+credentials: {app: {type: managed_identity}}
+upstreams:
+  u: {url: "`+tc.url+`", credential: app, `+tc.setting+`}
+allow_unauthenticated: true
+`), t.TempDir(), env(nil))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s with %s: got %v, want an error with %q", tc.setting, tc.url, err, tc.want)
+		}
 	}
 }

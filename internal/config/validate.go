@@ -61,7 +61,9 @@ func (c *Config) Validate() error {
 		if _, err := u.Pool(); err != nil {
 			v.add(p+".ca_file", "%v", err)
 		}
-		if u.HTTP2 && !strings.HasPrefix(strings.ToLower(u.URL), "https://") {
+		if m, ok := u.HTTP2.parse(); !ok {
+			v.add(p+".http2", "%q is not one of streams (the default), on (or true), off (or false)", string(u.HTTP2))
+		} else if m != HTTP2Off && u.HTTP2 != "" && !strings.HasPrefix(strings.ToLower(u.URL), "https://") {
 			v.add(p+".http2", "needs an https url: HTTP/2 is chosen in the TLS handshake")
 		}
 		switch {

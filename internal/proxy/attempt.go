@@ -33,6 +33,9 @@ type plan struct {
 	path string // a body-routed call's path, as received
 	body []byte
 	ref  modelRef // where the body names the deployment (body-routed calls)
+	// stream is set when the body asks for an event stream: the call goes to its upstream's
+	// origin for streams.
+	stream bool
 }
 
 // appendPath appends the call's path on the backend that knows the deployment as name.
@@ -81,6 +84,7 @@ func failoverStatus(status int) bool {
 func (h *Handler) forward(c *call, d *deployment, p *plan) {
 	ctx := &c.ctx
 	c.watch.start(c.fc.Conn(), ctx)
+	p.stream = asksForStream(p.body)
 	if d.pool == nil {
 		h.attempt(ctx, c, d.ups[0], d.name, p, nil)
 		return
@@ -165,7 +169,11 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 
 	c.proxyStart = time.Now()
 	upResp := fasthttp.AcquireResponse()
-	stream, err := h.transport.Do(ctx, up.origin, out, upResp)
+	origin := up.origin
+	if p.stream {
+		origin = up.streams
+	}
+	stream, err := h.transport.Do(ctx, origin, out, upResp)
 	if err != nil {
 		fasthttp.ReleaseResponse(upResp)
 		if ctx.Err() != nil || b == nil {

@@ -159,6 +159,28 @@ func plain(tok []byte) bool {
 	return true
 }
 
+// asksForStream reports whether a request body asks for an event stream: it holds the member
+// "stream": true. It only chooses which connections carry the call (see upstream.streams), so
+// it looks for the member anywhere rather than parse the body: a body it misjudges is carried
+// all the same, only the other way.
+func asksForStream(body []byte) bool {
+	for {
+		i := bytes.Index(body, streamKey)
+		if i < 0 {
+			return false
+		}
+		body = body[i+len(streamKey):]
+		j := skipSpace(body, 0)
+		if j < len(body) && body[j] == ':' {
+			if rest := body[skipSpace(body, j+1):]; bytes.HasPrefix(rest, jsonTrue) {
+				return true
+			}
+		}
+	}
+}
+
+var streamKey, jsonTrue = []byte(`"stream"`), []byte("true")
+
 // multipartModel returns the value of the form's "model" field.
 func multipartModel(body []byte, boundary string) (string, error) {
 	if boundary == "" {

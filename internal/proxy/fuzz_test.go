@@ -46,10 +46,14 @@ func FuzzJSONModel(f *testing.F) {
 		` { "x" : [1,2,{"y":"}"}] , "model" : "m" } `,
 		"{\"model\":\"\xff\"}",
 		`{"a":{"b":{"c":{"d":[[[[["model"]]]]]}}},"model":"deep"}`,
+		`{"model":"m","stream":true}`, `{"stream"`, `{"stream" :`, `{"stream": tru`,
 	} {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, b []byte) {
+		if asksForStream(b) && !bytes.Contains(b, []byte(`"stream"`)) {
+			t.Fatalf("%q asks for a stream, without the member", b)
+		}
 		ref, err := jsonModel(b)
 		if !json.Valid(b) {
 			if err == nil {
@@ -162,4 +166,26 @@ func FuzzPresentedKey(f *testing.F) {
 			t.Fatalf("presented key %q came from neither header (%q, %q, %q)", k, apiKey, auth, second)
 		}
 	})
+}
+
+func TestAsksForStream(t *testing.T) {
+	for body, want := range map[string]bool{
+		`{"stream":true}`: true,
+		`{"messages":[{"role":"user","content":"hi"}], "stream" : true}`: true,
+		"{\"stream\":\n\ttrue,\"model\":\"m\"}":                          true,
+		`{"content":"say \"stream\": true","stream":true}`:               true,
+		`{"stream":false}`:                          false,
+		`{"stream_options":{"include_usage":true}}`: false,
+		`{"content":"say \"stream\": true"}`:        false, // "stream\" is not the member
+		`{"upstream":true}`:                         false,
+		`{"messages":[]}`:                           false,
+		``:                                          false,
+		`"stream"`:                                  false,
+		`{"stream":`:                                false,
+		`{"stream": "true"}`:                        false,
+	} {
+		if got := asksForStream([]byte(body)); got != want {
+			t.Errorf("asksForStream(%s) = %v, want %v", body, got, want)
+		}
+	}
 }

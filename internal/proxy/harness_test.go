@@ -72,8 +72,11 @@ func newGateway(t *testing.T, opts ...gatewayOption) *gateway {
 	t.Helper()
 	emu, cfg := emulatorConfig(t)
 	cfg.Upstreams = map[string]*config.Upstream{"eastca": {URL: emu.OpenAI.URL(), Credential: "corp-app"}}
-	if upstreamHTTP2 {
-		cfg.Upstreams["eastca"].CA, cfg.Upstreams["eastca"].HTTP2 = emu.OpenAI.CA().CertPEM(), true
+	if upstreamTLS() {
+		cfg.Upstreams["eastca"].CA = emu.OpenAI.CA().CertPEM()
+	}
+	if upstreamHTTP2() {
+		cfg.Upstreams["eastca"].HTTP2 = config.HTTP2On
 	}
 	cfg.Deployments = map[string]*config.Deployment{
 		"gpt-4.1-mini":           {Upstream: "eastca", Deployment: "deploy-gpt-4.1"},
@@ -87,17 +90,32 @@ func newGateway(t *testing.T, opts ...gatewayOption) *gateway {
 	return startGateway(t, emu, applyOptions(t, cfg, opts))
 }
 
-// upstreamHTTP2 runs the tests with the emulator's data plane behind TLS, offering HTTP/2, and
-// newGateway's upstream with http2 on: TOKENPROXY_TEST_UPSTREAM=http2 (.ci/run runs this
-// package both ways). Upstreams a test points at a plain-http server of its own stay HTTP/1.1.
-var upstreamHTTP2 = os.Getenv("TOKENPROXY_TEST_UPSTREAM") == "http2"
+// upstreamMode is how the tests reach the emulator's data plane, from TOKENPROXY_TEST_UPSTREAM
+// (.ci/run runs this package each way):
+//   - "": plain http;
+//   - "tls": behind TLS, offering HTTP/2, with newGateway's upstream at the http2 default
+//     (streams over HTTP/2, other calls over HTTP/1.1);
+//   - "http2": the same, with http2: on (every call over HTTP/2).
+//
+// Upstreams a test points at a plain-http server of its own stay HTTP/1.1. The variable is read
+// while the tests run, not as the package starts, so that go test's cache keys on it.
+var upstreamMode = sync.OnceValue(func() string {
+	m := os.Getenv("TOKENPROXY_TEST_UPSTREAM")
+	if m != "" && m != "tls" && m != "http2" {
+		panic("TOKENPROXY_TEST_UPSTREAM=" + m + ": want tls or http2, or nothing")
+	}
+	return m
+})
+
+func upstreamTLS() bool   { return upstreamMode() != "" }
+func upstreamHTTP2() bool { return upstreamMode() == "http2" }
 
 // emulatorConfig starts an emulator and returns a configuration whose credential "corp-app"
 // is a client secret app registered with it.
 func emulatorConfig(t *testing.T) (*emulator.Emulator, *config.Config) {
 	t.Helper()
 	var opts emulator.Options
-	if upstreamHTTP2 {
+	if upstreamTLS() {
 		ca, err := emulator.NewCA()
 		if err != nil {
 			t.Fatal(err)
@@ -129,8 +147,8 @@ func applyOptions(t *testing.T, cfg *config.Config, opts []gatewayOption) *confi
 		o(cfg)
 	}
 	for _, u := range cfg.Upstreams {
-		if u.HTTP2 && strings.HasPrefix(u.URL, "http://") { // moved to a plain server of the test's own
-			u.HTTP2, u.CA = false, nil
+		if strings.HasPrefix(u.URL, "http://") { // moved to a plain server of the test's own
+			u.HTTP2, u.CA = "", nil
 		}
 	}
 	cfg.ApplyDefaults()

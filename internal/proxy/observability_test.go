@@ -140,7 +140,7 @@ func TestGoldenMetrics(t *testing.T) {
 		t.Error(err)
 	}
 	opened := 1 // plain http: one series of connections opened (tls "none")
-	if upstreamHTTP2 {
+	if upstreamTLS() {
 		opened = 2 // https: full and resumed handshakes
 	}
 	for name, want := range map[string]int{

@@ -99,8 +99,11 @@ type Handler struct {
 
 // upstream is one configured resource.
 type upstream struct {
-	name     string
-	origin   transport.Origin
+	name   string
+	origin transport.Origin
+	// streams is the origin for calls that ask for an event stream: origin itself, or with
+	// HTTP/2 offered under http2: streams.
+	streams  transport.Origin
 	basePath string // the upstream URL's path, prefixed to every forwarded path
 	src      broker.TokenSource
 }
@@ -160,14 +163,19 @@ func New(opts Options) (*Handler, error) {
 			sum := sha256.Sum256(u.CA)
 			origin = origin.WithRoots(pool, hex.EncodeToString(sum[:8]))
 		}
-		if u.HTTP2 {
+		streams := origin
+		switch u.HTTP2Mode() {
+		case config.HTTP2On:
 			origin = origin.WithHTTP2()
+			streams = origin
+		case config.HTTP2Streams:
+			streams = origin.WithHTTP2()
 		}
 		pu, err := url.Parse(u.URL)
 		if err != nil {
 			return nil, fmt.Errorf("upstream %q: %w", name, err)
 		}
-		h.upstreams[name] = &upstream{name: name, origin: origin, basePath: strings.TrimSuffix(pu.EscapedPath(), "/"), src: src}
+		h.upstreams[name] = &upstream{name: name, origin: origin, streams: streams, basePath: strings.TrimSuffix(pu.EscapedPath(), "/"), src: src}
 	}
 	if len(h.upstreams) == 1 {
 		for _, up := range h.upstreams {

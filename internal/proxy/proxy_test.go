@@ -438,7 +438,7 @@ func TestUpstreamHTTP2(t *testing.T) {
 	emu, ca, plane := privatePlane(t, true)
 	cfg := config.Default()
 	cfg.Credentials = corpApp(emu)
-	cfg.Upstreams = map[string]*config.Upstream{"h2": {URL: plane.URL(), Credential: "corp-app", CA: ca.CertPEM(), HTTP2: true}}
+	cfg.Upstreams = map[string]*config.Upstream{"h2": {URL: plane.URL(), Credential: "corp-app", CA: ca.CertPEM(), HTTP2: config.HTTP2On}}
 	cfg.Callers = []*config.Caller{{Name: "c", KeySHA256: hashKey(keyProd), Deployments: []string{"*"}}}
 	g := startGateway(t, emu, applyOptions(t, cfg, nil))
 	path := "/openai/deployments/gpt-4o/chat/completions?api-version=1"
@@ -472,6 +472,56 @@ tokenproxy_upstream_http2_connections{origin=%[1]q} 1
 `, origin)
 	if err := testutil.GatherAndCompare(g.reg, strings.NewReader(want), "tokenproxy_upstream_connections_opened_total", "tokenproxy_upstream_http2_connections"); err != nil {
 		t.Error(err)
+	}
+}
+
+// By default (http2: streams), a call that asks for an event stream offers HTTP/2 and the others
+// go over HTTP/1.1, to the same upstream; with http2: off, none offers it.
+func TestUpstreamHTTP2ForStreams(t *testing.T) {
+	for _, tc := range []struct {
+		setting               config.HTTP2Mode
+		plainWant, streamWant string
+	}{
+		{"", "HTTP/1.1", "HTTP/2.0"},
+		{config.HTTP2Streams, "HTTP/1.1", "HTTP/2.0"},
+		{config.HTTP2Off, "HTTP/1.1", "HTTP/1.1"},
+	} {
+		t.Run("http2="+string(tc.setting), func(t *testing.T) {
+			emu, ca, plane := privatePlane(t, true)
+			cfg := config.Default()
+			cfg.Credentials = corpApp(emu)
+			cfg.Upstreams = map[string]*config.Upstream{"u": {URL: plane.URL(), Credential: "corp-app", CA: ca.CertPEM(), HTTP2: tc.setting}}
+			cfg.Callers = []*config.Caller{{Name: "c", KeySHA256: hashKey(keyProd), Deployments: []string{"*"}}}
+			g := startGateway(t, emu, applyOptions(t, cfg, nil))
+			path := "/openai/deployments/gpt-4o/chat/completions?api-version=1"
+
+			for _, body := range []string{chatBody, `{"stream": false, "messages":[{"role":"user","content":"hi"}]}`} {
+				if resp, got := g.do("POST", path, map[string]string{"api-key": keyProd}, body); resp.StatusCode != 200 || !strings.Contains(got, `"chat.completion"`) {
+					t.Fatalf("plain call: got %d %s, want 200", resp.StatusCode, got)
+				}
+			}
+			for _, body := range []string{`{"stream":true,"messages":[{"role":"user","content":"hi"}]}`, `{"messages":[{"role":"user","content":"hi"}], "stream" : true}`} {
+				resp, got := g.do("POST", path, map[string]string{"api-key": keyProd}, body)
+				if resp.StatusCode != 200 || !strings.HasSuffix(got, "data: [DONE]\n\n") {
+					t.Fatalf("stream: got %d %q, want 200 and the events", resp.StatusCode, got)
+				}
+			}
+			cancelMidStream(t, g, plane, path)
+
+			reqs := plane.Requests()
+			if len(reqs) != 5 {
+				t.Fatalf("the upstream saw %d calls, want 5", len(reqs))
+			}
+			for i, r := range reqs {
+				want := tc.plainWant
+				if i >= 2 {
+					want = tc.streamWant
+				}
+				if r.Proto != want || r.Header.Get("Api-Key") != "" || r.Claims.ObjectID == "" {
+					t.Errorf("call %d: upstream saw %s api-key=%q claims=%+v, want %s, no caller key and the broker's token", i, r.Proto, r.Header.Get("Api-Key"), r.Claims, want)
+				}
+			}
+		})
 	}
 }
 

@@ -106,7 +106,7 @@ func TestStreamToAnHTTP10Caller(t *testing.T) {
 	}
 	// The upstream call is the gateway's own, kept alive: never HTTP/1.0.
 	want := "HTTP/1.1"
-	if upstreamHTTP2 {
+	if upstreamTLS() { // a stream offers HTTP/2 in both modes
 		want = "HTTP/2.0"
 	}
 	reqs := g.emu.OpenAI.Requests()
