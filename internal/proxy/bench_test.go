@@ -172,6 +172,26 @@ func BenchmarkJSONModel(b *testing.B) {
 	}
 }
 
+// BenchmarkAsksForStream is the scan that sends a call asking for a stream over HTTP/2 (http2:
+// streams): the suite's plain body, a stream's, and a 600-byte prompt without the member.
+func BenchmarkAsksForStream(b *testing.B) {
+	for name, body := range map[string]string{
+		"plain":  `{"messages":[{"role":"user","content":"hello"}],"max_tokens":50}`,
+		"stream": `{"stream":true,"messages":[{"role":"user","content":"hello"}]}`,
+		"long":   `{"messages":[{"role":"system","content":"` + strings.Repeat("be brief ", 60) + `"},{"role":"user","content":"some prompt query"}],"max_completion_tokens":500}`,
+	} {
+		b.Run(name, func(b *testing.B) {
+			want, body := name == "stream", []byte(body)
+			b.ReportAllocs()
+			for b.Loop() {
+				if asksForStream(body) != want {
+					b.Fatal(body)
+				}
+			}
+		})
+	}
+}
+
 func BenchmarkRewrite(b *testing.B) {
 	origin, _ := transport.NewOrigin("https://genaitemplateplatformeastca.openai.azure.com")
 	up := &upstream{name: "eastca", origin: origin}
