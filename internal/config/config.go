@@ -217,9 +217,10 @@ const (
 	HTTP2Off HTTP2Mode = "off"
 	// HTTP2On: every call offers HTTP/2.
 	HTTP2On HTTP2Mode = "on"
-	// HTTP2Streams: calls that ask for an event stream ("stream": true in the body) offer
-	// HTTP/2, the others go over HTTP/1.1. The default for https: an open stream then holds no
-	// connection or TLS state of its own, while a plain call keeps HTTP/1.1's lower CPU cost.
+	// HTTP2Streams: calls that ask for an event stream ("stream": true, or a form field
+	// stream of true) offer HTTP/2, the others go over HTTP/1.1. The default for https: an
+	// open stream then holds no connection or TLS state of its own, while a plain call keeps
+	// HTTP/1.1's lower CPU cost.
 	HTTP2Streams HTTP2Mode = "streams"
 )
 

@@ -159,10 +159,11 @@ func plain(tok []byte) bool {
 	return true
 }
 
-// asksForStream reports whether a request body asks for an event stream: it holds the member
-// "stream": true. It only chooses which connections carry the call (see upstream.streams), so
-// it looks for the member anywhere rather than parse the body: a body it misjudges is carried
-// all the same, only the other way.
+// asksForStream reports whether a request body asks for an event stream: a JSON body's member
+// "stream": true, or a multipart form's field stream (name="stream", a blank line, true), as
+// transcriptions take it. It only chooses which connections carry the call (see
+// upstream.streams), so it looks for either anywhere rather than parse the body: a body it
+// misjudges is carried all the same, only the other way.
 func asksForStream(body []byte) bool {
 	for {
 		i := bytes.Index(body, streamKey)
@@ -171,10 +172,11 @@ func asksForStream(body []byte) bool {
 		}
 		body = body[i+len(streamKey):]
 		j := skipSpace(body, 0)
-		if j < len(body) && body[j] == ':' {
-			if rest := body[skipSpace(body, j+1):]; bytes.HasPrefix(rest, jsonTrue) {
-				return true
-			}
+		if j < len(body) && body[j] == ':' { // JSON; a form field's name has no colon after it
+			j = skipSpace(body, j+1)
+		}
+		if bytes.HasPrefix(body[j:], jsonTrue) {
+			return true
 		}
 	}
 }

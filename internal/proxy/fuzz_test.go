@@ -183,6 +183,8 @@ func TestAsksForStream(t *testing.T) {
 		`"stream"`:                                  false,
 		`{"stream":`:                                false,
 		`{"stream": "true"}`:                        false,
+		"--b\r\nContent-Disposition: form-data; name=\"stream\"\r\n\r\ntrue\r\n--b--\r\n":  true,
+		"--b\r\nContent-Disposition: form-data; name=\"stream\"\r\n\r\nfalse\r\n--b--\r\n": false,
 	} {
 		if got := asksForStream([]byte(body)); got != want {
 			t.Errorf("asksForStream(%s) = %v, want %v", body, got, want)
