@@ -101,7 +101,7 @@ type Timeouts struct {
 	// TLSHandshake bounds the TLS handshake with an upstream.
 	TLSHandshake time.Duration `yaml:"tls_handshake"`
 	// ResponseHeader bounds the wait for an upstream's response headers (and the rest of a body
-	// that is not streamed); past it the caller gets 504.
+	// that is not streamed), up to an eighth of itself longer; past it the caller gets 504.
 	ResponseHeader time.Duration `yaml:"response_header"`
 	// UpstreamIdle closes idle pooled connections to upstreams.
 	UpstreamIdle time.Duration `yaml:"upstream_idle"`

@@ -47,8 +47,8 @@ type Options struct {
 	// TLSHandshakeTimeout bounds the TLS handshake. If zero, 10s.
 	TLSHandshakeTimeout time.Duration
 	// ResponseHeaderTimeout bounds the wait for response headers after the request is written,
-	// and for a body read whole (not streamed), the wait for the body too. If zero, there is
-	// none.
+	// and for a body read whole (not streamed), the wait for the body too, to within an eighth
+	// more (see conn.do). If zero, there is none.
 	ResponseHeaderTimeout time.Duration
 	// IdleTimeout closes pooled connections idle for longer. If zero, 90s.
 	IdleTimeout time.Duration
@@ -604,6 +604,8 @@ type conn struct {
 	br        *bufio.Reader // borrowed from readers while a response's headers and buffered body are read
 	idleSince time.Time
 	h2        bool // the server chose HTTP/2 in the handshake: the connection goes to p.h2
+	// deadline is the read deadline set on nc for response headers (zero: none); see do.
+	deadline time.Time
 }
 
 // readers buffer responses on their way in. A connection borrows one for a call's headers (and
@@ -750,8 +752,13 @@ func (c *conn) do(ctx context.Context, now time.Time, req *fasthttp.Request, res
 	// server does not do the same before reading a caller's next request.
 	runtime.Gosched()
 	c.borrowReader()
-	if headerTimeout > 0 {
-		c.nc.SetReadDeadline(now.Add(headerTimeout))
+	// The deadline in force is moved only when it would end before this call's, and then an
+	// eighth of the timeout further, so calls in a row on a busy connection move it about once
+	// in each eighth of the timeout instead of each time (≈ 180 ns a move: five clock readings
+	// and a runtime timer). A call waits at least the timeout, and at most an eighth longer.
+	if want := now.Add(headerTimeout); headerTimeout > 0 && c.deadline.Before(want) {
+		c.deadline = want.Add(headerTimeout / 8)
+		c.nc.SetReadDeadline(c.deadline)
 	}
 	// Waiting for the first byte on its own tells a connection the server closed while idle
 	// (nothing at all arrives) from a response cut short.
@@ -783,6 +790,7 @@ func (c *conn) do(ctx context.Context, now time.Time, req *fasthttp.Request, res
 	// A stream is not bounded: its events may come minutes apart.
 	if headerTimeout > 0 {
 		c.nc.SetReadDeadline(time.Time{})
+		c.deadline = time.Time{}
 		if ctx.Err() != nil { // cancelled before the deadline was cleared: honour it
 			return fail(ctx.Err())
 		}

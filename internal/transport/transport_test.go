@@ -334,6 +334,54 @@ func TestStalledBodyTimesOut(t *testing.T) {
 	}
 }
 
+// TestResponseHeaderDeadlineMoves: a pooled connection's read deadline, which calls move only
+// when it would end before theirs, never cuts a call short: not after the connection sat idle
+// past it, not when an earlier call's deadline is near, and a stalled answer is waited for the
+// whole timeout. (The waits here are the behaviour under test.)
+func TestResponseHeaderDeadlineMoves(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	release := make(chan struct{})
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/slow": // answers within the timeout, but after an earlier call's deadline
+			<-time.After(timeout * 3 / 4)
+		case "/stall":
+			<-release
+		}
+		io.WriteString(w, "ok")
+	})
+	defer close(release)
+	tr := newTransport(t, Options{ResponseHeaderTimeout: timeout})
+	call := func(path string) error {
+		r, err := post(t, tr, t.Context(), srv.URL+path, "x")
+		if err == nil {
+			r.body(t)
+		}
+		return err
+	}
+	if err := call("/"); err != nil {
+		t.Fatal(err)
+	}
+	<-time.After(timeout * 3 / 2) // idle past the deadline the first call set
+	if err := call("/"); err != nil {
+		t.Fatalf("after the connection sat idle past its deadline: %v", err)
+	}
+	<-time.After(timeout / 2) // the deadline that call set is now less than a timeout away
+	if err := call("/slow"); err != nil {
+		t.Fatalf("an answer within the timeout, after the deadline an earlier call set: %v", err)
+	}
+	if n := conns.Load(); n != 1 {
+		t.Fatalf("%d connections for calls in a row, want 1", n)
+	}
+	start := time.Now()
+	if err := call("/stall"); !errors.As(err, new(TimeoutError)) {
+		t.Fatalf("a stalled answer: got %v, want a timeout", err)
+	}
+	if waited := time.Since(start); waited < timeout {
+		t.Errorf("a stalled answer timed out after %v, before the timeout (%v)", waited, timeout)
+	}
+}
+
 // interruptCtx is a cancellable context that is also an InterruptContext, as the gateway's
 // calls are.
 type interruptCtx struct {
