@@ -163,7 +163,35 @@ func (e *lineEncoder) int(k string, v int) {
 
 func (e *lineEncoder) dur(k string, d time.Duration) {
 	e.key(k)
-	e.b = strconv.AppendFloat(e.b, float64(d)/float64(time.Second), 'f', -1, 64)
+	e.b = appendSeconds(e.b, d)
+}
+
+// appendSeconds appends d in seconds as zap does, strconv.AppendFloat(b, float64(d)/1e9, 'f',
+// -1, 64), at a fraction of its cost. Below 10^15 ns (11 days) d/1e9 has at most 15
+// significant digits, and distinct decimals of at most 15 digits are distinct float64s, so
+// the shortest decimal that reads back as the (correctly rounded) quotient is d/1e9's own:
+// d's digits, with the point and no trailing zeros.
+func appendSeconds(b []byte, d time.Duration) []byte {
+	if d <= -1e15 || d >= 1e15 {
+		return strconv.AppendFloat(b, float64(d)/float64(time.Second), 'f', -1, 64)
+	}
+	if d < 0 {
+		b, d = append(b, '-'), -d
+	}
+	b = strconv.AppendInt(b, int64(d/time.Second), 10)
+	ns := int64(d % time.Second)
+	if ns == 0 {
+		return b
+	}
+	var frac [9]byte
+	for i := len(frac) - 1; i >= 0; i-- {
+		frac[i], ns = byte('0'+ns%10), ns/10
+	}
+	n := len(frac)
+	for frac[n-1] == '0' {
+		n--
+	}
+	return append(append(b, '.'), frac[:n]...)
 }
 
 func (e *lineEncoder) flag(k string) {

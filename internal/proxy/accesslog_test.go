@@ -4,6 +4,9 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"math"
+	"math/rand/v2"
+	"strconv"
 	"testing"
 	"time"
 
@@ -97,6 +100,37 @@ func FuzzAccessLog(f *testing.F) {
 			t.Fatalf("lines differ:\nzap: %q\nown: %q", viaZap, own)
 		}
 	})
+}
+
+func TestAppendSeconds(t *testing.T) {
+	ds := []time.Duration{0, 1, -1, 9, 10, 999_999_999, 1e9, -1e9, 1e9 + 1, 1_500_000, 412_345,
+		1e15 - 1, -(1e15 - 1), 1e15, -1e15, 1<<53 + 1, math.MaxInt64, math.MinInt64, 123_456_789_012_345}
+	r := rand.New(rand.NewPCG(1, 2))
+	for range 200_000 {
+		ds = append(ds, time.Duration(r.Int64N(1e16)-5e15), time.Duration(r.Int64N(1e10)), time.Duration(r.Int64()))
+	}
+	for _, d := range ds {
+		want := strconv.AppendFloat(nil, float64(d)/float64(time.Second), 'f', -1, 64)
+		if got := appendSeconds(nil, d); !bytes.Equal(got, want) {
+			t.Fatalf("appendSeconds(%d) = %s, want %s", int64(d), got, want)
+		}
+	}
+}
+
+func BenchmarkAppendSeconds(b *testing.B) {
+	buf := make([]byte, 0, 32)
+	for _, d := range []time.Duration{412_345, 1_234_567_891} {
+		b.Run("own/"+d.String(), func(b *testing.B) {
+			for b.Loop() {
+				buf = appendSeconds(buf[:0], d)
+			}
+		})
+		b.Run("strconv/"+d.String(), func(b *testing.B) {
+			for b.Loop() {
+				buf = strconv.AppendFloat(buf[:0], float64(d)/float64(time.Second), 'f', -1, 64)
+			}
+		})
+	}
 }
 
 func BenchmarkAccessLog(b *testing.B) {
