@@ -1,11 +1,13 @@
 // Command loadgen is the benchmark suite's streaming half: an SSE upstream that holds streams
 // open, and a client that opens many streams through a proxy and times their first chunk. It
-// is also the suite's floor: a bare Go relay doing nginx's job with nothing on top. Plain
-// request/response load is wrk's job. See bench/README.md.
+// is also the suite's floor: a bare Go relay doing nginx's job with nothing on top, and the
+// same job on an event loop of its own (evrelay, Linux, run by hand: see bench/README.md).
+// Plain request/response load is wrk's job. See bench/README.md.
 //
 //	loadgen sse --listen 127.0.0.1:18005 [--interval 1s] [--tls-ca ca.pem]
 //	loadgen streams --url URL --n 1000 [--header 'api-key: KEY'] [--hold 3s]
 //	loadgen relay --listen 127.0.0.1:18009 --upstream 127.0.0.1:18001 --key KEY [--header 'Authorization: Bearer …']
+//	loadgen evrelay --listen 127.0.0.1:18012 --upstream 127.0.0.1:18001 --key KEY [--header 'Authorization: Bearer …']
 package main
 
 import (
@@ -33,7 +35,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: loadgen sse|streams|relay [flags]")
+		fmt.Fprintln(os.Stderr, "usage: loadgen sse|streams|relay|evrelay [flags]")
 		os.Exit(2)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -46,6 +48,8 @@ func main() {
 		err = streams(ctx, os.Args[2:])
 	case "relay":
 		err = relay(ctx, os.Args[2:])
+	case "evrelay":
+		err = evrelay(ctx, os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
