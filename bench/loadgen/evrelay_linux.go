@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"flag"
 	"net/netip"
 	"strconv"
 	"syscall"
@@ -18,30 +17,19 @@ import (
 // is Go. It is a measuring tool, not a server: no timeouts, no limits, no TLS, unbounded
 // output buffers, and requests without pipelining.
 func evrelay(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("evrelay", flag.ContinueOnError)
-	listen := fs.String("listen", "127.0.0.1:18012", "address (IPv4)")
-	upstream := fs.String("upstream", "", "upstream IPv4 host:port (plain HTTP/1.1)")
-	key := fs.String("key", "", "the api-key a request must carry")
-	var headers multiFlag
-	fs.Var(&headers, "header", "header line to add to each request (repeatable)")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if *upstream == "" || *key == "" {
-		return errors.New("evrelay needs --upstream and --key")
-	}
-	la, err := sockaddr(*listen)
+	o, err := relayFlags("evrelay", "127.0.0.1:18012", args)
 	if err != nil {
 		return err
 	}
-	ua, err := sockaddr(*upstream)
+	la, err := sockaddr(o.listen)
 	if err != nil {
 		return err
 	}
-	l := &loop{up: ua, key: []byte(*key), conns: map[int]*evConn{}}
-	for _, h := range headers {
-		l.add = append(l.add, h+"\r\n"...)
+	ua, err := sockaddr(o.upstream)
+	if err != nil {
+		return err
 	}
+	l := &loop{up: ua, key: o.key, add: o.add, conns: map[int]*evConn{}}
 	if l.ep, err = syscall.EpollCreate1(syscall.EPOLL_CLOEXEC); err != nil {
 		return err
 	}

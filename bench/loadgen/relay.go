@@ -22,23 +22,12 @@ import (
 // limits or timeouts: it tells how much of a proxy's cost is Go's network stack and scheduler,
 // and how much is the work on top.
 func relay(ctx context.Context, args []string) error {
-	fs := flag.NewFlagSet("relay", flag.ContinueOnError)
-	listen := fs.String("listen", "127.0.0.1:18009", "address")
-	upstream := fs.String("upstream", "", "upstream host:port (plain HTTP/1.1)")
-	key := fs.String("key", "", "the api-key a request must carry")
-	var headers multiFlag
-	fs.Var(&headers, "header", "header line to add to each request (repeatable)")
-	if err := fs.Parse(args); err != nil {
+	o, err := relayFlags("relay", "127.0.0.1:18009", args)
+	if err != nil {
 		return err
 	}
-	if *upstream == "" || *key == "" {
-		return errors.New("relay needs --upstream and --key")
-	}
-	r := &relayer{upstream: *upstream, key: []byte(*key)}
-	for _, h := range headers {
-		r.add = append(r.add, h+"\r\n"...)
-	}
-	ln, err := net.Listen("tcp", *listen)
+	r := &relayer{upstream: o.upstream, key: o.key, add: o.add}
+	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {
 		return err
 	}
@@ -53,6 +42,33 @@ func relay(ctx context.Context, args []string) error {
 		}
 		go r.serve(c)
 	}
+}
+
+// relayOptions are the flags of relay and evrelay.
+type relayOptions struct {
+	listen, upstream string
+	key              []byte
+	add              []byte // header lines to add, each with its CRLF
+}
+
+func relayFlags(name, listen string, args []string) (relayOptions, error) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	l := fs.String("listen", listen, "address")
+	upstream := fs.String("upstream", "", "upstream host:port (plain HTTP/1.1)")
+	key := fs.String("key", "", "the api-key a request must carry")
+	var headers multiFlag
+	fs.Var(&headers, "header", "header line to add to each request (repeatable)")
+	if err := fs.Parse(args); err != nil {
+		return relayOptions{}, err
+	}
+	if *upstream == "" || *key == "" {
+		return relayOptions{}, errors.New(name + " needs --upstream and --key")
+	}
+	o := relayOptions{listen: *l, upstream: *upstream, key: []byte(*key)}
+	for _, h := range headers {
+		o.add = append(o.add, h+"\r\n"...)
+	}
+	return o, nil
 }
 
 type relayer struct {
