@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"net/netip"
-	"strconv"
 	"syscall"
 	"unsafe"
 )
@@ -134,10 +133,14 @@ func (l *loop) accept() {
 	}
 }
 
-// close closes c, and the connection it is linked with.
+// close closes c, and the connection it is linked with. An idle upstream connection leaves the
+// pool, so that no call is sent on it.
 func (l *loop) close(c *evConn) {
 	if c.fd < 0 {
 		return
+	}
+	if c.upstream && c.peer == nil {
+		l.dropIdle(c)
 	}
 	delete(l.conns, c.fd)
 	syscall.Close(c.fd) // also removes it from the epoll set
@@ -229,16 +232,14 @@ func (l *loop) request(c *evConn) {
 		j := bytes.IndexByte(head[i:], '\n') + i + 1
 		line := head[i:j]
 		i = j
-		switch {
-		case len(line) > len(contentLength) && bytes.EqualFold(line[:len(contentLength)], contentLength):
-			v, err := strconv.Atoi(string(bytes.TrimSpace(line[len(contentLength):])))
-			if err != nil || v < 0 {
+		if v, ok := headerValue(line, contentLength); ok {
+			var err error
+			if cl, err = parseLength(v); err != nil {
 				l.close(c)
 				return
 			}
-			cl = v
-		case len(line) > len(apiKey) && bytes.EqualFold(line[:len(apiKey)], apiKey):
-			keyOK = bytes.Equal(bytes.TrimSpace(line[len(apiKey):]), l.key)
+		} else if v, ok := headerValue(line, apiKey); ok {
+			keyOK = bytes.Equal(v, l.key)
 			continue
 		}
 		out = append(out, line...)
@@ -293,8 +294,7 @@ func (l *loop) upstreamConn() *evConn {
 // until one side closes.
 func (l *loop) fromUpstream(u *evConn, data []byte) {
 	c := u.peer
-	if c == nil { // an idle connection the upstream closed, or sent something unasked
-		l.dropIdle(u)
+	if c == nil { // an idle connection sent something unasked
 		l.close(u)
 		return
 	}
@@ -310,9 +310,9 @@ func (l *loop) fromUpstream(u *evConn, data []byte) {
 			j := bytes.IndexByte(head[i:], '\n') + i + 1
 			line := head[i:j]
 			i = j
-			if len(line) > len(contentLength) && bytes.EqualFold(line[:len(contentLength)], contentLength) {
-				if v, err := strconv.Atoi(string(bytes.TrimSpace(line[len(contentLength):]))); err == nil && v >= 0 {
-					u.left = v
+			if v, ok := headerValue(line, contentLength); ok {
+				if n, err := parseLength(v); err == nil {
+					u.left = n
 				}
 			}
 		}

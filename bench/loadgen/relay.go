@@ -126,17 +126,34 @@ func head(br *bufio.Reader, buf []byte, want []byte) (h []byte, cl int, keyOK bo
 		if len(line) <= 2 {
 			return h, cl, keyOK, nil
 		}
-		switch {
-		case len(line) > len(contentLength) && bytes.EqualFold(line[:len(contentLength)], contentLength):
-			if cl, err = strconv.Atoi(string(bytes.TrimSpace(line[len(contentLength):]))); err != nil || cl < 0 {
-				return nil, 0, false, errors.New("bad Content-Length")
+		if v, ok := headerValue(line, contentLength); ok {
+			if cl, err = parseLength(v); err != nil {
+				return nil, 0, false, err
 			}
-		case want != nil && len(line) > len(apiKey) && bytes.EqualFold(line[:len(apiKey)], apiKey):
-			keyOK = bytes.Equal(bytes.TrimSpace(line[len(apiKey):]), want)
+		} else if v, ok := headerValue(line, apiKey); ok && want != nil {
+			keyOK = bytes.Equal(v, want)
 			continue
 		}
 		h = append(h, line...)
 	}
+}
+
+// headerValue returns the value of a header line if its name is name (given with its colon,
+// in lower case), compared without regard to case.
+func headerValue(line, name []byte) ([]byte, bool) {
+	if len(line) <= len(name) || !bytes.EqualFold(line[:len(name)], name) {
+		return nil, false
+	}
+	return bytes.TrimSpace(line[len(name):]), true
+}
+
+// parseLength parses a Content-Length value.
+func parseLength(v []byte) (int, error) {
+	n, err := strconv.Atoi(string(v))
+	if err != nil || n < 0 {
+		return 0, errors.New("bad Content-Length")
+	}
+	return n, nil
 }
 
 func (r *relayer) serve(c net.Conn) {
