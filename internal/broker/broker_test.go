@@ -401,11 +401,21 @@ func TestBadTokensAreRejected(t *testing.T) {
 		{"empty", Token{ExpiresOn: time.Now().Add(time.Hour)}, "empty token"},
 		{"expired", Token{Value: "x", ExpiresOn: time.Now().Add(-time.Second)}, "expired token"},
 		{"nearly expired", Token{Value: "x", ExpiresOn: time.Now().Add(10 * time.Second)}, "about to expire"},
+		// The transport writes the token into the upstream request's head as it is.
+		{"line break", Token{Value: "eyJ0.e30.sig\r\nX-Injected: 1", ExpiresOn: time.Now().Add(time.Hour)}, "cannot carry"},
+		{"bare LF", Token{Value: "eyJ0.e30\nsig", ExpiresOn: time.Now().Add(time.Hour)}, "cannot carry"},
+		{"space", Token{Value: "eyJ0.e30 sig", ExpiresOn: time.Now().Add(time.Hour)}, "cannot carry"},
+		{"NUL", Token{Value: "eyJ0.e30\x00sig", ExpiresOn: time.Now().Add(time.Hour)}, "cannot carry"},
+		{"not ASCII", Token{Value: "eyJ0.e30.sïg", ExpiresOn: time.Now().Add(time.Hour)}, "cannot carry"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			_, s := newBroker(t, fetchFunc(func(context.Context, string) (Token, error) { return tt.tok, nil }), Options{})
-			if _, err := s.Token(context.Background()); err == nil || !strings.Contains(err.Error(), tt.want) {
+			_, err := s.Token(context.Background())
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Errorf("got %v, want an error containing %q", err, tt.want)
+			}
+			if err != nil && len(tt.tok.Value) > 8 && strings.Contains(err.Error(), tt.tok.Value) {
+				t.Errorf("the error %q shows the token", err)
 			}
 		})
 	}

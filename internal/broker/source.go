@@ -125,6 +125,10 @@ func (s *Source) acquire() (*Token, error) {
 			err = errors.New("the identity provider returned an empty token")
 		case !got.ExpiresOn.After(now):
 			err = errors.New("the identity provider returned an expired token")
+		case !validTokenValue(got.Value):
+			// The transport writes it into each upstream request's head as it is
+			// (transport.Transport.Do): a line break would start a header of its own.
+			err = errors.New("the identity provider returned a token with characters an HTTP header cannot carry")
 		}
 	}
 	if err != nil {
@@ -300,4 +304,15 @@ func (s *Source) status() Status {
 		}
 	}
 	return st
+}
+
+// validTokenValue reports whether v is all visible ASCII (no space, no control character), as
+// the access tokens of OAuth 2.0 (RFC 6750's b64token) and JWTs are.
+func validTokenValue(v string) bool {
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; c <= ' ' || c >= 0x7f {
+			return false
+		}
+	}
+	return true
 }

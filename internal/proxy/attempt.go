@@ -165,7 +165,7 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 	out := fasthttp.AcquireRequest()
 	defer fasthttp.ReleaseRequest(out)
 	var pathBuf [256]byte
-	rewrite(out, &c.fc.Request, up, p.appendPath(pathBuf[:0], name), c.query, p.bodyFor(c.deployment, name), tok.AuthorizationHeader()[0], c.id, c.credential, c.credStr, h.callers.Load())
+	rewrite(out, &c.fc.Request, up, p.appendPath(pathBuf[:0], name), c.query, p.bodyFor(c.deployment, name), c.id, c.credential, c.credStr, h.callers.Load())
 
 	c.proxyStart = time.Now()
 	upResp := fasthttp.AcquireResponse()
@@ -173,7 +173,7 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 	if p.stream {
 		origin = up.streams
 	}
-	stream, err := h.transport.Do(ctx, origin, out, upResp)
+	stream, err := h.transport.Do(ctx, origin, out, tok.AuthorizationHeader()[0], upResp)
 	if err != nil {
 		fasthttp.ReleaseResponse(upResp)
 		if ctx.Err() != nil || b == nil {

@@ -100,7 +100,7 @@ type fixedUpstream struct{}
 
 var chatResponseBytes = []byte(chatResponse)
 
-func (fixedUpstream) Do(_ context.Context, _ transport.Origin, _ *fasthttp.Request, resp *fasthttp.Response) (*transport.Stream, error) {
+func (fixedUpstream) Do(_ context.Context, _ transport.Origin, _ *fasthttp.Request, _ string, resp *fasthttp.Response) (*transport.Stream, error) {
 	resp.SetStatusCode(200)
 	resp.Header.SetContentType("application/json")
 	resp.Header.Set("Apim-Request-Id", "6a1b2c3d-0000-4000-8000-000000000000")
@@ -204,7 +204,7 @@ func BenchmarkRewrite(b *testing.B) {
 	body := []byte(chatBody)
 	b.ReportAllocs()
 	for b.Loop() {
-		rewrite(&out, &in, up, []byte("/openai/deployments/deploy-gpt-4.1/chat/completions"), "api-version=2025-01-01-preview", body, "Bearer eyJ.x.y", "6a1b2c3d-0000-4000-8000-000000000000", []byte(keyProd), keyProd, nil)
+		rewrite(&out, &in, up, []byte("/openai/deployments/deploy-gpt-4.1/chat/completions"), "api-version=2025-01-01-preview", body, "6a1b2c3d-0000-4000-8000-000000000000", []byte(keyProd), keyProd, nil)
 		out.Reset()
 	}
 }

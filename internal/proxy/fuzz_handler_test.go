@@ -29,10 +29,19 @@ type recorded struct {
 	headers map[string][]string
 }
 
-func (u *recordingUpstream) Do(_ context.Context, o transport.Origin, req *fasthttp.Request, resp *fasthttp.Response) (*transport.Stream, error) {
+// What it records is what the transport sends: req's headers, and authorization as the
+// Authorization header in place of any req has.
+func (u *recordingUpstream) Do(_ context.Context, o transport.Origin, req *fasthttp.Request, authorization string, resp *fasthttp.Response) (*transport.Stream, error) {
 	r := recorded{host: o.Host(), uri: string(req.Header.RequestURI()), headers: map[string][]string{}}
 	for k, v := range req.Header.All() {
-		r.headers[strings.ToLower(string(k))] = append(r.headers[strings.ToLower(string(k))], string(v))
+		name := strings.ToLower(string(k))
+		if name == "authorization" && authorization != "" {
+			continue
+		}
+		r.headers[name] = append(r.headers[name], string(v))
+	}
+	if authorization != "" {
+		r.headers["authorization"] = append(r.headers["authorization"], authorization)
 	}
 	u.mu.Lock()
 	u.seen = append(u.seen, r)

@@ -235,9 +235,10 @@ func (h *Handler) Close() {
 	}
 }
 
-// upstreamClient sends a request to an upstream; *transport.Transport is the one used.
+// upstreamClient sends a request to an upstream, with authorization as its Authorization
+// header (transport.Transport.Do); *transport.Transport is the one used.
 type upstreamClient interface {
-	Do(ctx context.Context, origin transport.Origin, req *fasthttp.Request, resp *fasthttp.Response) (*transport.Stream, error)
+	Do(ctx context.Context, origin transport.Origin, req *fasthttp.Request, authorization string, resp *fasthttp.Response) (*transport.Stream, error)
 }
 
 // Route prefixes.

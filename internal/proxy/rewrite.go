@@ -39,12 +39,14 @@ func dropMask(key []byte, names []string) uint32 {
 
 // rewrite builds the upstream request out from the caller's request in: the upstream's Host
 // and base path, the (possibly renamed) path, the caller's query minus key-bearing parameters,
-// the caller's headers minus those above, the bearer token, the request ID and the body read.
+// the caller's headers minus those above, the request ID and the body read. The bearer token is
+// not set here: the transport writes it into the request's head (transport.Transport.Do), so
+// out leaves with no Authorization header of its own.
 // credential, the key or token the caller authenticated with, is also removed from any other
 // header or query parameter it was put in: whatever the caller named them, it does not leave.
 // So is any header or parameter holding another of keys' keys (keys may be nil). The caller's
 // headers have passed checkHeaders.
-func rewrite(out, in *fasthttp.Request, up *upstream, path []byte, query string, body []byte, authorization, requestID string, credential []byte, credStr string, keys *callers) {
+func rewrite(out, in *fasthttp.Request, up *upstream, path []byte, query string, body []byte, requestID string, credential []byte, credStr string, keys *callers) {
 	in.Header.CopyTo(&out.Header)
 	h := &out.Header
 	// One pass finds what is to go (deleting while iterating is not allowed); a call usually
@@ -76,7 +78,6 @@ func rewrite(out, in *fasthttp.Request, up *upstream, path []byte, query string,
 	// the caller spoke (an HTTP/1.0 call would otherwise cost the upstream connection).
 	h.ResetConnectionClose()
 	h.SetProtocolBytes(http11)
-	h.Set("Authorization", authorization)
 	h.SetBytesKV(requestIDHeader, []byte(requestID))
 	h.SetHost(up.origin.Host())
 

@@ -215,7 +215,7 @@ func TestStreamNeverHandedOver(t *testing.T) {
 	tr := transport.New(transport.Options{})
 	defer tr.Close()
 	req, resp := newUpstreamCall(up.URL)
-	s, err := tr.Do(t.Context(), origin, req, resp)
+	s, err := tr.Do(t.Context(), origin, req, "", resp)
 	if err != nil || s == nil {
 		t.Fatalf("got stream %v, %v", s, err)
 	}

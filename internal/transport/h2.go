@@ -182,7 +182,7 @@ func (p *pool) pruneLocked() {
 // doH2 sends req over one of the pool's HTTP/2 connections and reads the response into resp as
 // Do does. A call the server did not take (it went away first, or refused the stream) goes
 // once more, on another connection.
-func (p *pool) doH2(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Response) (*Stream, error) {
+func (p *pool) doH2(ctx context.Context, req *fasthttp.Request, authorization string, resp *fasthttp.Response) (*Stream, error) {
 	path, _, _ := bytes.Cut(req.Header.RequestURI(), []byte("?"))
 	if len(path) == 0 || path[0] != '/' || bytes.HasPrefix(path, []byte("//")) {
 		return nil, errors.New("transport: the request path must start with a single /")
@@ -192,7 +192,7 @@ func (p *pool) doH2(ctx context.Context, req *fasthttp.Request, resp *fasthttp.R
 		if err != nil {
 			return nil, err
 		}
-		s, err := cc.roundTrip(ctx, req, resp, p.t.opts)
+		s, err := cc.roundTrip(ctx, req, authorization, resp, p.t.opts)
 		if err == errH2Refused && attempt == 0 && ctx.Err() == nil {
 			resp.Reset()
 			continue
@@ -203,11 +203,11 @@ func (p *pool) doH2(ctx context.Context, req *fasthttp.Request, resp *fasthttp.R
 
 // roundTrip sends req on a stream of its own and reads the response's head into resp, with its
 // body when it is read whole (see Do); otherwise the body is returned as a Stream.
-func (c *h2Conn) roundTrip(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Response, o Options) (*Stream, error) {
+func (c *h2Conn) roundTrip(ctx context.Context, req *fasthttp.Request, authorization string, resp *fasthttp.Response, o Options) (*Stream, error) {
 	s := &h2Stream{c: c, wake: make(chan struct{}, 1), recvWin: h2StreamWindow, length: -1, want: -1,
 		noBody: req.Header.IsHead()}
 	s.hook = onCancel(ctx, s)
-	if err := c.start(s, req); err != nil {
+	if err := c.start(s, req, authorization); err != nil {
 		s.hook.release()
 		return nil, err
 	}
@@ -268,7 +268,7 @@ func (c *h2Conn) roundTrip(ctx context.Context, req *fasthttp.Request, resp *fas
 // once, in one write; the rest is copied (req's buffer is its owner's again when Do returns)
 // and sent as the server gives window. A call that finds the connection no longer taking
 // calls gets errH2Refused: nothing was sent.
-func (c *h2Conn) start(s *h2Stream, req *fasthttp.Request) error {
+func (c *h2Conn) start(s *h2Stream, req *fasthttp.Request, authorization string) error {
 	body := req.Body()
 	c.wlock()
 	defer c.wmu.Unlock()
@@ -299,7 +299,7 @@ func (c *h2Conn) start(s *h2Stream, req *fasthttp.Request) error {
 	}
 	c.mu.Unlock()
 
-	c.encodeHead(req, len(body))
+	c.encodeHead(req, authorization, len(body))
 	hb := c.hbuf.Bytes()
 	first := hb[:min(len(hb), frame)]
 	err := c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: s.id, BlockFragment: first,
@@ -364,9 +364,10 @@ func (c *h2Conn) sendRest(s *h2Stream) {
 	}
 }
 
-// encodeHead encodes req's head into c.hbuf. The hop-by-hop headers of HTTP/1.1 have no place
-// in HTTP/2, and no User-Agent is added that the call did not have. wmu is held.
-func (c *h2Conn) encodeHead(req *fasthttp.Request, bodyLen int) {
+// encodeHead encodes req's head into c.hbuf, with authorization (if not empty) as its
+// Authorization header (see Do). The hop-by-hop headers of HTTP/1.1 have no place in HTTP/2,
+// and no User-Agent is added that the call did not have. wmu is held.
+func (c *h2Conn) encodeHead(req *fasthttp.Request, authorization string, bodyLen int) {
 	c.hbuf.Reset()
 	e := c.henc
 	method := methodName(req.Header.Method())
@@ -384,6 +385,9 @@ func (c *h2Conn) encodeHead(req *fasthttp.Request, bodyLen int) {
 		name := c.lowerName(k)
 		var value string
 		if name == "authorization" { // the same token for every call until it is renewed
+			if authorization != "" {
+				continue // Do has removed it already
+			}
 			if string(v) != c.auth {
 				c.auth = string(v)
 			}
@@ -392,6 +396,12 @@ func (c *h2Conn) encodeHead(req *fasthttp.Request, bodyLen int) {
 			value = string(v)
 		}
 		e.WriteField(hpack.HeaderField{Name: name, Value: value})
+	}
+	if authorization != "" {
+		if authorization != c.auth {
+			c.auth = authorization
+		}
+		e.WriteField(hpack.HeaderField{Name: "authorization", Value: c.auth})
 	}
 	if bodyLen > 0 || method == "POST" || method == "PUT" || method == "PATCH" {
 		e.WriteField(hpack.HeaderField{Name: "content-length", Value: strconv.Itoa(bodyLen)})

@@ -50,7 +50,7 @@ func h2Do(t *testing.T, tr *Transport, ctx context.Context, srv *httptest.Server
 	req.Header.Set("Keep-Alive", "timeout=5")
 	req.Header.Set("TE", "gzip") // HTTP/2 refuses any TE but "trailers": it must not be sent
 	resp := &fasthttp.Response{}
-	stream, err := tr.Do(ctx, o.WithRoots(roots, "test").WithHTTP2(), req, resp)
+	stream, err := tr.Do(ctx, o.WithRoots(roots, "test").WithHTTP2(), req, "", resp)
 	return result{resp, stream}, err
 }
 
@@ -131,7 +131,7 @@ func TestHTTP2OnlyWhereOfferedAndChosen(t *testing.T) {
 	h2, roots, _ := h2Server(t, false, h)
 	o, req := request(t, "GET", h2.URL, "")
 	resp := &fasthttp.Response{}
-	if _, err := tr.Do(t.Context(), o.WithRoots(roots, "test"), req, resp); err != nil {
+	if _, err := tr.Do(t.Context(), o.WithRoots(roots, "test"), req, "", resp); err != nil {
 		t.Fatal(err)
 	}
 	if got := string(resp.Body()); got != "HTTP/1.1" {
@@ -315,7 +315,7 @@ func TestHTTP2RequestBodyOutlivesDo(t *testing.T) {
 	o, req := request(t, "POST", srv.URL+"/upload", "")
 	req.SetBody(body)
 	resp := &fasthttp.Response{}
-	s, err := tr.Do(t.Context(), o.WithRoots(roots, "test").WithHTTP2(), req, resp)
+	s, err := tr.Do(t.Context(), o.WithRoots(roots, "test").WithHTTP2(), req, "", resp)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -363,7 +363,7 @@ func TestHTTP2ConnectionsAreReplacedAndClosed(t *testing.T) {
 		t.Errorf("%d HTTP/2 connections after Close", n)
 	}
 	o, req := request(t, "GET", srv.URL, "")
-	if _, err := tr.Do(t.Context(), o.WithRoots(roots, "test").WithHTTP2(), req, &fasthttp.Response{}); err == nil {
+	if _, err := tr.Do(t.Context(), o.WithRoots(roots, "test").WithHTTP2(), req, "", &fasthttp.Response{}); err == nil {
 		t.Error("a closed transport took a call")
 	}
 }
@@ -398,7 +398,7 @@ func BenchmarkTLSCall(b *testing.B) {
 				resp := &fasthttp.Response{}
 				for pb.Next() {
 					resp.Reset()
-					if _, err := tr.Do(context.Background(), o, req, resp); err != nil || len(resp.Body()) != len(answer) {
+					if _, err := tr.Do(context.Background(), o, req, "", resp); err != nil || len(resp.Body()) != len(answer) {
 						b.Fatal(err, len(resp.Body()))
 					}
 				}

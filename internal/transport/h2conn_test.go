@@ -119,7 +119,7 @@ func frameCall(t *testing.T, tr *Transport, o Origin) (*fasthttp.Response, strin
 	req.Header.SetHost(o.Host())
 	req.SetBodyString(`{"messages":[]}`)
 	resp := &fasthttp.Response{}
-	s, err := tr.Do(t.Context(), o, req, resp)
+	s, err := tr.Do(t.Context(), o, req, "", resp)
 	if err != nil {
 		return resp, "", err
 	}
@@ -246,7 +246,7 @@ func TestHTTP2MalformedAnswers(t *testing.T) {
 			req.Header.SetRequestURI("/fine")
 			req.Header.SetHost(o.Host())
 			resp := &fasthttp.Response{}
-			if _, err := tr.Do(t.Context(), o, req, resp); err != nil || string(resp.Body()) != "ok" {
+			if _, err := tr.Do(t.Context(), o, req, "", resp); err != nil || string(resp.Body()) != "ok" {
 				t.Fatalf("the next call: %v %q", err, resp.Body())
 			}
 			if c := conns.Load(); c != 1 {
@@ -283,7 +283,7 @@ func TestHTTP2OverTheWindow(t *testing.T) {
 	req := &fasthttp.Request{}
 	req.Header.SetRequestURI("/")
 	req.Header.SetHost(o.Host())
-	s, err := tr.Do(t.Context(), o, req, &fasthttp.Response{})
+	s, err := tr.Do(t.Context(), o, req, "", &fasthttp.Response{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -343,7 +343,7 @@ func TestHTTP2ServerSettings(t *testing.T) {
 	req.Header.Set("X-Big", big)
 	req.SetBody(bytes.Repeat([]byte("b"), 20000))
 	resp := &fasthttp.Response{}
-	if _, err := tr.Do(t.Context(), o, req, resp); err != nil || len(resp.Body()) != 8 {
+	if _, err := tr.Do(t.Context(), o, req, "", resp); err != nil || len(resp.Body()) != 8 {
 		t.Fatal(err, len(resp.Body()))
 	}
 	fields, _ := got.Load().([]hpack.HeaderField)
@@ -427,7 +427,7 @@ func FuzzH2Answer(f *testing.F) {
 		req.Header.SetHost("example")
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		s, err := c.roundTrip(ctx, req, &fasthttp.Response{}, Options{})
+		s, err := c.roundTrip(ctx, req, "", &fasthttp.Response{}, Options{})
 		if errors.Is(err, context.DeadlineExceeded) {
 			t.Fatal("the call hung")
 		}

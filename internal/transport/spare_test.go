@@ -27,7 +27,7 @@ func TestSpareConnections(t *testing.T) {
 			req.Header.SetConnectionClose() // as a stream cut short: its connection is not reused
 		}
 		resp := &fasthttp.Response{}
-		stream, err := tr.Do(t.Context(), o, req, resp)
+		stream, err := tr.Do(t.Context(), o, req, "", resp)
 		if err != nil {
 			t.Fatal(err)
 		}

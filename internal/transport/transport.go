@@ -247,6 +247,12 @@ func (t *Transport) closeExpired(now time.Time) {
 // Do sends req to origin and reads the response into resp. req must carry its request URI
 // (path and query) and Host header; its body is sent with a Content-Length.
 //
+// authorization, when not empty, is sent as the request's Authorization header, in place of
+// any req has: the gateway's bearer token, ≈ 1.5 KB, goes straight into the request's head as
+// it is written (fasthttp would copy a header value twice, and scan it twice, on the way into
+// req). It must be a valid field value, with no control characters; the broker refuses tokens
+// that are not.
+//
 // A response body of known length up to BufferLimit is read into resp and the returned Stream
 // is nil. Any other body (server-sent events, unknown length, large) is returned as a Stream,
 // which must be read to EOF or closed; resp then holds the headers only.
@@ -257,9 +263,12 @@ func (t *Transport) closeExpired(now time.Time) {
 //
 // On an origin that offers HTTP/2 (Origin.WithHTTP2) and whose server chose it, the call goes
 // over a shared HTTP/2 connection instead.
-func (t *Transport) Do(ctx context.Context, origin Origin, req *fasthttp.Request, resp *fasthttp.Response) (*Stream, error) {
+func (t *Transport) Do(ctx context.Context, origin Origin, req *fasthttp.Request, authorization string, resp *fasthttp.Response) (*Stream, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err // nobody waits for the answer: the upstream is not asked
+	}
+	if authorization != "" {
+		req.Header.Del(fasthttp.HeaderAuthorization)
 	}
 	p, err := t.pool(origin)
 	if err != nil {
@@ -270,7 +279,7 @@ func (t *Transport) Do(ctx context.Context, origin Origin, req *fasthttp.Request
 	// one, instead of each dialling its own. A server that chooses HTTP/1.1 leaves the connection
 	// in the idle pool, where the call below finds it.
 	if p.origin.h2 && p.chose.Load() != choseH1 {
-		s, err := p.doH2(ctx, req, resp)
+		s, err := p.doH2(ctx, req, authorization, resp)
 		if err != errNotH2 {
 			return s, err
 		}
@@ -287,12 +296,12 @@ func (t *Transport) Do(ctx context.Context, origin Origin, req *fasthttp.Request
 			if err := p.adoptH2(c); err != nil {
 				return nil, err
 			}
-			return p.doH2(ctx, req, resp)
+			return p.doH2(ctx, req, authorization, resp)
 		}
 		if !reused {
 			now = time.Now() // the header timeout starts after the dial
 		}
-		stream, err := c.do(ctx, now, req, resp, t.opts.ResponseHeaderTimeout, t.opts.bufferLimit())
+		stream, err := c.do(ctx, now, req, authorization, resp, t.opts.ResponseHeaderTimeout, t.opts.bufferLimit())
 		if err == nil {
 			return stream, nil
 		}
@@ -637,15 +646,43 @@ func (c *conn) returnReader() {
 var writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 16<<10) }}
 
 // write sends req in one flush.
-func (c *conn) write(req *fasthttp.Request) error {
+func (c *conn) write(req *fasthttp.Request, authorization string) error {
 	bw := writers.Get().(*bufio.Writer)
 	bw.Reset(c.nc)
-	err := req.Write(bw)
+	err := writeRequest(bw, req, authorization)
 	if err == nil {
 		err = bw.Flush()
 	}
 	bw.Reset(nil)
 	writers.Put(bw)
+	return err
+}
+
+// writeRequest writes req to bw, with authorization (if not empty) as its Authorization header.
+// A request as the gateway builds them (Host and request URI set in its headers, the body in
+// memory) has its head rendered straight into bw's buffer and the header appended to it, last;
+// one whose body is a stream, or that has no Host, goes through fasthttp's own writer, with the
+// header set in req first. (A body set through fasthttp's form API is not sent: req.Body() is.)
+func writeRequest(bw *bufio.Writer, req *fasthttp.Request, authorization string) error {
+	if authorization == "" {
+		return req.Write(bw)
+	}
+	if req.IsBodyStream() || len(req.Header.Host()) == 0 {
+		req.Header.Set(fasthttp.HeaderAuthorization, authorization)
+		return req.Write(bw)
+	}
+	body := req.Body()
+	if len(body) > 0 || !req.Header.IsGet() && !req.Header.IsHead() {
+		req.Header.SetContentLength(len(body)) // as fasthttp's writer does
+	}
+	head := req.Header.AppendBytes(bw.AvailableBuffer()) // ends with the blank line
+	head = append(head[:len(head)-2], "Authorization: "...)
+	head = append(head, authorization...)
+	head = append(head, "\r\n\r\n"...)
+	if _, err := bw.Write(head); err != nil {
+		return err
+	}
+	_, err := bw.Write(body)
 	return err
 }
 
@@ -726,7 +763,7 @@ func (TimeoutError) Temporary() bool { return true }
 var eventStream = []byte("text/event-stream")
 
 // do writes req and reads the response on this connection.
-func (c *conn) do(ctx context.Context, now time.Time, req *fasthttp.Request, resp *fasthttp.Response, headerTimeout time.Duration, bufferLimit int) (*Stream, error) {
+func (c *conn) do(ctx context.Context, now time.Time, req *fasthttp.Request, authorization string, resp *fasthttp.Response, headerTimeout time.Duration, bufferLimit int) (*Stream, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -742,7 +779,7 @@ func (c *conn) do(ctx context.Context, now time.Time, req *fasthttp.Request, res
 		}
 		return nil, err
 	}
-	if err := c.write(req); err != nil {
+	if err := c.write(req, authorization); err != nil {
 		return fail(&staleConnError{err})
 	}
 	// The answer is hardly ever in yet: a read now would find nothing, a system call (≈ 1.8 µs

@@ -96,7 +96,7 @@ func do(t *testing.T, tr *Transport, ctx context.Context, method, rawURL, body s
 	t.Helper()
 	o, req := request(t, method, rawURL, body)
 	resp := &fasthttp.Response{}
-	stream, err := tr.Do(ctx, o, req, resp)
+	stream, err := tr.Do(ctx, o, req, "", resp)
 	return result{resp, stream}, err
 }
 
@@ -119,7 +119,7 @@ func TestRoundTripAndKeepAlive(t *testing.T) {
 		o, req := request(t, "POST", srv.URL+"/openai/deployments/d/chat/completions?api-version=1&x=%20y", "hello")
 		req.Header.Set("Authorization", "Bearer tok")
 		resp := &fasthttp.Response{}
-		stream, err := tr.Do(t.Context(), o, req, resp)
+		stream, err := tr.Do(t.Context(), o, req, "", resp)
 		if err != nil {
 			t.Fatalf("request %d: %v", i, err)
 		}
@@ -321,7 +321,7 @@ func TestStalledBodyTimesOut(t *testing.T) {
 	o, req := request(t, "POST", srv.URL+"/stall", "x")
 	got := make(chan error, 1)
 	go func() {
-		_, err := tr.Do(t.Context(), o, req, &fasthttp.Response{})
+		_, err := tr.Do(t.Context(), o, req, "", &fasthttp.Response{})
 		got <- err
 	}()
 	select {
@@ -627,7 +627,7 @@ func TestTLS(t *testing.T) {
 	// The CA can instead belong to the origin (an upstream's ca_file).
 	o, req := request(t, "POST", srv.URL, "x")
 	resp := &fasthttp.Response{}
-	if _, err := untrusting.Do(t.Context(), o.WithRoots(pool, "test-ca"), req, resp); err != nil {
+	if _, err := untrusting.Do(t.Context(), o.WithRoots(pool, "test-ca"), req, "", resp); err != nil {
 		t.Errorf("with the origin's own CA: %v", err)
 	}
 }
@@ -648,7 +648,7 @@ func TestTLSSessionsResume(t *testing.T) {
 		_, req := request(t, "POST", srv.URL, "x")
 		req.Header.SetConnectionClose()
 		resp := &fasthttp.Response{}
-		stream, err := tr.Do(t.Context(), o, req, resp)
+		stream, err := tr.Do(t.Context(), o, req, "", resp)
 		if err != nil {
 			t.Fatal(err)
 		}
