@@ -46,6 +46,7 @@ type callers struct {
 	tokenWait time.Duration
 
 	deployments map[string]bool // the deployments' names, not hashed when looking for keys in a path
+	notKeys     *notKeys        // values hashed and found to be no caller's key (rewrite.go)
 }
 
 // mtlsCaller is a caller identified by its TLS client certificate.
@@ -117,7 +118,7 @@ func (l *loads) get(name string) *atomic.Int64 {
 func newCallers(cfg *config.Config, l *loads, tokens *callertoken.Registry) (*callers, error) {
 	k := &callers{byHash: map[[sha256.Size]byte]*caller{}, unauthenticated: cfg.AllowUnauthenticated,
 		byIssuer: map[string]*callertoken.Verifier{}, audiences: map[*callertoken.Verifier]map[string]bool{},
-		tokenWait: cfg.Timeouts.TokenAcquire}
+		tokenWait: cfg.Timeouts.TokenAcquire, notKeys: newNotKeys()}
 	k.anonymous = &caller{name: "anonymous", all: true, load: l.get("anonymous")}
 	k.deployments = make(map[string]bool, len(cfg.Deployments))
 	for d := range cfg.Deployments {

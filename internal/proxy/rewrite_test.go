@@ -2,11 +2,14 @@ package proxy
 
 import (
 	"bufio"
+	"fmt"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/valyala/fasthttp"
 
+	"github.com/tokenproxy/tokenproxy/internal/config"
 	"github.com/tokenproxy/tokenproxy/internal/transport"
 )
 
@@ -72,4 +75,89 @@ func TestCleanResponse(t *testing.T) {
 			t.Errorf("%s: Apim-Request-Id = %q, want it kept", tt.name, got)
 		}
 	}
+}
+
+// testKeyCallers is a set of callers with keyProd and keyAdmin as keys.
+func testKeyCallers(t *testing.T, keys ...string) *callers {
+	t.Helper()
+	cfg := config.Default()
+	for i, k := range keys {
+		cfg.Callers = append(cfg.Callers, &config.Caller{Name: fmt.Sprintf("c%d", i), KeySHA256: hashKey(k), Deployments: []string{config.AllDeployments}})
+	}
+	cfg.ApplyDefaults()
+	cs, err := newCallers(cfg, &loads{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cs
+}
+
+// TestNotKeysCache: values found to be no key are remembered, keys never are, a value is known
+// only by itself (not by another that shares its slot), and a reload starts afresh.
+func TestNotKeysCache(t *testing.T) {
+	cs := testKeyCallers(t, keyProd, keyAdmin)
+	for range 3 {
+		if cs.isKey([]byte("AzureOpenAI/Python 1.54.0")) {
+			t.Fatal("a User-Agent taken for a key")
+		}
+		if !cs.isKey([]byte(keyProd)) || !cs.isKey([]byte(keyAdmin)) {
+			t.Fatal("a key not found")
+		}
+	}
+	if !cs.notKeys.has([]byte("AzureOpenAI/Python 1.54.0")) {
+		t.Error("a value found to be no key was not remembered")
+	}
+	if cs.notKeys.has([]byte(keyProd)) || cs.notKeys.has([]byte(keyAdmin)) {
+		t.Error("a key was remembered as no key")
+	}
+	long := []byte(strings.Repeat("x", notKeyMax+1))
+	if cs.isKey(long) || cs.notKeys.has(long) {
+		t.Error("a value longer than notKeyMax was remembered")
+	}
+
+	// A value that is no key, and a key that falls in the same slot: the key is still found.
+	var other []byte
+	for i := 0; other == nil; i++ {
+		v := []byte(fmt.Sprintf("not-a-key-%d", i))
+		if cs.notKeys.slot(v) == cs.notKeys.slot([]byte(keyProd)) {
+			other = v
+		}
+	}
+	if cs.isKey(other) || !cs.notKeys.has(other) {
+		t.Fatalf("%q: not remembered", other)
+	}
+	if cs.notKeys.has([]byte(keyProd)) || !cs.isKey([]byte(keyProd)) {
+		t.Error("a key was taken for the value in its slot")
+	}
+
+	// After a reload that makes a remembered value a key, it is one.
+	value := []byte("rotated-key-0123456789")
+	if cs.isKey(value) {
+		t.Fatal("not a key yet")
+	}
+	if !testKeyCallers(t, keyProd, string(value)).isKey(value) {
+		t.Error("a value remembered by the callers before a reload was not a key after it")
+	}
+}
+
+// TestNotKeysConcurrent: calls looking for keys at once (run with -race) all get it right.
+func TestNotKeysConcurrent(t *testing.T) {
+	cs := testKeyCallers(t, keyProd)
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for i := range 2000 {
+				v := fmt.Sprintf("value-%d-%d", g, i%300)
+				if cs.isKey([]byte(v)) {
+					t.Errorf("%q taken for a key", v)
+					return
+				}
+				if !cs.isKey([]byte(keyProd)) {
+					t.Error("the key not found")
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
 }
