@@ -77,7 +77,7 @@ func TestCleanResponse(t *testing.T) {
 	}
 }
 
-// testKeyCallers is a set of callers with keyProd and keyAdmin as keys.
+// testKeyCallers is a set of callers, one for each key given.
 func testKeyCallers(t *testing.T, keys ...string) *callers {
 	t.Helper()
 	cfg := config.Default()

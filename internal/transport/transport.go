@@ -667,15 +667,21 @@ func writeRequest(bw *bufio.Writer, req *fasthttp.Request, authorization string)
 	if authorization == "" {
 		return req.Write(bw)
 	}
-	if req.IsBodyStream() || len(req.Header.Host()) == 0 {
+	viaFasthttp := func() error {
 		req.Header.Set(fasthttp.HeaderAuthorization, authorization)
 		return req.Write(bw)
+	}
+	if req.IsBodyStream() || len(req.Header.Host()) == 0 {
+		return viaFasthttp()
 	}
 	body := req.Body()
 	if len(body) > 0 || !req.Header.IsGet() && !req.Header.IsHead() {
 		req.Header.SetContentLength(len(body)) // as fasthttp's writer does
 	}
-	head := req.Header.AppendBytes(bw.AvailableBuffer()) // ends with the blank line
+	head := req.Header.AppendBytes(bw.AvailableBuffer())
+	if !bytes.HasSuffix(head, []byte("\r\n\r\n")) { // the blank line that ends the head
+		return viaFasthttp()
+	}
 	head = append(head[:len(head)-2], "Authorization: "...)
 	head = append(head, authorization...)
 	head = append(head, "\r\n\r\n"...)
