@@ -384,10 +384,8 @@ func (c *h2Conn) encodeHead(req *fasthttp.Request, authorization string, bodyLen
 		}
 		name := c.lowerName(k)
 		var value string
-		if name == "authorization" { // the same token for every call until it is renewed
-			if authorization != "" {
-				continue // Do has removed it already
-			}
+		if name == "authorization" { // the same token for every call until it is renewed (Do has
+			// removed it from req when it is given as authorization)
 			if string(v) != c.auth {
 				c.auth = string(v)
 			}

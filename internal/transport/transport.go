@@ -661,8 +661,8 @@ func (c *conn) write(req *fasthttp.Request, authorization string) error {
 // writeRequest writes req to bw, with authorization (if not empty) as its Authorization header.
 // A request as the gateway builds them (Host and request URI set in its headers, the body in
 // memory) has its head rendered straight into bw's buffer and the header appended to it, last;
-// one whose body is a stream, or that has no Host, goes through fasthttp's own writer, with the
-// header set in req first. (A body set through fasthttp's form API is not sent: req.Body() is.)
+// one whose body is a stream, or that has no Host (or a head fasthttp renders otherwise than
+// expected), goes through fasthttp's own writer, with the header set in req first. (A body set through fasthttp's form API is not sent: req.Body() is.)
 func writeRequest(bw *bufio.Writer, req *fasthttp.Request, authorization string) error {
 	if authorization == "" {
 		return req.Write(bw)
