@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"crypto/tls"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -35,7 +36,10 @@ type deadlines struct {
 	tick             time.Duration
 	epoch            time.Time
 	now              atomic.Int64 // nanoseconds since epoch as of the last tick
-	conns            sync.Map     // net.Conn → *connWait: the connections being served
+	// The connections being served, net.Conn → *connWait: what the clock's goroutine goes
+	// through. A connection from a servedListener carries its wait along (servedConn), so the
+	// three times a call looks it up are a type switch; others are looked up here.
+	conns sync.Map
 
 	mu      sync.Mutex
 	serving int           // Serve calls running
@@ -63,20 +67,84 @@ func tickFor(readHeader, idle time.Duration) time.Duration {
 
 // open starts waiting for c's first request, within read_header.
 func (d *deadlines) open(c net.Conn) {
-	w := &connWait{d: d, c: c}
+	w := d.carried(c)
+	if w == nil {
+		w = &connWait{d: d, c: c}
+	}
 	w.await(d.readHeader)
 	d.conns.Store(c, w)
 }
 
-// of returns c's wait, nil if c is not one of the server's connections.
+// of returns c's wait, nil if c is not one of the server's connections. A connection from the
+// server's listener carries its wait, which stays with it once forgotten (handed over or
+// closed), but then the clock no longer sees it: its wait can no longer cut it.
 func (d *deadlines) of(c net.Conn) *connWait {
 	if d == nil || c == nil {
 		return nil
+	}
+	if w := d.carried(c); w != nil {
+		return w
 	}
 	if w, ok := d.conns.Load(c); ok {
 		return w.(*connWait)
 	}
 	return nil
+}
+
+// carried returns the wait c carries, if it came from d's listener.
+func (d *deadlines) carried(c net.Conn) *connWait {
+	var w *connWait
+	switch c := c.(type) {
+	case *servedConn:
+		w = &c.w
+	case *servedTLSConn:
+		w = &c.w
+	default:
+		return nil
+	}
+	if w.d != d {
+		return nil // another server's
+	}
+	return w
+}
+
+// A servedConn and a servedTLSConn are connections accepted by a servedListener, with their
+// waits. They embed the connection they wrap, so every method of it is theirs: TLS state for
+// fasthttp, SyscallConn and NetConn for the disconnect watch, ReadFrom for copies.
+type (
+	servedConn struct {
+		*net.TCPConn
+		w connWait
+	}
+	servedTLSConn struct {
+		*tls.Conn
+		w connWait
+	}
+)
+
+// servedListener gives the TCP and TLS connections it accepts a wait of d's to carry. Others
+// (not made by Listen or tls.NewListener) are served as they are, their waits looked up.
+type servedListener struct {
+	net.Listener
+	d *deadlines
+}
+
+func (l servedListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return c, err
+	}
+	switch t := c.(type) {
+	case *net.TCPConn:
+		sc := &servedConn{TCPConn: t}
+		sc.w.d, sc.w.c = l.d, sc
+		return sc, nil
+	case *tls.Conn:
+		sc := &servedTLSConn{Conn: t}
+		sc.w.d, sc.w.c = l.d, sc
+		return sc, nil
+	}
+	return c, nil
 }
 
 // forget stops keeping c's timeouts: it was closed or handed over.

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/tokenproxy/tokenproxy/internal/config"
+	"github.com/tokenproxy/tokenproxy/internal/emulator"
 )
 
 func TestTickFor(t *testing.T) {
@@ -285,5 +287,99 @@ func TestDeadlinesCut(t *testing.T) {
 	d.forget(past)
 	if d.of(past) != nil {
 		t.Error("a forgotten connection is still kept")
+	}
+}
+
+// Connections from the server's listener carry their waits: found without the map, with the
+// connection's own methods kept (TLS state for fasthttp, the socket for the disconnect watch),
+// and cut by the clock like any other while they are served, not once forgotten.
+func TestServedListenerCarriesWaits(t *testing.T) {
+	ca, err := emulator.NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	serverTLS, err := ca.ServerConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := newDeadlines(time.Minute, time.Minute)
+	for _, tc := range []struct {
+		name string
+		wrap func(net.Listener) net.Listener
+		dial func(addr string) (net.Conn, error)
+	}{
+		{"tcp", func(ln net.Listener) net.Listener { return ln }, func(addr string) (net.Conn, error) { return net.Dial("tcp", addr) }},
+		{"tls", func(ln net.Listener) net.Listener { return tls.NewListener(ln, serverTLS) }, func(addr string) (net.Conn, error) {
+			return tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.Pool(), ServerName: "127.0.0.1"})
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			raw, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln := servedListener{tc.wrap(raw), d}
+			defer ln.Close()
+			dialed := make(chan net.Conn, 1)
+			go func() {
+				c, err := tc.dial(raw.Addr().String())
+				if err != nil {
+					t.Error(err)
+					close(dialed)
+					return
+				}
+				dialed <- c
+			}()
+			c, err := ln.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second)) // bounds the handshake below
+			if hs, ok := c.(interface{ Handshake() error }); ok {
+				if err := hs.Handshake(); err != nil { // the client's dial waits for it
+					t.Fatal(err)
+				}
+			}
+			client := <-dialed
+			if client == nil {
+				return
+			}
+			defer client.Close()
+			w := d.carried(c)
+			if w == nil {
+				t.Fatalf("an accepted %T carries no wait", c)
+			}
+			if w.c != c || w.d != d {
+				t.Fatal("the carried wait is not the connection's")
+			}
+			if tc.name == "tls" {
+				if _, ok := c.(interface{ ConnectionState() tls.ConnectionState }); !ok {
+					t.Fatal("a TLS connection lost its TLS state")
+				}
+			}
+			if rawConn(c) == nil {
+				t.Fatal("the disconnect watch cannot reach the connection's socket")
+			}
+			d.open(c)
+			if d.of(c) != w {
+				t.Fatal("of does not return the carried wait")
+			}
+			if got, _ := d.conns.Load(c); got != w {
+				t.Fatal("the clock does not see the connection")
+			}
+			if newDeadlines(time.Minute, time.Minute).of(c) != nil {
+				t.Fatal("another server's deadlines took the connection for theirs")
+			}
+			w.until.Store(1) // its wait ended long ago
+			d.cut()
+			if _, err := c.Read(make([]byte, 1)); !isTimeout(err) {
+				t.Fatalf("a connection whose wait is over was not cut: read gave %v", err)
+			}
+			d.forget(c)
+			if _, ok := d.conns.Load(c); ok {
+				t.Fatal("a forgotten connection is still on the clock")
+			}
+		})
 	}
 }

@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"crypto/tls"
 	"net"
 	"sync"
 	"syscall"
@@ -143,7 +142,7 @@ func (l *watchList) check() bool {
 }
 
 func rawConn(c net.Conn) syscall.RawConn {
-	if tc, ok := c.(*tls.Conn); ok {
+	if tc, ok := c.(interface{ NetConn() net.Conn }); ok { // TLS
 		c = tc.NetConn()
 	}
 	sc, ok := c.(syscall.Conn)

@@ -126,7 +126,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	s.lns = append(s.lns, ln)
 	s.lmu.Unlock()
 	defer s.conns.start()()
-	return s.srv.Serve(ln)
+	return s.srv.Serve(servedListener{ln, s.conns})
 }
 
 // closeListeners closes the listeners of Serve calls fasthttp's Shutdown may not have known
