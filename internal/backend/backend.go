@@ -401,10 +401,11 @@ func (b *Budget) refillLocked() {
 	b.last = now
 }
 
-// Deposit records a call.
+// Deposit records a call. It does not read the clock: the time-based refill is added at the
+// next Withdraw, from the last, and with both additions non-negative, capping one before the
+// other adds up to the same balance.
 func (b *Budget) Deposit() {
 	b.mu.Lock()
-	b.refillLocked()
 	b.balance = min(b.balance+b.ratio, maxBalance)
 	b.mu.Unlock()
 }

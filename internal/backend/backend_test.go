@@ -189,6 +189,33 @@ func TestBudget(t *testing.T) {
 	if got != maxBalance {
 		t.Errorf("an idle hour funded %d retries, want the cap %d", got, maxBalance)
 	}
+	// Calls and time both fund retries, whichever comes first, and the cap holds over both.
+	b = NewBudget(0.5, 2, c.now)
+	for b.Withdraw() {
+	}
+	c.advance(time.Second) // 2
+	for range 4 {
+		b.Deposit() // 2
+	}
+	c.advance(500 * time.Millisecond) // 1
+	got = 0
+	for b.Withdraw() {
+		got++
+	}
+	if got != 5 {
+		t.Errorf("a second, four calls at 50%% and half a second funded %d retries, want 5", got)
+	}
+	for range 3 * maxBalance {
+		b.Deposit()
+	}
+	c.advance(time.Hour)
+	got = 0
+	for b.Withdraw() {
+		got++
+	}
+	if got != maxBalance {
+		t.Errorf("calls over the cap and an idle hour funded %d retries, want the cap %d", got, maxBalance)
+	}
 }
 
 func TestRetryAfter(t *testing.T) {
