@@ -146,7 +146,7 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 	}
 	outcome := func(result string) {
 		if b != nil {
-			h.m.attempts.WithLabelValues(b.Key, result).Inc()
+			h.m.attemptsFor(b.Key, result).Inc()
 		}
 	}
 	tok, err := up.src.Token(ctx)

@@ -208,3 +208,27 @@ func BenchmarkRewrite(b *testing.B) {
 		out.Reset()
 	}
 }
+
+// BenchmarkSeries is what counting a call in its four series costs, through client_golang's
+// lookup and through the handler's cache of series.
+func BenchmarkSeries(b *testing.B) {
+	m := newMetrics(false, map[string]bool{"gpt-4.1-mini": true}, nil)
+	b.Run("client_golang", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			m.requests.WithLabelValues("a360-prod", "gpt-4.1-mini", "200").Inc()
+			m.duration.WithLabelValues("gpt-4.1-mini").Observe(0.01)
+			m.upstreamLatency.WithLabelValues("eastca").Observe(0.01)
+			m.attempts.WithLabelValues("eastca/deploy-gpt-4.1", "200").Inc()
+		}
+	})
+	b.Run("cache", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			m.requestsFor("a360-prod", "gpt-4.1-mini", "200").Inc()
+			m.durationFor("gpt-4.1-mini").Observe(0.01)
+			m.latencyFor("eastca").Observe(0.01)
+			m.attemptsFor("eastca/deploy-gpt-4.1", "200").Inc()
+		}
+	})
+}

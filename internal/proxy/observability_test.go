@@ -200,3 +200,37 @@ func TestPanicIsRecoveredAs500(t *testing.T) {
 	assertNoSecrets(t, "the logged panic", logged, []string{key, jwt, "c2lnbmF0dXJlLXRoYXQtbXVzdC1ub3QtbGVhaw"})
 	assertNoSecrets(t, "the error body", string(body), []string{key, jwt})
 }
+
+// The cache of series counts each call in the series of its own labels, however many label
+// sets share its slots, and labels that run together differently are different series.
+func TestSeriesCache(t *testing.T) {
+	m := newMetrics(false, nil, nil)
+	type labels struct{ caller, deployment, code string }
+	var sets []labels
+	for i := range 300 { // more than the cache's slots
+		sets = append(sets, labels{fmt.Sprintf("caller-%d", i%7), fmt.Sprintf("dep-%d", i%11), statusLabel(200 + i%5)})
+	}
+	sets = append(sets, labels{"ab", "c", "200"}, labels{"a", "bc", "200"})
+	want := map[labels]float64{}
+	for round := range 3 {
+		for i, l := range sets {
+			if (i+round)%2 == 0 {
+				m.requestsFor(l.caller, l.deployment, l.code).Inc()
+				want[l]++
+			}
+		}
+	}
+	for l, n := range want {
+		if got := testutil.ToFloat64(m.requests.WithLabelValues(l.caller, l.deployment, l.code)); got != n {
+			t.Errorf("%v counted %v, want %v", l, got, n)
+		}
+	}
+	if got := testutil.CollectAndCount(m.requests); got != len(want) {
+		t.Errorf("%d series, want %d", got, len(want))
+	}
+	m.latencyFor("eastca").Observe(1)
+	m.latencyFor("westus").Observe(2)
+	if got := testutil.CollectAndCount(m.upstreamLatency); got != 2 {
+		t.Errorf("%d latency series, want 2", got)
+	}
+}
