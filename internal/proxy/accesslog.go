@@ -203,10 +203,42 @@ const hexDigits = "0123456789abcdef"
 
 // appendJSONString appends s quoted as zap quotes a string; decode is utf8.DecodeRuneInString
 // or utf8.DecodeRune.
+// plainJSON marks the bytes a JSON string holds as they are: printable ASCII but the quote and
+// the backslash.
+var plainJSON = func() (t [256]bool) {
+	for c := 0x20; c < utf8.RuneSelf; c++ {
+		t[c] = c != '"' && c != '\\'
+	}
+	return t
+}()
+
+// plainWord reports whether all eight bytes of w are plainJSON ones: none from 0x80, none below
+// 0x20, no quote, no backslash. (x - n…) &^ x has a byte's high bit set if x has a byte below n
+// (n ≤ 0x80), and has none set otherwise; a zero byte of x ^ c is a byte c of x.
+func plainWord(w uint64) bool {
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	quote, backslash := w^'"'*ones, w^'\\'*ones
+	return (w|(w-0x20*ones)&^w|(quote-ones)&^quote|(backslash-ones)&^backslash)&highs == 0
+}
+
 func appendJSONString[S string | []byte](b []byte, s S, decode func(S) (rune, int)) []byte {
 	b = append(b, '"')
 	last := 0
 	for i := 0; i < len(s); {
+		for i+8 <= len(s) { // the common case, eight bytes at a time
+			w := uint64(s[i]) | uint64(s[i+1])<<8 | uint64(s[i+2])<<16 | uint64(s[i+3])<<24 |
+				uint64(s[i+4])<<32 | uint64(s[i+5])<<40 | uint64(s[i+6])<<48 | uint64(s[i+7])<<56
+			if !plainWord(w) {
+				break
+			}
+			i += 8
+		}
+		for i < len(s) && plainJSON[s[i]] {
+			i++
+		}
+		if i == len(s) {
+			break
+		}
 		c := s[i]
 		if c >= utf8.RuneSelf {
 			if r, size := decode(s[i:]); r != utf8.RuneError || size != 1 {

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"math"
@@ -91,6 +92,7 @@ func TestAccessLogFollowsTheLevel(t *testing.T) {
 func FuzzAccessLog(f *testing.F) {
 	f.Add("/openai/deployments/d/chat/completions", "gpt-4.1", "POST", "boom", "apim", int64(1500))
 	f.Add("/\x00\xff\"\\", "\xe2\x82", "G\tET", "\u2028\n", "\x7f", int64(-5))
+	f.Add("/openai/deployments/\"gpt\\4.1\"/chat/\xc3\xa9t\xc3", "gpt-4.1-mini-2025-04-14\x01", "POST", "a long error text \u2028 with\tcontrols", "6a1b2c3d-0000-4000-8000-000000000000", int64(1))
 	f.Fuzz(func(t *testing.T, path, deployment, method, errText, apim string, d int64) {
 		start := time.Unix(1_790_000_000, 0)
 		c := &call{start: start, id: "id", path: path, deployment: deployment, err: errors.New(errText), caller: "c"}
@@ -159,3 +161,32 @@ func BenchmarkAccessLog(b *testing.B) {
 type discard struct{}
 
 func (discard) Write(p []byte) (int, error) { return len(p), nil }
+
+// plainWord agrees with plainJSON on every byte value at every place in a word, among plain
+// bytes and among others.
+func TestPlainWord(t *testing.T) {
+	for _, fill := range []byte{'a', ' ', '~', '!', '#', '[', ']'} {
+		for pos := range 8 {
+			for c := range 256 {
+				var b [8]byte
+				for i := range b {
+					b[i] = fill
+				}
+				b[pos] = byte(c)
+				w := binary.LittleEndian.Uint64(b[:])
+				if got, want := plainWord(w), plainJSON[c]; got != want {
+					t.Fatalf("plainWord(%q) = %v, want %v", b, got, want)
+				}
+			}
+		}
+	}
+	// Two bytes apart: the trick's borrow must not hide one behind the other.
+	for c := range 256 {
+		for d := range 256 {
+			b := [8]byte{'x', byte(c), byte(d), 'x', 'x', 'x', 'x', 'x'}
+			if got, want := plainWord(binary.LittleEndian.Uint64(b[:])), plainJSON[c] && plainJSON[d]; got != want {
+				t.Fatalf("plainWord(%q) = %v, want %v", b, got, want)
+			}
+		}
+	}
+}
