@@ -55,9 +55,14 @@ func rewrite(out, in *fasthttp.Request, up *upstream, path []byte, query string,
 	// carries one or two of the dropped headers, so only those are deleted.
 	var drop uint32
 	var carriers [][]byte
+	var listedBuf [4][]byte
+	listed := listedBuf[:0] // by Connection headers
 	for k, v := range h.All() {
 		bit := dropMask(k, dropRequestHeaders)
 		drop |= bit
+		if bit == 1 { // Connection
+			listed = appendListed(listed, v)
+		}
 		if bit == 0 && !bytes.EqualFold(k, requestIDHeader) && (len(credential) > 0 && bytes.Contains(v, credential) || keys.holdsKey(v)) {
 			carriers = append(carriers, bytes.Clone(k))
 		}
@@ -65,10 +70,8 @@ func rewrite(out, in *fasthttp.Request, up *upstream, path []byte, query string,
 	for _, k := range carriers {
 		h.DelBytes(k)
 	}
-	for token := range strings.SplitSeq(string(in.Header.Peek("Connection")), ",") {
-		if token = strings.TrimSpace(token); token != "" {
-			h.Del(token)
-		}
+	for _, k := range listed {
+		h.DelBytes(k)
 	}
 	for i, k := range dropRequestHeaders {
 		if drop&(1<<i) != 0 {
@@ -91,6 +94,19 @@ func rewrite(out, in *fasthttp.Request, up *upstream, path []byte, query string,
 	h.SetRequestURIBytes(uri)
 	out.SetBodyRaw(body)
 	h.SetContentLength(len(body))
+}
+
+// appendListed appends the header names a Connection header's value v lists, which are
+// hop-by-hop too (RFC 9110 §7.6.1); the field may come more than once, and each is read. The
+// names point into v: deleting headers moves their values but does not overwrite them, so they
+// are to be deleted before anything is set in the header.
+func appendListed(names [][]byte, v []byte) [][]byte {
+	for token := range bytes.SplitSeq(v, []byte(",")) {
+		if token = bytes.TrimSpace(token); len(token) > 0 {
+			names = append(names, token)
+		}
+	}
+	return names
 }
 
 // checkHeaders refuses caller headers carrying control characters: a bare CR that one HTTP
@@ -124,17 +140,19 @@ var (
 // caller gets the request ID back even if the upstream does not echo it.
 func cleanResponse(h *fasthttp.ResponseHeader, requestID string) {
 	var drop uint32
+	var listedBuf [4][]byte
+	listed := listedBuf[:0] // by Connection headers
 	hasID := false
-	for k := range h.All() {
-		drop |= dropMask(k, dropResponseHeaders)
+	for k, v := range h.All() {
+		bit := dropMask(k, dropResponseHeaders)
+		drop |= bit
+		if bit == 1 { // Connection
+			listed = appendListed(listed, v)
+		}
 		hasID = hasID || bytes.EqualFold(k, []byte("X-Ms-Client-Request-Id"))
 	}
-	if drop&1 != 0 { // Connection, which may name more
-		for token := range bytes.SplitSeq(bytes.Clone(h.Peek("Connection")), []byte(",")) {
-			if token = bytes.TrimSpace(token); len(token) > 0 {
-				h.DelBytes(token)
-			}
-		}
+	for _, k := range listed {
+		h.DelBytes(k)
 	}
 	for i, k := range dropResponseHeaders {
 		if drop&(1<<i) != 0 {

@@ -15,9 +15,10 @@ import (
 
 func TestRewriteDropsHeaders(t *testing.T) {
 	// Every dropped header goes, whatever its case, and so do those the caller's Connection
-	// header names; the rest stay.
+	// headers name (all of them, not only the first's); the rest stay.
 	raw := "POST /openai/deployments/x/chat HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n" +
-		"User-Agent: sdk\r\nX-Custom: keep me\r\nConnection: keep-alive, X-Hop\r\nX-Hop: hop\r\n"
+		"User-Agent: sdk\r\nX-Custom: keep me\r\nConnection: keep-alive, X-Hop\r\nX-Hop: hop\r\n" +
+		"connection: x-hop2 ,,X-Hop3\r\nX-Hop2: hop\r\nX-Hop3: hop\r\n"
 	for _, k := range dropRequestHeaders {
 		if k != "Connection" && k != "Transfer-Encoding" {
 			raw += strings.ToUpper(k) + ": v\r\n"
@@ -31,7 +32,7 @@ func TestRewriteDropsHeaders(t *testing.T) {
 	origin, _ := transport.NewOrigin("https://eastca.openai.azure.com")
 	rewrite(&out, &in, &upstream{origin: origin}, []byte("/openai/deployments/y/chat"), "api-version=1", []byte("{}"), "rid", nil, "", nil)
 	// The caller's Authorization goes too: the bearer token is the transport's to write.
-	for _, k := range append(dropRequestHeaders, "X-Hop") {
+	for _, k := range append(dropRequestHeaders, "X-Hop", "X-Hop2", "X-Hop3") {
 		if v := out.Header.Peek(k); len(v) > 0 {
 			t.Errorf("%s: %q was forwarded", k, v)
 		}
@@ -45,7 +46,8 @@ func TestRewriteDropsHeaders(t *testing.T) {
 }
 
 func TestCleanResponse(t *testing.T) {
-	raw := "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nApim-Request-Id: a1\r\nConnection: X-Hop\r\nX-Hop: hop\r\n"
+	raw := "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nApim-Request-Id: a1\r\nConnection: X-Hop\r\nX-Hop: hop\r\n" +
+		"Connection: X-Hop2\r\nX-Hop2: hop\r\n"
 	for _, k := range dropResponseHeaders {
 		if k != "Connection" {
 			raw += strings.ToLower(k) + ": v\r\n"
@@ -63,7 +65,7 @@ func TestCleanResponse(t *testing.T) {
 			t.Fatal(err)
 		}
 		cleanResponse(&resp.Header, "rid")
-		for _, k := range append(dropResponseHeaders, "X-Hop") {
+		for _, k := range append(dropResponseHeaders, "X-Hop", "X-Hop2") {
 			if v := resp.Header.Peek(k); len(v) > 0 {
 				t.Errorf("%s: %s: %q was passed back", tt.name, k, v)
 			}
