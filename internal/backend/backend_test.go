@@ -154,66 +154,48 @@ func TestBackendsAreShared(t *testing.T) {
 
 func TestBudget(t *testing.T) {
 	c := newClock()
+	spend := func(b *Budget) int { // withdraws all there is
+		n := 0
+		for b.Withdraw() {
+			n++
+		}
+		return n
+	}
 	b := NewBudget(0.2, 0, c.now)
 	for range 10 {
 		b.Deposit()
 	}
-	got := 0
-	for b.Withdraw() {
-		got++
-	}
-	if got != 2 {
+	if got := spend(b); got != 2 {
 		t.Errorf("10 calls at 20%% funded %d retries, want 2", got)
 	}
 	b = NewBudget(0.2, 5, c.now)
-	got = 0
-	for b.Withdraw() {
-		got++
-	}
-	if got != 5 {
+	if got := spend(b); got != 5 {
 		t.Errorf("a new budget funded %d retries, want a second's minimum (5)", got)
 	}
 	c.advance(time.Second)
-	got = 0
-	for b.Withdraw() {
-		got++
-	}
-	if got != 5 {
+	if got := spend(b); got != 5 {
 		t.Errorf("a quiet second funded %d retries, want the minimum 5", got)
 	}
 	c.advance(time.Hour)
-	got = 0
-	for b.Withdraw() {
-		got++
-	}
-	if got != maxBalance {
+	if got := spend(b); got != maxBalance {
 		t.Errorf("an idle hour funded %d retries, want the cap %d", got, maxBalance)
 	}
 	// Calls and time both fund retries, whichever comes first, and the cap holds over both.
 	b = NewBudget(0.5, 2, c.now)
-	for b.Withdraw() {
-	}
+	spend(b)
 	c.advance(time.Second) // 2
 	for range 4 {
 		b.Deposit() // 2
 	}
 	c.advance(500 * time.Millisecond) // 1
-	got = 0
-	for b.Withdraw() {
-		got++
-	}
-	if got != 5 {
+	if got := spend(b); got != 5 {
 		t.Errorf("a second, four calls at 50%% and half a second funded %d retries, want 5", got)
 	}
 	for range 3 * maxBalance {
 		b.Deposit()
 	}
 	c.advance(time.Hour)
-	got = 0
-	for b.Withdraw() {
-		got++
-	}
-	if got != maxBalance {
+	if got := spend(b); got != maxBalance {
 		t.Errorf("calls over the cap and an idle hour funded %d retries, want the cap %d", got, maxBalance)
 	}
 }
