@@ -49,13 +49,13 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("demo configuration: %w", err)
 	}
-	log, access, flush, err := newLogger("info", *logFormat, stderr)
+	log, logOut, access, err := newLogger("info", *logFormat, stderr)
 	if err != nil {
 		return err
 	}
-	defer flush()
+	defer logOut.Stop()
 	return serveGateway(ctx, gatewayOptions{
-		cfg: cfg, log: log, access: access, stdout: stdout, fallbackPorts: true,
+		cfg: cfg, log: log, logOut: logOut, access: access, stdout: stdout, fallbackPorts: true,
 		entra:  entra.Options{HTTPClient: emu.CA().Client()},
 		banner: func(apiURL, adminURL string) { printBanner(stdout, apiURL, adminURL, emu.URL(), key) },
 	})

@@ -27,6 +27,7 @@ import (
 	"github.com/tokenproxy/tokenproxy/internal/broker/entra"
 	"github.com/tokenproxy/tokenproxy/internal/certs"
 	"github.com/tokenproxy/tokenproxy/internal/config"
+	"github.com/tokenproxy/tokenproxy/internal/logsink"
 	"github.com/tokenproxy/tokenproxy/internal/proxy"
 )
 
@@ -45,17 +46,17 @@ func runServeWith(ctx context.Context, args []string, getenv func(string) string
 	if err != nil {
 		return err
 	}
-	log, access, flush, err := newLogger(cfg.LogLevel, cfg.LogFormat, stderr)
+	log, logOut, access, err := newLogger(cfg.LogLevel, cfg.LogFormat, stderr)
 	if err != nil {
 		return err
 	}
-	defer flush()
+	defer logOut.Stop()
 	if limit := memoryLimit(getenv, config.ContainerMemoryLimit("/")); limit > 0 {
 		debug.SetMemoryLimit(limit)
 		log.Info("the garbage collector keeps memory under 90% of the container's limit (set GOMEMLIMIT to choose)",
 			zap.Int64("memory_limit_bytes", limit))
 	}
-	return serveGateway(ctx, gatewayOptions{cfg: cfg, log: log, access: access, stdout: stdout, entra: eo, configPath: *path, getenv: getenv})
+	return serveGateway(ctx, gatewayOptions{cfg: cfg, log: log, logOut: logOut, access: access, stdout: stdout, entra: eo, configPath: *path, getenv: getenv})
 }
 
 // memoryLimit is the soft memory limit for the garbage collector: 90% of the container's memory
@@ -114,12 +115,13 @@ func loadConfig(path string, getenv func(string) string, stderr io.Writer) (*con
 	return cfg, nil
 }
 
-// newLogger builds the logger. Output is buffered (flushed every second, when 256 KiB have
-// gathered, and by flush, which must run before exit): a write(2) per access-log line costs
-// about as much as the rest of the gateway's own work on a call. access is the same buffered
-// output when the format is JSON, for the access log's own encoder (proxy.Options.AccessLog);
-// nil otherwise.
-func newLogger(level, format string, w io.Writer) (log *zap.Logger, access io.Writer, flush func(), err error) {
+// newLogger builds the logger. Its output is a logsink.Writer: lines are gathered in memory and
+// written by a goroutine of its own (at 256 KiB, and at least every second), so no call waits
+// for a write(2), which to a file on a busy disk or a slowly drained pipe can take milliseconds
+// (and a write(2) per line would cost about as much as the rest of the gateway's own work on a
+// call). out.Stop must run before exit. access is the same output when the format is JSON, for
+// the access log's own encoder (proxy.Options.AccessLog); nil otherwise.
+func newLogger(level, format string, w io.Writer) (log *zap.Logger, out *logsink.Writer, access io.Writer, err error) {
 	lvl, err := zapcore.ParseLevel(level)
 	if err != nil {
 		return nil, nil, nil, err
@@ -133,18 +135,19 @@ func newLogger(level, format string, w io.Writer) (log *zap.Logger, access io.Wr
 	} else {
 		enc = zapcore.NewJSONEncoder(ec)
 	}
-	ws := &zapcore.BufferedWriteSyncer{WS: zapcore.AddSync(w), Size: 256 << 10, FlushInterval: time.Second}
+	out = logsink.New(w, logsink.Options{FlushSize: 256 << 10, Interval: time.Second})
 	if format != "console" {
-		access = ws
+		access = out
 	}
 	// No sampling: every access-log line is kept.
-	return zap.New(zapcore.NewCore(enc, ws, lvl), zap.ErrorOutput(ws)), access, func() { ws.Stop() }, nil
+	return zap.New(zapcore.NewCore(enc, out, lvl), zap.ErrorOutput(out)), out, access, nil
 }
 
 type gatewayOptions struct {
 	cfg    *config.Config
 	log    *zap.Logger
-	access io.Writer // the access log's output, if it is encoded by the proxy (newLogger)
+	logOut *logsink.Writer // the log's output (newLogger)
+	access io.Writer       // the access log's output, if it is encoded by the proxy (newLogger)
 	stdout io.Writer
 	// entra configures how credentials, and the verification of callers' Entra tokens, reach
 	// Entra (the demo trusts its emulator's CA).
@@ -172,6 +175,12 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 			ConstLabels: prometheus.Labels{"version": version, "goversion": runtime.Version()},
 		}, func() float64 { return 1 }),
 	)
+	if out := o.logOut; out != nil {
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "tokenproxy", Name: "log_lost_bytes_total",
+			Help: "Bytes of log lines the log's destination refused (a failed write(2)): those lines are lost.",
+		}, func() float64 { return float64(out.Lost()) }))
+	}
 
 	fetchers := map[string]broker.Fetcher{}
 	for name, c := range cfg.Credentials {

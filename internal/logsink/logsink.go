@@ -1,0 +1,230 @@
+// Package logsink is the gateway's log output. Lines are gathered in memory and written to the
+// destination by a goroutine of its own, so a call never waits for the destination: a write(2)
+// to a log file on a busy disk, or to a pipe a log collector drains slowly, takes milliseconds
+// now and then, and a call that waited for it (and every other call logging meanwhile, behind
+// the same lock) would take them on its latency. Nothing is dropped to spare the calls: if the
+// destination falls so far behind that Limit bytes are waiting, writers wait for it.
+package logsink
+
+import (
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Options tune a Writer.
+type Options struct {
+	// FlushSize is how many gathered bytes start a write. If zero, 256 KiB.
+	FlushSize int
+	// Limit is how many gathered bytes make writers wait for the destination. If zero,
+	// 32 × FlushSize. A single write larger than Limit is still taken, on its own.
+	Limit int
+	// Interval is the longest a gathered line waits to be written. If zero, one second.
+	Interval time.Duration
+}
+
+func (o Options) flushSize() int {
+	if o.FlushSize <= 0 {
+		return 256 << 10
+	}
+	return o.FlushSize
+}
+
+func (o Options) limit() int {
+	if o.Limit <= 0 {
+		return 32 * o.flushSize()
+	}
+	return max(o.Limit, o.flushSize())
+}
+
+func (o Options) interval() time.Duration {
+	if o.Interval <= 0 {
+		return time.Second
+	}
+	return o.Interval
+}
+
+// Writer gathers writes and hands them to its destination from a goroutine of its own. It is a
+// zapcore.WriteSyncer: Sync writes what has been gathered and syncs the destination. Stop must
+// be called before the process exits, or lines gathered since the last write are lost.
+type Writer struct {
+	dst         io.Writer
+	size, limit int
+
+	mu      sync.Mutex
+	room    sync.Cond // broadcast when the writing goroutine takes what was gathered
+	buf     []byte    // gathered, not yet taken
+	waiting int       // writers waiting for room
+	stopped bool
+	err     error // the first failed write since the last Sync
+
+	lost atomic.Uint64 // bytes the destination refused
+
+	kick    chan struct{}   // the gathered bytes reached FlushSize (or a writer waits)
+	syncReq chan chan error // Sync's requests
+	stop    chan struct{}   // closed by Stop
+	done    chan struct{}   // closed when the goroutine has written everything and ended
+	direct  sync.Mutex      // orders writes made straight to dst once the goroutine has ended
+}
+
+// New starts a Writer to dst.
+func New(dst io.Writer, o Options) *Writer {
+	t := time.NewTicker(o.interval())
+	w := newWriter(dst, o, t.C)
+	go func() { <-w.done; t.Stop() }()
+	return w
+}
+
+// newWriter starts a Writer that writes what is gathered whenever tick fires.
+func newWriter(dst io.Writer, o Options, tick <-chan time.Time) *Writer {
+	w := &Writer{
+		dst: dst, size: o.flushSize(), limit: o.limit(), buf: make([]byte, 0, 2*o.flushSize()),
+		kick: make(chan struct{}, 1), syncReq: make(chan chan error),
+		stop: make(chan struct{}), done: make(chan struct{}),
+	}
+	w.room.L = &w.mu
+	go w.run(tick)
+	return w
+}
+
+// Write gathers p. It returns at once unless Limit bytes are already waiting for the
+// destination. It never fails: the destination's errors are counted (Lost) and returned by the
+// next Sync.
+func (w *Writer) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	for !w.stopped && len(w.buf) > 0 && len(w.buf)+len(p) > w.limit {
+		w.waiting++
+		w.wake()
+		w.room.Wait()
+		w.waiting--
+	}
+	if w.stopped {
+		w.mu.Unlock()
+		return w.writeDirect(p)
+	}
+	w.buf = append(w.buf, p...)
+	full := len(w.buf) >= w.size
+	w.mu.Unlock()
+	if full {
+		w.wake()
+	}
+	return len(p), nil
+}
+
+// wake tells the goroutine there is something to write, without waiting for it.
+func (w *Writer) wake() {
+	select {
+	case w.kick <- struct{}{}:
+	default:
+	}
+}
+
+// writeDirect writes p straight to the destination, after everything gathered before Stop.
+func (w *Writer) writeDirect(p []byte) (int, error) {
+	<-w.done
+	w.direct.Lock()
+	defer w.direct.Unlock()
+	return w.dst.Write(p)
+}
+
+// Sync writes everything gathered so far, then syncs the destination if it can be (an
+// *os.File can). It returns the first write error since the last Sync, if any, or the sync's.
+func (w *Writer) Sync() error {
+	reply := make(chan error, 1)
+	select {
+	case w.syncReq <- reply:
+		return <-reply
+	case <-w.done:
+		w.direct.Lock()
+		defer w.direct.Unlock()
+		return w.syncDst()
+	}
+}
+
+// Stop writes everything gathered and ends the goroutine; later writes go straight to the
+// destination. It returns what Sync would.
+func (w *Writer) Stop() error {
+	w.mu.Lock()
+	already := w.stopped
+	w.stopped = true
+	w.room.Broadcast()
+	w.mu.Unlock()
+	if !already {
+		close(w.stop)
+	}
+	<-w.done
+	w.direct.Lock()
+	defer w.direct.Unlock()
+	return w.syncDst()
+}
+
+// Lost is how many bytes the destination has refused (a write that failed loses what it held).
+func (w *Writer) Lost() uint64 { return w.lost.Load() }
+
+func (w *Writer) run(tick <-chan time.Time) {
+	defer close(w.done)
+	var out []byte
+	for {
+		var reply chan error
+		select {
+		case <-w.kick:
+		case <-tick:
+		case reply = <-w.syncReq:
+		case <-w.stop:
+			w.put(w.take(out))
+			return
+		}
+		out = w.take(out)
+		w.put(out)
+		if reply != nil {
+			reply <- w.syncDst()
+		}
+	}
+}
+
+// take swaps the gathered bytes for out, emptied, and lets waiting writers on. Each buffer has
+// room for twice FlushSize, so gathering does not grow it while the goroutine is on its way; one
+// a burst grew past that is not kept.
+func (w *Writer) take(out []byte) []byte {
+	if out == nil || cap(out) > 2*w.size {
+		out = make([]byte, 0, 2*w.size)
+	}
+	w.mu.Lock()
+	out, w.buf = w.buf, out[:0]
+	if w.waiting > 0 {
+		w.room.Broadcast()
+	}
+	w.mu.Unlock()
+	return out
+}
+
+// put writes b to the destination, counting what a failed write loses.
+func (w *Writer) put(b []byte) {
+	if len(b) == 0 {
+		return
+	}
+	if n, err := w.dst.Write(b); err != nil {
+		w.lost.Add(uint64(len(b) - min(max(n, 0), len(b))))
+		w.mu.Lock()
+		if w.err == nil {
+			w.err = err
+		}
+		w.mu.Unlock()
+	}
+}
+
+// syncDst returns (and forgets) the first write error since the last call, or else the
+// destination's Sync error.
+func (w *Writer) syncDst() error {
+	w.mu.Lock()
+	err := w.err
+	w.err = nil
+	w.mu.Unlock()
+	if s, ok := w.dst.(interface{ Sync() error }); ok {
+		if serr := s.Sync(); err == nil {
+			err = serr
+		}
+	}
+	return err
+}
