@@ -318,6 +318,18 @@ func TestServeWithManagedIdentityAndGracefulShutdown(t *testing.T) {
 	if code := s.ready(t); code != 200 {
 		t.Fatalf("readyz %d, want 200", code)
 	}
+	// The log's own counters are served, at zero while stderr takes every line.
+	if r, err := http.Get(s.admin + "/metrics"); err != nil {
+		t.Fatalf("metrics: %v", err)
+	} else {
+		body, _ := io.ReadAll(r.Body)
+		r.Body.Close()
+		for _, want := range []string{"\ntokenproxy_log_lost_bytes_total 0\n", "\ntokenproxy_log_waits_total 0\n"} {
+			if !strings.Contains(string(body), want) {
+				t.Errorf("metrics lack %q", strings.TrimSpace(want))
+			}
+		}
+	}
 
 	// A stream is running when SIGTERM arrives.
 	s.emu.OpenAI.SetChunkInterval(100 * time.Millisecond)

@@ -135,7 +135,7 @@ func newLogger(level, format string, w io.Writer) (log *zap.Logger, out *logsink
 	} else {
 		enc = zapcore.NewJSONEncoder(ec)
 	}
-	out = logsink.New(w, logsink.Options{FlushSize: 256 << 10, Interval: time.Second})
+	out = logsink.New(w, logsink.Options{FlushSize: 256 << 10, Limit: 8 << 20, Interval: time.Second})
 	if format != "console" {
 		access = out
 	}
@@ -180,6 +180,10 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 			Namespace: "tokenproxy", Name: "log_lost_bytes_total",
 			Help: "Bytes of log lines the log's destination refused (a failed write(2)): those lines are lost.",
 		}, func() float64 { return float64(out.Lost()) }))
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Namespace: "tokenproxy", Name: "log_waits_total",
+			Help: "Log lines whose call waited because the log's destination had fallen 8 MiB behind.",
+		}, func() float64 { return float64(out.Waits()) }))
 	}
 
 	fetchers := map[string]broker.Fetcher{}

@@ -59,7 +59,8 @@ type Writer struct {
 	stopped bool
 	err     error // the first failed write since the last Sync
 
-	lost atomic.Uint64 // bytes the destination refused
+	lost  atomic.Uint64 // bytes the destination refused
+	waits atomic.Uint64 // writes that waited for room
 
 	kick    chan struct{}   // the gathered bytes reached FlushSize (or a writer waits)
 	syncReq chan chan error // Sync's requests
@@ -93,6 +94,9 @@ func newWriter(dst io.Writer, o Options, tick <-chan time.Time) *Writer {
 // next Sync.
 func (w *Writer) Write(p []byte) (int, error) {
 	w.mu.Lock()
+	if !w.stopped && len(w.buf) > 0 && len(w.buf)+len(p) > w.limit {
+		w.waits.Add(1)
+	}
 	for !w.stopped && len(w.buf) > 0 && len(w.buf)+len(p) > w.limit {
 		w.waiting++
 		w.wake()
@@ -161,6 +165,9 @@ func (w *Writer) Stop() error {
 
 // Lost is how many bytes the destination has refused (a write that failed loses what it held).
 func (w *Writer) Lost() uint64 { return w.lost.Load() }
+
+// Waits is how many writes have waited for the destination, Limit bytes behind.
+func (w *Writer) Waits() uint64 { return w.waits.Load() }
 
 func (w *Writer) run(tick <-chan time.Time) {
 	defer close(w.done)

@@ -149,6 +149,9 @@ func TestWriteDoesNotWaitForTheDestination(t *testing.T) {
 		}
 	}()
 	within(t, wrote, "writing while the destination is stuck")
+	if got := w.Waits(); got != 0 {
+		t.Errorf("Waits() = %d under Limit, want 0", got)
+	}
 	if got := d.String(); got != "" {
 		t.Fatalf("the destination has %q before its first write returned", got)
 	}
@@ -200,6 +203,9 @@ func TestWritersWaitPastLimit(t *testing.T) {
 	within(t, wrote, "the waiting write")
 	if err := w.Stop(); err != nil {
 		t.Fatalf("Stop() = %v", err)
+	}
+	if got := w.Waits(); got != 1 {
+		t.Errorf("Waits() = %d, want 1", got)
 	}
 	if got, want := d.String(), "aaaaaaaaaabbbbbbbbbbccccccccccddddddddddeeeeeeeeee"; got != want {
 		t.Errorf("got %q, want %q", got, want)
