@@ -96,6 +96,23 @@ func within(t *testing.T, done <-chan struct{}, what string) {
 	}
 }
 
+// awaitWaiting returns once n writes wait for room in w, and fails the test if that does not
+// come within a generous bound. It polls: waiting for room leaves nothing else to wait on.
+func awaitWaiting(t *testing.T, w *Writer, n int) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; runtime.Gosched() {
+		w.mu.Lock()
+		waiting := w.waiting
+		w.mu.Unlock()
+		if waiting == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d writes wait for room, want %d", waiting, n)
+		}
+	}
+}
+
 func noTick() <-chan time.Time { return nil }
 
 func TestWritesArriveWholeAndInOrder(t *testing.T) {
@@ -183,17 +200,7 @@ func TestWritersWaitPastLimit(t *testing.T) {
 		defer close(wrote)
 		w.Write([]byte("eeeeeeeeee"))
 	}()
-	for deadline := time.Now().Add(10 * time.Second); ; runtime.Gosched() {
-		w.mu.Lock()
-		waiting := w.waiting
-		w.mu.Unlock()
-		if waiting == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("a write past Limit did not wait")
-		}
-	}
+	awaitWaiting(t, w, 1)
 	select {
 	case <-wrote:
 		t.Fatal("a write past Limit returned while the destination was stuck")
@@ -314,17 +321,7 @@ func TestStopReleasesWaitingWriters(t *testing.T) {
 		defer close(wrote)
 		w.Write([]byte("33333"))
 	}()
-	for deadline := time.Now().Add(10 * time.Second); ; runtime.Gosched() {
-		w.mu.Lock()
-		waiting := w.waiting
-		w.mu.Unlock()
-		if waiting == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("a write past Limit did not wait")
-		}
-	}
+	awaitWaiting(t, w, 1)
 	stopped := make(chan struct{})
 	go func() { defer close(stopped); w.Stop() }()
 	d.unblock(gate)
