@@ -182,7 +182,7 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 		}, func() float64 { return float64(out.Lost()) }))
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "tokenproxy", Name: "log_waits_total",
-			Help: "Log lines whose call waited because the log's destination had fallen 8 MiB behind.",
+			Help: "Log lines that waited to be taken because the log's destination had fallen 8 MiB behind (a call logging one waits with it).",
 		}, func() float64 { return float64(out.Waits()) }))
 	}
 

@@ -94,10 +94,10 @@ func newWriter(dst io.Writer, o Options, tick <-chan time.Time) *Writer {
 // next Sync.
 func (w *Writer) Write(p []byte) (int, error) {
 	w.mu.Lock()
-	if !w.stopped && len(w.buf) > 0 && len(w.buf)+len(p) > w.limit {
-		w.waits.Add(1)
-	}
-	for !w.stopped && len(w.buf) > 0 && len(w.buf)+len(p) > w.limit {
+	for counted := false; !w.stopped && len(w.buf) > 0 && len(w.buf)+len(p) > w.limit; counted = true {
+		if !counted {
+			w.waits.Add(1)
+		}
 		w.waiting++
 		w.wake()
 		w.room.Wait()
