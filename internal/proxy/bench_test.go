@@ -34,7 +34,7 @@ func (staticFetcher) Fetch(context.Context, string) (broker.Token, error) {
 // benchHandler is the gateway doing its full job (key check, routing, allow-list, token,
 // header hygiene, metrics, an info-level JSON access log) in front of the upstream at upURL,
 // with its token already held.
-func benchHandler(b *testing.B, upURL string) (*Handler, *config.Config) {
+func benchHandler(b testing.TB, upURL string) (*Handler, *config.Config) {
 	b.Helper()
 	cfg := config.Default()
 	cfg.Credentials = map[string]*config.Credential{"c": {Type: config.TypeManagedIdentity}}
@@ -113,14 +113,40 @@ func (fixedUpstream) Do(_ context.Context, _ transport.Origin, _ *fasthttp.Reque
 // step a proxied call takes (key check, routing, allow-list, token, header rewrite, response
 // clean-up, metrics, an info-level JSON access log), against an in-process upstream.
 func BenchmarkHandler(b *testing.B) {
-	h, _ := benchHandler(b, "https://eastca.openai.azure.com")
+	call := handlerCall(b)
+	b.ReportAllocs()
+	for b.Loop() {
+		call()
+	}
+}
+
+// handlerAllocs is the most a proxied call may allocate in the handler: the call's state, its
+// request ID, its path and query as strings, and the caller's credential as a string (the
+// README's Performance section says what each is for).
+const handlerAllocs = 4
+
+// TestHandlerAllocations holds the handler to handlerAllocs. The race detector's pools drop
+// objects at random, which changes the count, so it is taken only without the detector (CI runs
+// this test on its own for that).
+func TestHandlerAllocations(t *testing.T) {
+	if raceEnabled {
+		t.Skip("allocation counts are not kept under the race detector")
+	}
+	if n := testing.AllocsPerRun(1000, handlerCall(t)); n > handlerAllocs {
+		t.Fatalf("a proxied call allocates %v times in the handler, more than its budget of %d", n, handlerAllocs)
+	}
+}
+
+// handlerCall returns a function that has the handler serve one proxied chat call, as a
+// caller's request arrives, against an in-process upstream, and checks that it succeeded.
+func handlerCall(tb testing.TB) func() {
+	h, _ := benchHandler(tb, "https://eastca.openai.azure.com")
 	h.Close()
 	h.transport = fixedUpstream{}
 	body := []byte(chatBody)
 	var fc fasthttp.RequestCtx
 	fc.Init(&fasthttp.Request{}, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 50000}, nil)
-	b.ReportAllocs()
-	for b.Loop() {
+	return func() {
 		fc.Request.Reset()
 		fc.Response.Reset()
 		fc.Request.Header.SetMethod("POST")
@@ -131,7 +157,7 @@ func BenchmarkHandler(b *testing.B) {
 		fc.Request.SetBodyRaw(body)
 		h.ServeFastHTTP(&fc)
 		if fc.Response.StatusCode() != 200 {
-			b.Fatalf("status %d: %s", fc.Response.StatusCode(), fc.Response.Body())
+			tb.Fatalf("status %d: %s", fc.Response.StatusCode(), fc.Response.Body())
 		}
 	}
 }
