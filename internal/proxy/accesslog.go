@@ -201,8 +201,6 @@ func (e *lineEncoder) flag(k string) {
 
 const hexDigits = "0123456789abcdef"
 
-// appendJSONString appends s quoted as zap quotes a string; decode is utf8.DecodeRuneInString
-// or utf8.DecodeRune.
 // plainJSON marks the bytes a JSON string holds as they are: printable ASCII but the quote and
 // the backslash.
 var plainJSON = func() (t [256]bool) {
@@ -221,6 +219,8 @@ func plainWord(w uint64) bool {
 	return (w|(w-0x20*ones)&^w|(quote-ones)&^quote|(backslash-ones)&^backslash)&highs == 0
 }
 
+// appendJSONString appends s quoted as zap quotes a string; decode is utf8.DecodeRuneInString
+// or utf8.DecodeRune.
 func appendJSONString[S string | []byte](b []byte, s S, decode func(S) (rune, int)) []byte {
 	b = append(b, '"')
 	last := 0

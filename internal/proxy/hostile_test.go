@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/tokenproxy/tokenproxy/internal/config"
 )
 
@@ -68,6 +70,10 @@ func TestOversizedAndIdleClients(t *testing.T) {
 	b, _ := io.ReadAll(resp.Body)
 	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge || !strings.Contains(string(b), CodeInvalidRequest) {
 		t.Errorf("headers over %d bytes: got %d %s, want 431", MaxHeaderBytes, resp.StatusCode, b)
+	}
+	// Counted as a request no caller or deployment could be told for.
+	if n := testutil.ToFloat64(g.handler.m.requests.WithLabelValues("", "", "431")); n != 1 {
+		t.Errorf("requests_total{caller=\"\",deployment=\"\",code=\"431\"} = %v, want 1", n)
 	}
 
 	// A keep-alive connection left idle is closed after timeouts.idle.

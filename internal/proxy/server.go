@@ -86,7 +86,7 @@ func (h *Handler) serverError(fc *fasthttp.RequestCtx, err error) {
 	default:
 		e = errorf(http.StatusBadRequest, CodeInvalidRequest, "the request is not valid HTTP/1.1")
 	}
-	h.m.requests.WithLabelValues("", "", statusLabel(e.status)).Inc()
+	h.m.requestsFor("", "", statusLabel(e.status)).Inc()
 	fc.SetConnectionClose()
 	writeError(fc, e, requestID(&fc.Request.Header, h.callers.Load()))
 }
