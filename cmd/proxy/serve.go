@@ -115,6 +115,9 @@ func loadConfig(path string, getenv func(string) string, stderr io.Writer) (*con
 	return cfg, nil
 }
 
+// logBacklog is how far the log's destination may fall behind before lines wait for it.
+const logBacklog = 8 << 20
+
 // newLogger builds the logger. Its output is a logsink.Writer: lines are gathered in memory and
 // written by a goroutine of its own (at 256 KiB, and at least every second), so no call waits
 // for a write(2), which to a file on a busy disk or a slowly drained pipe can take milliseconds
@@ -135,7 +138,7 @@ func newLogger(level, format string, w io.Writer) (log *zap.Logger, out *logsink
 	} else {
 		enc = zapcore.NewJSONEncoder(ec)
 	}
-	out = logsink.New(w, logsink.Options{FlushSize: 256 << 10, Limit: 8 << 20, Interval: time.Second})
+	out = logsink.New(w, logsink.Options{FlushSize: 256 << 10, Limit: logBacklog, Interval: time.Second})
 	if format != "console" {
 		access = out
 	}
@@ -182,7 +185,7 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 		}, func() float64 { return float64(out.Lost()) }))
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "tokenproxy", Name: "log_waits_total",
-			Help: "Log lines that waited to be taken because the log's destination had fallen 8 MiB behind (a call logging one waits with it).",
+			Help: fmt.Sprintf("Log lines that waited to be taken because the log's destination had fallen %d MiB behind (a call logging one waits with it).", logBacklog>>20),
 		}, func() float64 { return float64(out.Waits()) }))
 	}
 
