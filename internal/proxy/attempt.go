@@ -7,6 +7,7 @@ import (
 	"math"
 	"net/http"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -162,10 +163,10 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 		c.holdError(err)
 		return reasonTokenUnavailable
 	}
-	out := fasthttp.AcquireRequest()
-	defer fasthttp.ReleaseRequest(out)
+	out := upstreamRequests.Get().(*transport.Request)
+	defer upstreamRequests.Put(out)
 	var pathBuf [256]byte
-	rewrite(out, &c.fc.Request, up, p.appendPath(pathBuf[:0], name), c.query, p.bodyFor(c.deployment, name), c.id, c.credential, c.credStr, h.callers.Load())
+	rewrite(out, &c.fc.Request.Header, up, p.appendPath(pathBuf[:0], name), c.query, p.bodyFor(c.deployment, name), c.id, c.credential, c.credStr, h.callers.Load())
 
 	c.proxyStart = time.Now()
 	upResp := fasthttp.AcquireResponse()
@@ -173,7 +174,7 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 	if p.stream {
 		origin = up.streams
 	}
-	stream, err := h.transport.Do(ctx, origin, out, tok.AuthorizationHeader()[0], upResp)
+	stream, err := h.transport.Send(ctx, origin, out, tok.AuthorizationHeader()[0], upResp)
 	if err != nil {
 		fasthttp.ReleaseResponse(upResp)
 		if ctx.Err() != nil || b == nil {
@@ -218,6 +219,10 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 	h.deliver(c, upResp, stream)
 	return ""
 }
+
+// upstreamRequests hold upstream requests' heads while they are sent: a call's is let go when
+// its attempt's request is out (Transport.Send keeps nothing of it).
+var upstreamRequests = sync.Pool{New: func() any { return new(transport.Request) }}
 
 // deliver answers the caller with an upstream response.
 func (h *Handler) deliver(c *call, upResp *fasthttp.Response, stream *transport.Stream) {

@@ -100,7 +100,7 @@ type fixedUpstream struct{}
 
 var chatResponseBytes = []byte(chatResponse)
 
-func (fixedUpstream) Do(_ context.Context, _ transport.Origin, _ *fasthttp.Request, _ string, resp *fasthttp.Response) (*transport.Stream, error) {
+func (fixedUpstream) Send(_ context.Context, _ transport.Origin, _ *transport.Request, _ string, resp *fasthttp.Response) (*transport.Stream, error) {
 	resp.SetStatusCode(200)
 	resp.Header.SetContentType("application/json")
 	resp.Header.Set("Apim-Request-Id", "6a1b2c3d-0000-4000-8000-000000000000")
@@ -221,7 +221,8 @@ func BenchmarkAsksForStream(b *testing.B) {
 func BenchmarkRewrite(b *testing.B) {
 	origin, _ := transport.NewOrigin("https://genaitemplateplatformeastca.openai.azure.com")
 	up := &upstream{name: "eastca", origin: origin}
-	var in, out fasthttp.Request
+	var in fasthttp.Request
+	var out transport.Request
 	in.Header.SetMethod("POST")
 	in.Header.SetRequestURI(chatPath)
 	in.Header.Set("Api-Key", keyProd)
@@ -230,8 +231,7 @@ func BenchmarkRewrite(b *testing.B) {
 	body := []byte(chatBody)
 	b.ReportAllocs()
 	for b.Loop() {
-		rewrite(&out, &in, up, []byte("/openai/deployments/deploy-gpt-4.1/chat/completions"), "api-version=2025-01-01-preview", body, "6a1b2c3d-0000-4000-8000-000000000000", []byte(keyProd), keyProd, nil)
-		out.Reset()
+		rewrite(&out, &in.Header, up, []byte("/openai/deployments/deploy-gpt-4.1/chat/completions"), "api-version=2025-01-01-preview", body, "6a1b2c3d-0000-4000-8000-000000000000", []byte(keyProd), keyProd, nil)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"strings"
 	"sync"
@@ -29,19 +30,17 @@ type recorded struct {
 	headers map[string][]string
 }
 
-// What it records is what the transport sends: req's headers, and authorization as the
-// Authorization header in place of any req has.
-func (u *recordingUpstream) Do(_ context.Context, o transport.Origin, req *fasthttp.Request, authorization string, resp *fasthttp.Response) (*transport.Stream, error) {
-	r := recorded{host: o.Host(), uri: string(req.Header.RequestURI()), headers: map[string][]string{}}
-	for k, v := range req.Header.All() {
-		name := strings.ToLower(string(k))
-		if name == "authorization" && authorization != "" {
-			continue
-		}
-		r.headers[name] = append(r.headers[name], string(v))
+// What it records is what the transport sends, as the upstream parses it: req's head, with
+// authorization as its Authorization header.
+func (u *recordingUpstream) Send(_ context.Context, o transport.Origin, req *transport.Request, authorization string, resp *fasthttp.Response) (*transport.Stream, error) {
+	var head fasthttp.RequestHeader
+	if err := head.Read(bufio.NewReader(bytes.NewReader(req.AppendHead(nil, authorization)))); err != nil {
+		panic(fmt.Sprintf("the upstream request's head does not parse: %v", err))
 	}
-	if authorization != "" {
-		r.headers["authorization"] = append(r.headers["authorization"], authorization)
+	r := recorded{host: o.Host(), uri: string(head.RequestURI()), headers: map[string][]string{}}
+	for k, v := range head.All() {
+		name := strings.ToLower(string(k))
+		r.headers[name] = append(r.headers[name], string(v))
 	}
 	u.mu.Lock()
 	u.seen = append(u.seen, r)
@@ -160,6 +159,13 @@ func FuzzHandler(f *testing.F) {
 		for _, r := range sent {
 			if !origins[r.host] {
 				t.Fatalf("a request went to %q: %q", r.host, raw)
+			}
+			// The framing and the Host are the gateway's own: once each, whatever the caller sent.
+			if got := r.headers["host"]; len(got) != 1 || got[0] != r.host {
+				t.Fatalf("upstream Host %q, want %q: %q", got, r.host, raw)
+			}
+			if len(r.headers["content-length"]) > 1 || len(r.headers["transfer-encoding"]) > 0 {
+				t.Fatalf("upstream framing Content-Length %q, Transfer-Encoding %q: %q", r.headers["content-length"], r.headers["transfer-encoding"], raw)
 			}
 			if got := r.headers["authorization"]; len(got) != 1 || got[0] != "Bearer "+src.tok.Value {
 				t.Fatalf("upstream Authorization %q is not the gateway's token", got)

@@ -236,9 +236,9 @@ func (h *Handler) Close() {
 }
 
 // upstreamClient sends a request to an upstream, with authorization as its Authorization
-// header (transport.Transport.Do); *transport.Transport is the one used.
+// header (transport.Transport.Send); *transport.Transport is the one used.
 type upstreamClient interface {
-	Do(ctx context.Context, origin transport.Origin, req *fasthttp.Request, authorization string, resp *fasthttp.Response) (*transport.Stream, error)
+	Send(ctx context.Context, origin transport.Origin, req *transport.Request, authorization string, resp *fasthttp.Response) (*transport.Stream, error)
 }
 
 // Route prefixes.

@@ -12,6 +12,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/tokenproxy/tokenproxy/internal/config"
+	"github.com/tokenproxy/tokenproxy/internal/transport"
 )
 
 // Request headers never forwarded: hop-by-hop ones (RFC 9110 §7.6.1), the caller's
@@ -41,65 +42,74 @@ func dropMask(key []byte, names []string) uint32 {
 
 // rewrite builds the upstream request out from the caller's request in: the upstream's Host
 // and base path, the (possibly renamed) path, the caller's query minus key-bearing parameters,
-// the caller's headers minus those above, the request ID and the body read. The bearer token is
-// not set here: the transport writes it into the request's head (transport.Transport.Do), so
-// out leaves with no Authorization header of its own.
+// the caller's headers minus those above, the request ID and the body read. The head is
+// written straight from in's parsed headers into out's fields, with no request object in
+// between (see transport.Request). The bearer token is not set here: the transport writes it
+// into the request's head, so out has no Authorization header of its own.
 // credential, the key or token the caller authenticated with, is also removed from any other
 // header or query parameter it was put in: whatever the caller named them, it does not leave.
 // So is any header or parameter holding another of keys' keys (keys may be nil). The caller's
 // headers have passed checkHeaders.
-func rewrite(out, in *fasthttp.Request, up *upstream, path []byte, query string, body []byte, requestID string, credential []byte, credStr string, keys *callers) {
-	in.Header.CopyTo(&out.Header)
-	h := &out.Header
-	// One pass finds what is to go (deleting while iterating is not allowed); a call usually
-	// carries one or two of the dropped headers, so only those are deleted.
-	var drop uint32
-	var carriers [][]byte
+func rewrite(out *transport.Request, in *fasthttp.RequestHeader, up *upstream, path []byte, query string, body []byte, requestID string, credential []byte, credStr string, keys *callers) {
+	// The names the caller's Connection headers list go too; the field may come more than
+	// once, and each is read.
 	var listedBuf [4][]byte
-	listed := listedBuf[:0] // by Connection headers
-	for k, v := range h.All() {
-		bit := dropMask(k, dropRequestHeaders)
-		drop |= bit
-		if bit == 1 { // Connection
+	listed := listedBuf[:0]
+	for k, v := range in.All() {
+		if dropMask(k, dropRequestHeaders) == 1 { // Connection
 			listed = appendListed(listed, v)
 		}
-		if bit == 0 && !bytes.EqualFold(k, requestIDHeader) && (len(credential) > 0 && bytes.Contains(v, credential) || keys.holdsKey(v)) {
-			carriers = append(carriers, bytes.Clone(k))
+	}
+	out.Fields = out.Fields[:0]
+	hasType := false
+	for k, v := range in.All() {
+		switch {
+		case dropMask(k, dropRequestHeaders) != 0, dropMask(k, framingHeaders) != 0, bytes.EqualFold(k, requestIDHeader),
+			listedIn(listed, k),
+			len(credential) > 0 && bytes.Contains(v, credential) || keys.holdsKey(v):
+			continue
 		}
+		hasType = hasType || bytes.EqualFold(k, []byte("Content-Type"))
+		out.Fields = append(out.Fields, k...)
+		out.Fields = append(out.Fields, ": "...)
+		out.Fields = append(out.Fields, v...)
+		out.Fields = append(out.Fields, "\r\n"...)
 	}
-	for _, k := range carriers {
-		h.DelBytes(k)
+	if !hasType && len(body) > 0 {
+		// As fasthttp's request writer, which wrote the gateway's upstream requests before.
+		out.AppendField("Content-Type", []byte("application/octet-stream"))
 	}
-	for _, k := range listed {
-		h.DelBytes(k)
-	}
-	for i, k := range dropRequestHeaders {
-		if drop&(1<<i) != 0 {
-			h.Del(k)
-		}
-	}
-	h.DelAllCookies()
-	// The upstream call is the gateway's own: HTTP/1.1, on a connection kept alive, whatever
-	// the caller spoke (an HTTP/1.0 call would otherwise cost the upstream connection).
-	h.ResetConnectionClose()
-	h.SetProtocolBytes(http11)
-	h.SetBytesKV(requestIDHeader, []byte(requestID))
-	h.SetHost(up.origin.Host())
+	out.AppendField("X-Ms-Client-Request-Id", []byte(requestID))
 
-	var uriBuf [512]byte
-	uri := append(append(uriBuf[:0], up.basePath...), path...)
+	// The upstream call is the gateway's own: HTTP/1.1 (or HTTP/2), on a connection kept
+	// alive, whatever the caller spoke (an HTTP/1.0 call would otherwise cost the upstream
+	// connection).
+	out.Method = append(out.Method[:0], in.Method()...)
+	out.Host = up.origin.Host()
+	out.Target = append(append(out.Target[:0], up.basePath...), path...)
 	if q := stripCredentialParams(query, credStr, keys); q != "" {
-		uri = append(append(uri, '?'), q...)
+		out.Target = append(append(out.Target, '?'), q...)
 	}
-	h.SetRequestURIBytes(uri)
-	out.SetBodyRaw(body)
-	h.SetContentLength(len(body))
+	out.Body = body
+}
+
+// framingHeaders are the caller's headers the transport writes itself, for the upstream.
+var framingHeaders = []string{"Host", "Content-Length"}
+
+// listedIn reports whether the header named k is among names, compared without regard to case.
+func listedIn(names [][]byte, k []byte) bool {
+	for _, n := range names {
+		if bytes.EqualFold(n, k) {
+			return true
+		}
+	}
+	return false
 }
 
 // appendListed appends the header names a Connection header's value v lists, which are
-// hop-by-hop too (RFC 9110 §7.6.1); the field may come more than once, and each is read. The
-// names point into v: deleting headers moves their values but does not overwrite them, so they
-// are to be deleted before anything is set in the header.
+// hop-by-hop too (RFC 9110 §7.6.1). The names point into v: deleting headers moves their
+// values but does not overwrite them, so they are to be deleted before anything is set in the
+// header.
 func appendListed(names [][]byte, v []byte) [][]byte {
 	for token := range bytes.SplitSeq(v, []byte(",")) {
 		if token = bytes.TrimSpace(token); len(token) > 0 {
@@ -111,11 +121,13 @@ func appendListed(names [][]byte, v []byte) [][]byte {
 
 // checkHeaders refuses caller headers carrying control characters: a bare CR that one HTTP
 // parser keeps inside a value, another may take for a line break, which would let a caller
-// inject headers into the upstream request.
+// inject headers into the upstream request. It refuses names that are not tokens too (fasthttp
+// lets a space inside one through): the upstream's head is written from these names, and
+// another parser may read a malformed one otherwise.
 func checkHeaders(h *fasthttp.RequestHeader) *apiError {
 	for k, v := range h.All() {
-		if !validHeaderValue(v) || !validHeaderValue(k) {
-			return errorf(http.StatusBadRequest, CodeInvalidRequest, "a request header holds control characters")
+		if !validHeaderValue(v) || !validHeaderName(k) {
+			return errorf(http.StatusBadRequest, CodeInvalidRequest, "a request header holds control characters or a malformed name")
 		}
 	}
 	return nil
@@ -131,8 +143,31 @@ func validHeaderValue(v []byte) bool {
 	return true
 }
 
+// validHeaderName reports whether k is a token (RFC 9110 §5.6.2), as a field name must be.
+func validHeaderName(k []byte) bool {
+	for _, c := range k {
+		if !tchar[c] {
+			return false
+		}
+	}
+	return len(k) > 0
+}
+
+// tchar holds the bytes a token may have.
+var tchar = func() (t [256]bool) {
+	for c := '0'; c <= '9'; c++ {
+		t[c] = true
+	}
+	for c := 'a'; c <= 'z'; c++ {
+		t[c], t[c-'a'+'A'] = true, true
+	}
+	for _, c := range "!#$%&'*+-.^_`|~" {
+		t[c] = true
+	}
+	return t
+}()
+
 var (
-	http11          = []byte("HTTP/1.1")
 	requestIDHeader = []byte("X-Ms-Client-Request-Id") // replaced by the call's own, checked for keys (requestID, admit)
 )
 

@@ -182,8 +182,8 @@ func (p *pool) pruneLocked() {
 // doH2 sends req over one of the pool's HTTP/2 connections and reads the response into resp as
 // Do does. A call the server did not take (it went away first, or refused the stream) goes
 // once more, on another connection.
-func (p *pool) doH2(ctx context.Context, req *fasthttp.Request, authorization string, resp *fasthttp.Response) (*Stream, error) {
-	path, _, _ := bytes.Cut(req.Header.RequestURI(), []byte("?"))
+func (p *pool) doH2(ctx context.Context, req message, authorization string, resp *fasthttp.Response) (*Stream, error) {
+	path, _, _ := bytes.Cut(req.target(), []byte("?"))
 	if len(path) == 0 || path[0] != '/' || bytes.HasPrefix(path, []byte("//")) {
 		return nil, errors.New("transport: the request path must start with a single /")
 	}
@@ -203,9 +203,9 @@ func (p *pool) doH2(ctx context.Context, req *fasthttp.Request, authorization st
 
 // roundTrip sends req on a stream of its own and reads the response's head into resp, with its
 // body when it is read whole (see Do); otherwise the body is returned as a Stream.
-func (c *h2Conn) roundTrip(ctx context.Context, req *fasthttp.Request, authorization string, resp *fasthttp.Response, o Options) (*Stream, error) {
+func (c *h2Conn) roundTrip(ctx context.Context, req message, authorization string, resp *fasthttp.Response, o Options) (*Stream, error) {
 	s := &h2Stream{c: c, wake: make(chan struct{}, 1), recvWin: h2StreamWindow, length: -1, want: -1,
-		noBody: req.Header.IsHead()}
+		noBody: isHead(req)}
 	s.hook = onCancel(ctx, s)
 	if err := c.start(s, req, authorization); err != nil {
 		s.hook.release()
@@ -268,8 +268,8 @@ func (c *h2Conn) roundTrip(ctx context.Context, req *fasthttp.Request, authoriza
 // once, in one write; the rest is copied (req's buffer is its owner's again when Do returns)
 // and sent as the server gives window. A call that finds the connection no longer taking
 // calls gets errH2Refused: nothing was sent.
-func (c *h2Conn) start(s *h2Stream, req *fasthttp.Request, authorization string) error {
-	body := req.Body()
+func (c *h2Conn) start(s *h2Stream, req message, authorization string) error {
+	body := req.body()
 	c.wlock()
 	defer c.wmu.Unlock()
 	c.mu.Lock()
@@ -367,18 +367,16 @@ func (c *h2Conn) sendRest(s *h2Stream) {
 // encodeHead encodes req's head into c.hbuf, with authorization (if not empty) as its
 // Authorization header (see Do). The hop-by-hop headers of HTTP/1.1 have no place in HTTP/2,
 // and no User-Agent is added that the call did not have. wmu is held.
-func (c *h2Conn) encodeHead(req *fasthttp.Request, authorization string, bodyLen int) {
+func (c *h2Conn) encodeHead(req message, authorization string, bodyLen int) {
 	c.hbuf.Reset()
 	e := c.henc
-	method := methodName(req.Header.Method())
+	method := methodName(req.method())
 	e.WriteField(hpack.HeaderField{Name: ":method", Value: method})
 	e.WriteField(hpack.HeaderField{Name: ":scheme", Value: "https"})
-	if host := req.Host(); string(host) != c.authority {
-		c.authority = string(host)
-	}
+	c.authority = req.authority(c.authority)
 	e.WriteField(hpack.HeaderField{Name: ":authority", Value: c.authority})
-	e.WriteField(hpack.HeaderField{Name: ":path", Value: string(req.Header.RequestURI())})
-	for k, v := range req.Header.All() {
+	e.WriteField(hpack.HeaderField{Name: ":path", Value: string(req.target())})
+	for k, v := range req.fields() {
 		if notForH2(k) {
 			continue
 		}

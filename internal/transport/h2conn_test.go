@@ -427,7 +427,7 @@ func FuzzH2Answer(f *testing.F) {
 		req.Header.SetHost("example")
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		s, err := c.roundTrip(ctx, req, "", &fasthttp.Response{}, Options{})
+		s, err := c.roundTrip(ctx, fastRequest{req}, "", &fasthttp.Response{}, Options{})
 		if errors.Is(err, context.DeadlineExceeded) {
 			t.Fatal("the call hung")
 		}

@@ -1,6 +1,7 @@
 // Package transport is the gateway's HTTP/1.1 and HTTP/2 client to upstreams, built for a
-// proxy's hot path on fasthttp's request and response types (zero-allocation parsing and
-// writing).
+// proxy's hot path: a request goes as a head its caller has rendered (Request, Send), or as a
+// fasthttp request (Do), and the answer is parsed into a fasthttp response (zero-allocation
+// parsing and writing).
 //
 // Profiles of net/http's Transport under load showed two costs this avoids: it writes a
 // request's headers and body in separate syscalls, and it hands every request between the
@@ -264,11 +265,21 @@ func (t *Transport) closeExpired(now time.Time) {
 // On an origin that offers HTTP/2 (Origin.WithHTTP2) and whose server chose it, the call goes
 // over a shared HTTP/2 connection instead.
 func (t *Transport) Do(ctx context.Context, origin Origin, req *fasthttp.Request, authorization string, resp *fasthttp.Response) (*Stream, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, err // nobody waits for the answer: the upstream is not asked
-	}
 	if authorization != "" {
 		req.Header.Del(fasthttp.HeaderAuthorization)
+	}
+	return t.send(ctx, origin, fastRequest{req}, authorization, resp)
+}
+
+// Send is Do for a request whose head the caller has rendered (see Request): what the gateway
+// uses on its hot path.
+func (t *Transport) Send(ctx context.Context, origin Origin, req *Request, authorization string, resp *fasthttp.Response) (*Stream, error) {
+	return t.send(ctx, origin, req, authorization, resp)
+}
+
+func (t *Transport) send(ctx context.Context, origin Origin, req message, authorization string, resp *fasthttp.Response) (*Stream, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err // nobody waits for the answer: the upstream is not asked
 	}
 	p, err := t.pool(origin)
 	if err != nil {
@@ -646,10 +657,10 @@ func (c *conn) returnReader() {
 var writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 16<<10) }}
 
 // write sends req in one flush.
-func (c *conn) write(req *fasthttp.Request, authorization string) error {
+func (c *conn) write(req message, authorization string) error {
 	bw := writers.Get().(*bufio.Writer)
 	bw.Reset(c.nc)
-	err := writeRequest(bw, req, authorization)
+	err := req.writeH1(bw, authorization)
 	if err == nil {
 		err = bw.Flush()
 	}
@@ -769,7 +780,7 @@ func (TimeoutError) Temporary() bool { return true }
 var eventStream = []byte("text/event-stream")
 
 // do writes req and reads the response on this connection.
-func (c *conn) do(ctx context.Context, now time.Time, req *fasthttp.Request, authorization string, resp *fasthttp.Response, headerTimeout time.Duration, bufferLimit int) (*Stream, error) {
+func (c *conn) do(ctx context.Context, now time.Time, req message, authorization string, resp *fasthttp.Response, headerTimeout time.Duration, bufferLimit int) (*Stream, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -817,9 +828,9 @@ func (c *conn) do(ctx context.Context, now time.Time, req *fasthttp.Request, aut
 	// The deadline stays for a body read whole: one that stalls after its headers would
 	// otherwise hold the call until its caller gives up. A connection that goes back to the
 	// pool keeps it; the next call on it sets its own before reading.
-	reusable := !resp.Header.ConnectionClose() && !req.Header.ConnectionClose()
+	reusable := !resp.Header.ConnectionClose() && !req.closes()
 	status := resp.StatusCode()
-	if req.Header.IsHead() || status == fasthttp.StatusNoContent || status == fasthttp.StatusNotModified {
+	if isHead(req) || status == fasthttp.StatusNoContent || status == fasthttp.StatusNotModified {
 		resp.SkipBody = true
 		return nil, c.finish(stop, reusable, now)
 	}
