@@ -169,14 +169,16 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 	rewrite(out, &c.fc.Request.Header, up, p.appendPath(pathBuf[:0], name), c.query, p.bodyFor(c.deployment, name), c.id, c.credential, c.credStr, h.callers.Load())
 
 	c.proxyStart = time.Now()
-	upResp := fasthttp.AcquireResponse()
+	// The answer is read straight into the caller's response; one whose attempt fails over is
+	// moved aside (holdResponse), which only a failing backend's answer pays for.
+	upResp := &c.fc.Response
 	origin := up.origin
 	if p.stream {
 		origin = up.streams
 	}
 	stream, err := h.transport.Send(ctx, origin, out, tok.AuthorizationHeader()[0], upResp)
 	if err != nil {
-		fasthttp.ReleaseResponse(upResp)
+		clearResponse(upResp) // whatever of an answer was read before the error
 		if ctx.Err() != nil || b == nil {
 			if b != nil {
 				b.Abandoned()
@@ -212,7 +214,7 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 		outcome(statusLabel(status))
 	}
 	if reason != "" {
-		c.holdResponse(upResp, stream)
+		c.holdResponse(stream)
 		c.heldBackend = b
 		return reason
 	}
@@ -224,19 +226,21 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 // its attempt's request is out (Transport.Send keeps nothing of it).
 var upstreamRequests = sync.Pool{New: func() any { return new(transport.Request) }}
 
-// deliver answers the caller with an upstream response.
+// deliver answers the caller with an upstream response: the caller's own, into which the
+// answer was read, or one held from an earlier attempt.
 func (h *Handler) deliver(c *call, upResp *fasthttp.Response, stream *transport.Stream) {
 	resp := &c.fc.Response
-	upResp.Header.CopyTo(&resp.Header)
+	if upResp != resp {
+		upResp.CopyTo(resp)
+		fasthttp.ReleaseResponse(upResp)
+	}
 	cleanResponse(&resp.Header, c.id)
 	c.status = resp.StatusCode()
 	if stream == nil {
-		resp.SetBody(upResp.Body())
-		c.bytesOut = len(upResp.Body())
-		fasthttp.ReleaseResponse(upResp)
+		c.bytesOut = len(resp.Body())
 		return
 	}
-	h.stream(c, stream, upResp)
+	h.stream(c, stream)
 }
 
 // exhausted answers a call that found no (further) backend to try or ran out of attempts or
@@ -309,10 +313,23 @@ func (h *Handler) unavailable(c *call, e *apiError, until time.Time) {
 	hdr.Set("Retry-After-Ms", strconv.FormatInt(wait.Milliseconds(), 10))
 }
 
-// holdResponse keeps a failed attempt's answer in case no other backend can do better.
-func (c *call) holdResponse(resp *fasthttp.Response, stream *transport.Stream) {
+// clearResponse empties the caller's response for another answer. fasthttp's Reset also
+// clears what the server set on it for the call: the one setting the gateway's server makes
+// there, NoDefaultContentType (a proxy does not invent a Content-Type its upstream did not
+// send), is made again.
+func clearResponse(r *fasthttp.Response) {
+	r.Reset()
+	r.Header.SetNoDefaultContentType(true)
+}
+
+// holdResponse keeps a failed attempt's answer, read into the caller's response, in case no
+// other backend can do better; the caller's response is left empty for the next attempt.
+func (c *call) holdResponse(stream *transport.Stream) {
 	c.discardHeld()
-	c.heldResp, c.heldStream = resp, stream
+	held := fasthttp.AcquireResponse()
+	c.fc.Response.CopyTo(held)
+	clearResponse(&c.fc.Response)
+	c.heldResp, c.heldStream = held, stream
 }
 
 // holdError keeps a failed attempt's error in case no other backend can do better.

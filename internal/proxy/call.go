@@ -92,7 +92,7 @@ func (h *Handler) finish(c *call, p any) {
 		h.log.Error("panic serving request", zap.String("request_id", c.id), zap.String("panic", redactPanic(p, c.credStr)), zap.Stack("stack"))
 		c.code, c.err = CodeInternal, errors.New("internal error")
 		if c.fc != nil {
-			c.fc.Response.Reset()
+			clearResponse(&c.fc.Response)
 			c.status = http.StatusInternalServerError
 			writeError(c.fc, errorf(http.StatusInternalServerError, CodeInternal, "internal error (request %s)", c.id), c.id)
 		} else {

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -382,6 +383,65 @@ func TestSpareConnection(t *testing.T) {
 		case <-seen:
 		case <-time.After(5 * time.Second):
 			t.Fatalf("the upstream saw %d connections, want 2: the call's and a spare", i)
+		}
+	}
+}
+
+// TestNoContentTypeInvented: an answer without a Content-Type reaches the caller without one,
+// from the backend tried first and after a failover alike; and nothing of the failed attempt's
+// answer, which is read into the caller's response and then moved aside, is left in the one
+// the caller gets. Over HTTP/2 the transport adds the answer's fields to the response one by
+// one, so what the failed attempt left there would stay.
+func TestNoContentTypeInvented(t *testing.T) {
+	for _, h2 := range []bool{false, true} {
+		start := func(h http.HandlerFunc) (*httptest.Server, *config.Upstream) {
+			srv := httptest.NewUnstartedServer(h)
+			if !h2 {
+				srv.Start()
+				return srv, &config.Upstream{URL: srv.URL, Credential: "corp-app"}
+			}
+			srv.EnableHTTP2 = true
+			srv.StartTLS()
+			ca := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw})
+			return srv, &config.Upstream{URL: srv.URL, Credential: "corp-app", CA: ca, HTTP2: config.HTTP2On}
+		}
+		failing, failingUp := start(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			w.Header().Set("X-Failed-Attempt", "yes")
+			w.WriteHeader(http.StatusInternalServerError)
+			io.WriteString(w, `{"error":{"code":"InternalServerError","message":"failed"}}`)
+		})
+		defer failing.Close()
+		plain, plainUp := start(func(w http.ResponseWriter, r *http.Request) {
+			if h2 != (r.ProtoMajor == 2) {
+				t.Errorf("the upstream was called over %s", r.Proto)
+			}
+			w.Header()["Content-Type"] = nil // not sniffed: no Content-Type at all
+			io.WriteString(w, "plain answer")
+		})
+		defer plain.Close()
+		emu, cfg := emulatorConfig(t)
+		cfg.Upstreams = map[string]*config.Upstream{"failing": failingUp, "plain": plainUp}
+		cfg.Deployments = map[string]*config.Deployment{
+			"direct": {Upstream: "plain"},
+			"pooled": {Backends: []*config.Backend{
+				{Upstream: "failing", Deployment: "d", Priority: 1},
+				{Upstream: "plain", Deployment: "d", Priority: 2},
+			}},
+		}
+		cfg.Callers = []*config.Caller{{Name: "c", KeySHA256: hashKey(keyProd), Deployments: []string{"*"}}}
+		g := startGateway(t, emu, applyOptions(t, cfg, nil))
+		for _, d := range []string{"direct", "pooled"} {
+			resp, body := g.do("POST", "/openai/deployments/"+d+"/chat/completions?api-version=1", map[string]string{"api-key": keyProd}, chatBody)
+			if resp.StatusCode != 200 || body != "plain answer" {
+				t.Fatalf("h2 %v, %s: got %d %q", h2, d, resp.StatusCode, body)
+			}
+			if ct, ok := resp.Header["Content-Type"]; ok {
+				t.Errorf("h2 %v, %s: the caller got Content-Type %q, which the upstream did not send", h2, d, ct)
+			}
+			if v := resp.Header.Get("X-Failed-Attempt"); v != "" {
+				t.Errorf("h2 %v, %s: the failed attempt's header came with the answer", h2, d)
+			}
 		}
 	}
 }

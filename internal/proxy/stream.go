@@ -17,11 +17,10 @@ import (
 // unknown length are relayed: each upstream read goes out at once as its own chunk, so an event
 // reaches the caller as soon as it exists. Either way the end of the body ends the call: the
 // upstream connection is released or, if the stream was cut, closed.
-func (h *Handler) stream(c *call, s *transport.Stream, upResp *fasthttp.Response) {
+func (h *Handler) stream(c *call, s *transport.Stream) {
 	c.streaming = true
 	resp := &c.fc.Response
-	n, events := upResp.Header.ContentLength(), bytes.HasPrefix(upResp.Header.ContentType(), []byte("text/event-stream"))
-	fasthttp.ReleaseResponse(upResp) // its headers are copied; the stream reads the body itself
+	n, events := resp.Header.ContentLength(), bytes.HasPrefix(resp.Header.ContentType(), []byte("text/event-stream"))
 	body := &streamBody{h: h, c: c, s: s}
 	if n >= 0 && !events {
 		resp.SetBodyStream(body, n)

@@ -194,8 +194,7 @@ func (p *pool) doH2(ctx context.Context, req message, authorization string, resp
 		}
 		s, err := cc.roundTrip(ctx, req, authorization, resp, p.t.opts)
 		if err == errH2Refused && attempt == 0 && ctx.Err() == nil {
-			resp.Reset()
-			continue
+			continue // resp is untouched: a refused call has no answer (see Do)
 		}
 		return s, err
 	}

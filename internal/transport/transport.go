@@ -319,7 +319,8 @@ func (t *Transport) send(ctx context.Context, origin Origin, req message, author
 		c.close()
 		var stale *staleConnError
 		if attempt == 0 && reused && errors.As(err, &stale) && ctx.Err() == nil {
-			resp.Reset()
+			// No byte of an answer came, so resp is as it was given: it is not reset, which
+			// would clear what its owner set on it (the gateway's is the caller's response).
 			continue
 		}
 		return nil, unwrapStale(err)
