@@ -55,10 +55,8 @@ func rewrite(out *transport.Request, in *fasthttp.RequestHeader, up *upstream, p
 	// once, and each is read.
 	var listedBuf [4][]byte
 	listed := listedBuf[:0]
-	for k, v := range in.All() {
-		if dropMask(k, dropRequestHeaders) == 1 { // Connection
-			listed = appendListed(listed, v)
-		}
+	for _, v := range in.PeekAll("Connection") {
+		listed = appendListed(listed, v)
 	}
 	out.Fields = out.Fields[:0]
 	hasType := false
