@@ -105,9 +105,7 @@ func listedIn(names [][]byte, k []byte) bool {
 }
 
 // appendListed appends the header names a Connection header's value v lists, which are
-// hop-by-hop too (RFC 9110 §7.6.1). The names point into v: deleting headers moves their
-// values but does not overwrite them, so they are to be deleted before anything is set in the
-// header.
+// hop-by-hop too (RFC 9110 §7.6.1). The names point into v.
 func appendListed(names [][]byte, v []byte) [][]byte {
 	for token := range bytes.SplitSeq(v, []byte(",")) {
 		if token = bytes.TrimSpace(token); len(token) > 0 {

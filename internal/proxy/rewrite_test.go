@@ -18,7 +18,7 @@ func TestRewriteDropsHeaders(t *testing.T) {
 	// headers name (all of them, not only the first's); the rest stay.
 	raw := "POST /openai/deployments/x/chat HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n" +
 		"User-Agent: sdk\r\nX-Custom: keep me\r\nConnection: keep-alive, X-Hop\r\nX-Hop: hop\r\n" +
-		"connection: x-hop2 ,,X-Hop3\r\nX-Hop2: hop\r\nX-Hop3: hop\r\n"
+		"connection: x-hop2 ,,X-Hop3\r\nX-Hop2: hop\r\nX-Hop3: hop\r\nConnection: close, X-Hop4\r\nX-Hop4: hop\r\n"
 	for _, k := range dropRequestHeaders {
 		if k != "Connection" && k != "Transfer-Encoding" {
 			raw += strings.ToUpper(k) + ": v\r\n"
@@ -34,7 +34,7 @@ func TestRewriteDropsHeaders(t *testing.T) {
 	rewrite(&req, &in.Header, &upstream{origin: origin}, []byte("/openai/deployments/y/chat"), "api-version=1", []byte("{}"), "rid", nil, "", nil)
 	out := upstreamHead(t, &req)
 	// The caller's Authorization goes too: the bearer token is the transport's to write.
-	for _, k := range append(dropRequestHeaders, "X-Hop", "X-Hop2", "X-Hop3") {
+	for _, k := range append(dropRequestHeaders, "X-Hop", "X-Hop2", "X-Hop3", "X-Hop4") {
 		if v := out.Header.Peek(k); len(v) > 0 {
 			t.Errorf("%s: %q was forwarded", k, v)
 		}
