@@ -12,9 +12,9 @@ import (
 	"github.com/valyala/fasthttp"
 )
 
-// TestAuthorizationIsSent: the authorization Do is given reaches the upstream as the request's
-// only Authorization header, in place of any the request has, with the rest of the request
-// intact, over HTTP/1.1 (plain and TLS) and HTTP/2, whichever way the request is written.
+// TestAuthorizationIsSent: the authorization Do or Send is given reaches the upstream as the
+// request's only Authorization header, in place of any the request has, with the rest of the
+// request intact, over HTTP/1.1 (plain and TLS) and HTTP/2, whichever way the request is written.
 func TestAuthorizationIsSent(t *testing.T) {
 	const bearer = "Bearer eyJ0eXAiOiJKV1QifQ.eyJhdWQiOiJjb2duaXRpdmUifQ.c2ln"
 	echo := func(w http.ResponseWriter, r *http.Request) {
@@ -26,6 +26,16 @@ func TestAuthorizationIsSent(t *testing.T) {
 	h1, h1Roots, _ := h2Server(t, true, echo)
 	h2, h2Roots, _ := h2Server(t, false, echo)
 	tr := newTransport(t, Options{})
+	// sent checks the call's outcome: what the upstream got, as echo tells it.
+	sent := func(t *testing.T, resp *fasthttp.Response, stream *Stream, err error, want string) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := (result{resp, stream}).body(t); got != want {
+			t.Errorf("upstream got\n  %s\nwant\n  %s", got, want)
+		}
+	}
 	for _, up := range []struct {
 		name, url, proto string
 		origin           func(Origin) Origin
@@ -57,12 +67,7 @@ func TestAuthorizationIsSent(t *testing.T) {
 				}
 				resp := &fasthttp.Response{}
 				stream, err := tr.Do(t.Context(), up.origin(o), req, bearer, resp)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if got := (result{resp, stream}).body(t); got != up.proto+tt.want {
-					t.Errorf("upstream got\n  %s\nwant\n  %s", got, up.proto+tt.want)
-				}
+				sent(t, resp, stream, err, up.proto+tt.want)
 			})
 		}
 		// The same through Send, with the head rendered by the caller.
@@ -83,12 +88,7 @@ func TestAuthorizationIsSent(t *testing.T) {
 				req.AppendField("X-Custom", []byte("keep"))
 				resp := &fasthttp.Response{}
 				stream, err := tr.Send(t.Context(), up.origin(o), req, bearer, resp)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if got := (result{resp, stream}).body(t); got != up.proto+tt.want {
-					t.Errorf("upstream got\n  %s\nwant\n  %s", got, up.proto+tt.want)
-				}
+				sent(t, resp, stream, err, up.proto+tt.want)
 			})
 		}
 	}
