@@ -5,13 +5,17 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"maps"
 	"net"
+	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 
 	"github.com/valyala/fasthttp"
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/tokenproxy/tokenproxy/internal/broker"
 	"github.com/tokenproxy/tokenproxy/internal/config"
@@ -31,16 +35,39 @@ type recorded struct {
 }
 
 // What it records is what the transport sends, as the upstream parses it: req's head, with
-// authorization as its Authorization header.
+// authorization as its Authorization header. Two parsers read the head, fasthttp's and
+// net/http's (which Azure's front ends are closer to in strictness), and must read the same
+// fields: a head two parsers read differently is how requests are smuggled.
 func (u *recordingUpstream) Send(_ context.Context, o transport.Origin, req *transport.Request, authorization string, resp *fasthttp.Response) (*transport.Stream, error) {
+	raw := req.AppendHead(nil, authorization)
 	var head fasthttp.RequestHeader
-	if err := head.Read(bufio.NewReader(bytes.NewReader(req.AppendHead(nil, authorization)))); err != nil {
-		panic(fmt.Sprintf("the upstream request's head does not parse: %v", err))
+	if err := head.Read(bufio.NewReader(bytes.NewReader(raw))); err != nil {
+		panic(fmt.Sprintf("the upstream request's head does not parse: %v\n%q", err, raw))
 	}
 	r := recorded{host: o.Host(), uri: string(head.RequestURI()), headers: map[string][]string{}}
 	for k, v := range head.All() {
 		name := strings.ToLower(string(k))
 		r.headers[name] = append(r.headers[name], string(v))
+	}
+	std, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(raw)))
+	if err != nil {
+		panic(fmt.Sprintf("net/http does not parse the upstream request's head: %v\n%q", err, raw))
+	}
+	fields := map[string][]string{"host": {std.Host}}
+	for k, vs := range std.Header {
+		// As net/http's server checks them (ReadRequest alone lets a space in a name through).
+		if !httpguts.ValidHeaderFieldName(k) {
+			panic(fmt.Sprintf("the upstream request has a malformed header name %q:\n%q", k, raw))
+		}
+		for _, v := range vs {
+			if !httpguts.ValidHeaderFieldValue(v) {
+				panic(fmt.Sprintf("the upstream request's %s has a malformed value:\n%q", k, raw))
+			}
+		}
+		fields[strings.ToLower(k)] = vs
+	}
+	if std.RequestURI != r.uri || !maps.EqualFunc(fields, r.headers, slices.Equal) {
+		panic(fmt.Sprintf("the parsers read the upstream request's head differently:\n%q\nfasthttp %s %v\nnet/http %s %v", raw, r.uri, r.headers, std.RequestURI, fields))
 	}
 	u.mu.Lock()
 	u.seen = append(u.seen, r)
@@ -123,6 +150,7 @@ func FuzzHandler(f *testing.F) {
 		"POST /openai/deployments/" + strings.Repeat("a", 200) + "/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
 		"POST /openai/deployments/gpt-4.1-mini/chat?api-version=1&x=0" + keyGen + " HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyGen + "\r\nX-A: 0" + keyProd + "\r\nX-B: 0" + keyAdmin + "0\r\n\r\n",
 		"POST /openai/v1/" + keyProd + "/x HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\nX-Ms-Client-Request-Id: " + keyGen + "\r\nContent-Length: 17\r\n\r\n{\"model\":\"gpt-4o\"}",
+		"POST /openai/deployments/gpt-4o/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\nX Bad: v\r\nX-Tab:\ta\tb \r\n\r\n",
 	} {
 		f.Add([]byte(s))
 	}
