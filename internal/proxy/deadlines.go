@@ -114,13 +114,50 @@ func (d *deadlines) carried(c net.Conn) *connWait {
 type (
 	servedConn struct {
 		*net.TCPConn
-		w connWait
+		w       connWait
+		relayed atomic.Bool // handed over to a stream's relay (handOver)
 	}
 	servedTLSConn struct {
 		*tls.Conn
-		w connWait
+		w       connWait
+		relayed atomic.Bool
 	}
 )
+
+// Close closes c, unless it has been handed over to a relay: then the relay closes it.
+func (c *servedConn) Close() error {
+	if c.relayed.Load() {
+		return nil
+	}
+	return c.TCPConn.Close()
+}
+
+// Close closes c, unless it has been handed over to a relay: then the relay closes it.
+func (c *servedTLSConn) Close() error {
+	if c.relayed.Load() {
+		return nil
+	}
+	return c.Conn.Close()
+}
+
+// handOver takes c from the server for a stream's relay. fasthttp closes a hijacked connection
+// once the hijack handler returns, and only then takes back the connection's read buffer (with
+// KeepHijackedConns it never does, and each stream would leave 32 KiB to the garbage
+// collector). A connection from a servedListener ignores that close once handed over; the
+// connection it wraps is returned, for the relay to write to and close, with relayed true.
+// Any other connection is returned as it is, with relayed false: its relay must be done before
+// the hijack handler returns.
+func handOver(c net.Conn) (conn net.Conn, relayed bool) {
+	switch c := c.(type) {
+	case *servedConn:
+		c.relayed.Store(true)
+		return c.TCPConn, true
+	case *servedTLSConn:
+		c.relayed.Store(true)
+		return c.Conn, true
+	}
+	return c, false
+}
 
 // servedListener gives the TCP and TLS connections it accepts a wait of d's to carry. Others
 // (not made by Listen or tls.NewListener) are served as they are, their waits looked up.

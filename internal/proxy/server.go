@@ -63,8 +63,8 @@ func (h *Handler) NewServer(cfg *config.Config) *Server {
 		ReduceMemoryUsage:            true,
 		CloseOnShutdown:              true,
 		// Event streams are relayed on connections the server hands over (Handler.detach),
-		// which then close them.
-		KeepHijackedConns: true,
+		// which then close them: the server's own close of them does nothing (handOver).
+		// Without KeepHijackedConns the server takes back their read buffers.
 		// TCP keep-alive comes from the listener (Listen), not from a setting per connection.
 		Logger:    fasthttpLogger{h.log.Named("http")},
 		ConnState: s.track,

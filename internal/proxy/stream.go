@@ -66,18 +66,22 @@ func (h *Handler) detach(c *call, s *transport.Stream) {
 	hdr.SetConnectionClose()
 	r.head = hdr.AppendBytes(make([]byte, 0, 1536)) // room for the first event, to go with it
 	c.detach()
-	conn := fc.Conn()
-	h.streams.expect(conn, r)
+	key := fc.Conn()
+	h.streams.expect(key, r)
 	fc.HijackSetNoResponse(true)
 	fc.Hijack(func(hc net.Conn) {
 		if u, ok := hc.(interface{ UnsafeConn() net.Conn }); ok {
 			hc = u.UnsafeConn() // the connection itself, not the server's reader in front of it
 		}
-		if !h.streams.start(conn) {
-			hc.Close() // its stream has ended already (streamSet.closed)
-			return
+		conn, relayed, ok := h.streams.start(key, hc)
+		switch {
+		case !ok:
+			conn.Close() // its stream has ended already (streamSet.closed)
+		case relayed:
+			go r.run(key, conn) // this returns, and the server takes back its buffers
+		default:
+			r.run(key, conn) // the server closes conn when this returns
 		}
-		go r.run(hc)
 	})
 }
 
@@ -86,23 +90,25 @@ type relay struct {
 	h       *Handler
 	c       *call
 	s       *transport.Stream
-	head    []byte // the response's status line and headers, until written
-	chunked bool   // HTTP/1.1: chunked framing; HTTP/1.0: raw bytes, ended by the close
+	conn    net.Conn // the caller's connection, once handed over (streamSet.start)
+	head    []byte   // the response's status line and headers, until written
+	chunked bool     // HTTP/1.1: chunked framing; HTTP/1.0: raw bytes, ended by the close
 	eof     bool
 	// small takes each upstream read first: an event usually fits, and a stream waiting for
 	// the next one then holds this and no more.
 	small [chunkHead + relaySmall + chunkTail]byte
 }
 
-// run relays the stream to conn, then ends the call and closes conn.
-func (r *relay) run(conn net.Conn) {
+// run relays the stream to conn, then ends the call, closes conn and tells the stream set the
+// stream that key stands for is done.
+func (r *relay) run(key, conn net.Conn) {
 	var werr error
 	defer func() {
 		p := recover()
 		r.end(werr)
 		r.h.finish(r.c, p) // before the close: when the caller sees it, the call is logged
 		conn.Close()
-		r.h.streams.done(conn)
+		r.h.streams.done(key)
 	}()
 	werr = r.copy(conn)
 }
@@ -240,7 +246,8 @@ func (b *streamBody) CloseWithError(err error) error {
 	return nil
 }
 
-// streamSet keeps account of the relayed streams, for Shutdown.
+// streamSet keeps account of the relayed streams, for Shutdown. They are known by the
+// connection the server serves (fc.Conn()).
 type streamSet struct {
 	mu sync.Mutex
 	// expected: streams whose connection the server has yet to hand over (it does unless the
@@ -260,17 +267,23 @@ func (s *streamSet) expect(conn net.Conn, r *relay) {
 	s.mu.Unlock()
 }
 
-// start moves conn's stream from expected to live, reporting whether it was expected.
-func (s *streamSet) start(conn net.Conn) bool {
+// start moves key's stream from expected to live, reporting whether it was expected, and takes
+// hc, the connection the server hands over, from the server (handOver): conn is what the relay
+// writes to and closes, and relayed whether it may outlive the hijack handler.
+func (s *streamSet) start(key, hc net.Conn) (conn net.Conn, relayed, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	r, ok := s.expected[conn]
+	r, ok := s.expected[key]
 	if !ok {
-		return false
+		return hc, false, false
 	}
-	delete(s.expected, conn)
-	s.live[conn] = r
-	return true
+	delete(s.expected, key)
+	// Under the lock, so that once Shutdown's close of key does nothing (handed over), cut
+	// finds the stream live and closes conn.
+	conn, relayed = handOver(hc)
+	r.conn = conn
+	s.live[key] = r
+	return conn, relayed, true
 }
 
 // closed is told of every connection the server closes: a stream still expected on it will
@@ -325,8 +338,8 @@ func (s *streamSet) drained() <-chan struct{} {
 func (s *streamSet) cut() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for conn, r := range s.live {
-		conn.Close()
+	for _, r := range s.live {
+		r.conn.Close()
 		r.c.ctx.cancel()
 	}
 	return len(s.live)

@@ -2,12 +2,14 @@ package proxy
 
 import (
 	"bufio"
+	"crypto/tls"
 	"encoding/json"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
+	rtmetrics "runtime/metrics"
 	"strconv"
 	"strings"
 	"testing"
@@ -16,6 +18,7 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/tokenproxy/tokenproxy/internal/config"
+	"github.com/tokenproxy/tokenproxy/internal/emulator"
 	"github.com/tokenproxy/tokenproxy/internal/transport"
 )
 
@@ -232,7 +235,7 @@ func TestStreamNeverHandedOver(t *testing.T) {
 	default:
 		t.Error("a stream that was never handed over is still counted")
 	}
-	if set.start(server) {
+	if _, _, ok := set.start(server, server); ok {
 		t.Error("a stream ended at its connection's close could still start")
 	}
 	if line := logLine(t, g, "never-handed-over"); line["aborted"] != true {
@@ -250,4 +253,103 @@ func newUpstreamCall(url string) (*fasthttp.Request, *fasthttp.Response) {
 	req.SetRequestURI(url + "/stream")
 	req.Header.SetMethod("POST")
 	return req, fasthttp.AcquireResponse()
+}
+
+// otherConn is a connection of a kind the server's listener does not wrap.
+type otherConn struct{ net.Conn }
+
+type otherListener struct{ net.Listener }
+
+func (l otherListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return otherConn{c}, nil
+}
+
+func TestRelayedStreamGivesBackTheReadBuffer(t *testing.T) {
+	// The server takes back a relayed stream's 32 KiB read buffer (a hijacked connection's,
+	// which it keeps only until the hijack handler returns), rather than leave one to the
+	// garbage collector per stream; the stream goes on, on a connection the server no longer
+	// closes. Over TCP and TLS, and on a connection the listener does not wrap, which is
+	// relayed before the hijack handler returns.
+	if raceEnabled {
+		t.Skip("the race detector's pools drop what is put in them at random")
+	}
+	ca, err := emulator.NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	serverTLS, err := ca.ServerConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		wrap func(net.Listener) net.Listener
+		dial func(addr string) (net.Conn, error)
+	}{
+		{"tcp", func(ln net.Listener) net.Listener { return ln }, func(addr string) (net.Conn, error) { return net.Dial("tcp", addr) }},
+		{"tls", func(ln net.Listener) net.Listener { return tls.NewListener(ln, serverTLS) }, func(addr string) (net.Conn, error) {
+			return tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.Pool(), ServerName: "127.0.0.1"})
+		}},
+		{"other", func(ln net.Listener) net.Listener { return otherListener{ln} }, func(addr string) (net.Conn, error) { return net.Dial("tcp", addr) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			g := newGateway(t)
+			srv := g.handler.NewServer(g.cfg)
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan struct{})
+			go func() { srv.Serve(tc.wrap(ln)); close(done) }()
+			t.Cleanup(func() {
+				srv.Shutdown(t.Context())
+				<-done
+			})
+			stream := func(id string) {
+				conn, err := tc.dial(ln.Addr().String())
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer conn.Close()
+				conn.SetDeadline(time.Now().Add(30 * time.Second)) // a bound, not a wait
+				if _, err := io.WriteString(conn, streamRequest("HTTP/1.1", id)); err != nil {
+					t.Fatal(err)
+				}
+				all, err := io.ReadAll(conn)
+				if err != nil || !strings.HasPrefix(string(all), "HTTP/1.1 200 OK\r\n") || !strings.HasSuffix(string(all), "data: [DONE]\n\n\r\n0\r\n\r\n") {
+					t.Fatalf("stream %s: got %q, %v; want the whole stream, then the close", id, all, err)
+				}
+			}
+			for i := range 8 { // the pools fill
+				stream("warm-" + strconv.Itoa(i))
+			}
+			const n = 64
+			before := largeAllocations()
+			for i := range n {
+				stream("s-" + strconv.Itoa(i))
+			}
+			// A collection empties the server's pool of read buffers: a few are made again.
+			if got := largeAllocations() - before; got > n/4 {
+				t.Errorf("%d streams made %d allocations of 32 KiB or more: the server does not take back their read buffers", n, got)
+			}
+		})
+	}
+}
+
+// largeAllocations counts the process's heap allocations of 32 KiB or more so far.
+func largeAllocations() uint64 {
+	s := []rtmetrics.Sample{{Name: "/gc/heap/allocs-by-size:bytes"}}
+	rtmetrics.Read(s)
+	h := s[0].Value.Float64Histogram()
+	var n uint64
+	for i, c := range h.Counts {
+		if h.Buckets[i] >= 32<<10 {
+			n += c
+		}
+	}
+	return n
 }
