@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"encoding/json"
 	"io"
@@ -306,7 +307,9 @@ func TestRelayedStreamGivesBackTheReadBuffer(t *testing.T) {
 			done := make(chan struct{})
 			go func() { srv.Serve(tc.wrap(ln)); close(done) }()
 			t.Cleanup(func() {
-				srv.Shutdown(t.Context())
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				srv.Shutdown(ctx)
 				<-done
 			})
 			stream := func(id string) {
