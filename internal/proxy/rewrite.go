@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"hash/maphash"
+	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"strings"
@@ -366,11 +367,14 @@ func (cs *callers) isKey(v []byte) bool {
 
 // notKeys remembers values that were hashed and found to be no caller's key, so that those a
 // client sends on every call (its User-Agent, Host, Content-Type, an api-version) are hashed
-// once rather than on every call (≈ 80 ns each; bench/README.md). A slot holds one value, and
-// a value counts as known only where it is the slot's, byte for byte: the cache can make a
-// call skip a hash, never take a key for something else. It belongs to one set of callers (a
-// reload builds another, with other keys), and holds at most notKeySlots values of up to
-// notKeyMax bytes: a caller sending new values every time only replaces them.
+// once rather than on every call (≈ 80 ns each; bench/README.md). A value has two slots it may
+// be kept in, and counts as known only where a slot holds it byte for byte: the cache can make
+// a call skip a hash, never take a key for something else. Two slots, not one: with one, two of
+// the few values a client sends on every call share it in a few per cent of processes (the
+// seed is random), and would then push each other out on every call, each hashed and copied
+// again each time. It belongs to one set of callers (a reload builds another, with other keys),
+// and holds at most notKeySlots values of up to notKeyMax bytes: a caller sending new values
+// every time only replaces them.
 type notKeys struct {
 	seed  maphash.Seed
 	slots [notKeySlots]atomic.Pointer[string]
@@ -383,22 +387,38 @@ const (
 
 func newNotKeys() *notKeys { return &notKeys{seed: maphash.MakeSeed()} }
 
-func (n *notKeys) slot(v []byte) *atomic.Pointer[string] {
-	return &n.slots[maphash.Bytes(n.seed, v)%notKeySlots]
+// slotsOf returns the two slots v may be kept in, from two parts of one hash (they can be the
+// same slot).
+func (n *notKeys) slotsOf(v []byte) (a, b *atomic.Pointer[string]) {
+	h := maphash.Bytes(n.seed, v)
+	return &n.slots[h%notKeySlots], &n.slots[(h>>32)%notKeySlots]
 }
 
 func (n *notKeys) has(v []byte) bool {
 	if n == nil || len(v) > notKeyMax {
 		return false
 	}
-	p := n.slot(v).Load()
+	a, b := n.slotsOf(v)
+	if p := a.Load(); p != nil && *p == string(v) {
+		return true
+	}
+	p := b.Load()
 	return p != nil && *p == string(v)
 }
 
+// add keeps v in one of its slots: an empty one if there is one, else either, at random, so
+// that two values sharing slots do not keep taking the same one from each other.
 func (n *notKeys) add(v []byte) {
 	if n == nil || len(v) > notKeyMax {
 		return
 	}
 	s := string(v)
-	n.slot(v).Store(&s)
+	a, b := n.slotsOf(v)
+	switch {
+	case a.CompareAndSwap(nil, &s), b.CompareAndSwap(nil, &s):
+	case rand.IntN(2) == 0:
+		a.Store(&s)
+	default:
+		b.Store(&s)
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/valyala/fasthttp"
@@ -138,19 +139,32 @@ func TestNotKeysCache(t *testing.T) {
 		t.Error("a value longer than notKeyMax was remembered")
 	}
 
-	// A value that is no key, and a key that falls in the same slot: the key is still found.
-	var other []byte
-	for i := 0; other == nil; i++ {
-		v := []byte(fmt.Sprintf("not-a-key-%d", i))
-		if cs.notKeys.slot(v) == cs.notKeys.slot([]byte(keyProd)) {
-			other = v
-		}
-	}
+	// A value that is no key, and a key that falls in the same slots: the key is still found.
+	keyA, keyB := cs.notKeys.slotsOf([]byte(keyProd))
+	other := sharingSlots(cs.notKeys, func(a, b *atomic.Pointer[string]) bool { return a == keyA && b == keyB })
 	if cs.isKey(other) || !cs.notKeys.has(other) {
 		t.Fatalf("%q: not remembered", other)
 	}
 	if cs.notKeys.has([]byte(keyProd)) || !cs.isKey([]byte(keyProd)) {
-		t.Error("a key was taken for the value in its slot")
+		t.Error("a key was taken for the value in its slots")
+	}
+
+	// Two values a client sends on every call, one in a slot the other may take too: both stay
+	// known, rather than push each other out on every call (hashed and copied again each time).
+	fresh := testKeyCallers(t, keyProd)
+	first := []byte("AzureOpenAI/Python 1.54.0")
+	firstA, _ := fresh.notKeys.slotsOf(first)
+	second := sharingSlots(fresh.notKeys, func(a, b *atomic.Pointer[string]) bool { return a == firstA || b == firstA })
+	for range 3 {
+		for _, v := range [][]byte{first, second} {
+			if fresh.isKey(v) {
+				t.Fatalf("%q taken for a key", v)
+			}
+		}
+	}
+	if !fresh.notKeys.has(first) || !fresh.notKeys.has(second) {
+		t.Errorf("of two values sharing a slot, one was forgotten: %q %v, %q %v",
+			first, fresh.notKeys.has(first), second, fresh.notKeys.has(second))
 	}
 
 	// After a reload that makes a remembered value a key, it is one.
@@ -183,4 +197,14 @@ func TestNotKeysConcurrent(t *testing.T) {
 		})
 	}
 	wg.Wait()
+}
+
+// sharingSlots returns a value (not a key) whose two slots in n are as match wants them.
+func sharingSlots(n *notKeys, match func(a, b *atomic.Pointer[string]) bool) []byte {
+	for i := 0; ; i++ {
+		v := []byte(fmt.Sprintf("not-a-key-%d", i))
+		if match(n.slotsOf(v)) {
+			return v
+		}
+	}
 }
