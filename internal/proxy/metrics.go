@@ -5,7 +5,6 @@ import (
 	"hash/maphash"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -50,14 +49,14 @@ type metrics struct {
 // seriesCache remembers series of a metric vector by their label values (up to three), so
 // counting a call costs a maphash of its labels and a comparison, not client_golang's lookup
 // (FNV over every byte of the labels, then a map under a read lock: ≈ 60 ns a series, four
-// series a call). A slot holds one series and is replaced on a miss, so the cache never holds
-// more than its slots, and a series it holds is the vector's own: vectors here never delete
-// series, so it stays the one WithLabelValues would return.
+// series a call). A series is kept in one of two slots (slotPairs), replaced on a miss, so the
+// cache never holds more than its slots, and a series it holds is the vector's own: vectors
+// here never delete series, so it stays the one WithLabelValues would return.
 type seriesCache[M any] struct {
 	vec   interface{ WithLabelValues(...string) M }
 	n     int // labels used
 	seed  maphash.Seed
-	slots [64]atomic.Pointer[cachedSeries[M]]
+	slots slotPairs[cachedSeries[M]]
 }
 
 type cachedSeries[M any] struct {
@@ -66,22 +65,31 @@ type cachedSeries[M any] struct {
 }
 
 func newSeriesCache[M any](vec interface{ WithLabelValues(...string) M }, labels int) *seriesCache[M] {
-	return &seriesCache[M]{vec: vec, n: labels, seed: maphash.MakeSeed()}
+	return &seriesCache[M]{vec: vec, n: labels, seed: maphash.MakeSeed(), slots: newSlotPairs[cachedSeries[M]](64)}
+}
+
+// labelsHash hashes the label values of a series.
+func labelsHash(seed maphash.Seed, labels []string) uint64 {
+	var h uint64
+	for _, l := range labels {
+		h = h*0x9e3779b97f4a7c15 + maphash.String(seed, l)
+	}
+	return h
 }
 
 // get returns the series of labels (the unused ones empty).
 func (c *seriesCache[M]) get(labels [3]string) M {
-	var h uint64
-	for _, l := range labels[:c.n] {
-		h = h*0x9e3779b97f4a7c15 + maphash.String(c.seed, l)
+	h := labelsHash(c.seed, labels[:c.n])
+	a, b := c.slots.pair(h)
+	if e := a.Load(); e != nil && e.labels == labels {
+		return e.m
 	}
-	slot := &c.slots[h%uint64(len(c.slots))]
-	if e := slot.Load(); e != nil && e.labels == labels {
+	if e := b.Load(); e != nil && e.labels == labels {
 		return e.m
 	}
 	e := &cachedSeries[M]{labels: labels}
 	e.m = c.vec.WithLabelValues(e.labels[:c.n]...)
-	slot.Store(e)
+	c.slots.put(h, e)
 	return e.m
 }
 

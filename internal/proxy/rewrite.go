@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"hash/maphash"
-	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"strings"
@@ -367,17 +366,14 @@ func (cs *callers) isKey(v []byte) bool {
 
 // notKeys remembers values that were hashed and found to be no caller's key, so that those a
 // client sends on every call (its User-Agent, Host, Content-Type, an api-version) are hashed
-// once rather than on every call (≈ 80 ns each; bench/README.md). A value has two slots it may
-// be kept in, and counts as known only where a slot holds it byte for byte: the cache can make
-// a call skip a hash, never take a key for something else. Two slots, not one: with one, two of
-// the few values a client sends on every call share it in a few per cent of processes (the
-// seed is random), and would then push each other out on every call, each hashed and copied
-// again each time. It belongs to one set of callers (a reload builds another, with other keys),
-// and holds at most notKeySlots values of up to notKeyMax bytes: a caller sending new values
-// every time only replaces them.
+// once rather than on every call (≈ 80 ns each; bench/README.md). A value counts as known only
+// where one of its two slots (slotPairs) holds it byte for byte: the cache can make a call skip
+// a hash, never take a key for something else. It belongs to one set of callers (a reload builds
+// another, with other keys), and holds at most notKeySlots values of up to notKeyMax bytes: a
+// caller sending new values every time only replaces them.
 type notKeys struct {
 	seed  maphash.Seed
-	slots [notKeySlots]atomic.Pointer[string]
+	slots slotPairs[string]
 }
 
 const (
@@ -385,13 +381,13 @@ const (
 	notKeyMax   = 128
 )
 
-func newNotKeys() *notKeys { return &notKeys{seed: maphash.MakeSeed()} }
+func newNotKeys() *notKeys {
+	return &notKeys{seed: maphash.MakeSeed(), slots: newSlotPairs[string](notKeySlots)}
+}
 
-// slotsOf returns the two slots v may be kept in, from two parts of one hash (they can be the
-// same slot).
+// slotsOf returns the two slots v may be kept in.
 func (n *notKeys) slotsOf(v []byte) (a, b *atomic.Pointer[string]) {
-	h := maphash.Bytes(n.seed, v)
-	return &n.slots[h%notKeySlots], &n.slots[(h>>32)%notKeySlots]
+	return n.slots.pair(maphash.Bytes(n.seed, v))
 }
 
 func (n *notKeys) has(v []byte) bool {
@@ -406,19 +402,10 @@ func (n *notKeys) has(v []byte) bool {
 	return p != nil && *p == string(v)
 }
 
-// add keeps v in one of its slots: an empty one if there is one, else either, at random, so
-// that two values sharing slots do not keep taking the same one from each other.
 func (n *notKeys) add(v []byte) {
 	if n == nil || len(v) > notKeyMax {
 		return
 	}
 	s := string(v)
-	a, b := n.slotsOf(v)
-	switch {
-	case a.CompareAndSwap(nil, &s), b.CompareAndSwap(nil, &s):
-	case rand.IntN(2) == 0:
-		a.Store(&s)
-	default:
-		b.Store(&s)
-	}
+	n.slots.put(maphash.Bytes(n.seed, v), &s)
 }
