@@ -294,25 +294,8 @@ func TestDeadlinesCut(t *testing.T) {
 // connection's own methods kept (TLS state for fasthttp, the socket for the disconnect watch),
 // and cut by the clock like any other while they are served, not once forgotten.
 func TestServedListenerCarriesWaits(t *testing.T) {
-	ca, err := emulator.NewCA()
-	if err != nil {
-		t.Fatal(err)
-	}
-	serverTLS, err := ca.ServerConfig()
-	if err != nil {
-		t.Fatal(err)
-	}
 	d := newDeadlines(time.Minute, time.Minute)
-	for _, tc := range []struct {
-		name string
-		wrap func(net.Listener) net.Listener
-		dial func(addr string) (net.Conn, error)
-	}{
-		{"tcp", func(ln net.Listener) net.Listener { return ln }, func(addr string) (net.Conn, error) { return net.Dial("tcp", addr) }},
-		{"tls", func(ln net.Listener) net.Listener { return tls.NewListener(ln, serverTLS) }, func(addr string) (net.Conn, error) {
-			return tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.Pool(), ServerName: "127.0.0.1"})
-		}},
-	} {
+	for _, tc := range servedKinds(t) {
 		t.Run(tc.name, func(t *testing.T) {
 			raw, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
@@ -381,5 +364,33 @@ func TestServedListenerCarriesWaits(t *testing.T) {
 				t.Fatal("a forgotten connection is still on the clock")
 			}
 		})
+	}
+}
+
+// listenerKind is a kind of connection a listener serves: wrap makes a listener of it from a TCP
+// one, and dial connects to that.
+type listenerKind struct {
+	name string
+	wrap func(net.Listener) net.Listener
+	dial func(addr string) (net.Conn, error)
+}
+
+// servedKinds returns the kinds of connection the server's listener wraps (servedListener):
+// plain TCP, and TLS with a certificate of a CA of the test's own.
+func servedKinds(t *testing.T) []listenerKind {
+	t.Helper()
+	ca, err := emulator.NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	serverTLS, err := ca.ServerConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return []listenerKind{
+		{"tcp", func(ln net.Listener) net.Listener { return ln }, func(addr string) (net.Conn, error) { return net.Dial("tcp", addr) }},
+		{"tls", func(ln net.Listener) net.Listener { return tls.NewListener(ln, serverTLS) }, func(addr string) (net.Conn, error) {
+			return tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.Pool(), ServerName: "127.0.0.1"})
+		}},
 	}
 }

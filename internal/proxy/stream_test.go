@@ -3,7 +3,6 @@ package proxy
 import (
 	"bufio"
 	"context"
-	"crypto/tls"
 	"encoding/json"
 	"io"
 	"net"
@@ -19,7 +18,6 @@ import (
 	"github.com/valyala/fasthttp"
 
 	"github.com/tokenproxy/tokenproxy/internal/config"
-	"github.com/tokenproxy/tokenproxy/internal/emulator"
 	"github.com/tokenproxy/tokenproxy/internal/transport"
 )
 
@@ -278,25 +276,8 @@ func TestRelayedStreamGivesBackTheReadBuffer(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector's pools drop what is put in them at random")
 	}
-	ca, err := emulator.NewCA()
-	if err != nil {
-		t.Fatal(err)
-	}
-	serverTLS, err := ca.ServerConfig()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, tc := range []struct {
-		name string
-		wrap func(net.Listener) net.Listener
-		dial func(addr string) (net.Conn, error)
-	}{
-		{"tcp", func(ln net.Listener) net.Listener { return ln }, func(addr string) (net.Conn, error) { return net.Dial("tcp", addr) }},
-		{"tls", func(ln net.Listener) net.Listener { return tls.NewListener(ln, serverTLS) }, func(addr string) (net.Conn, error) {
-			return tls.Dial("tcp", addr, &tls.Config{RootCAs: ca.Pool(), ServerName: "127.0.0.1"})
-		}},
-		{"other", func(ln net.Listener) net.Listener { return otherListener{ln} }, func(addr string) (net.Conn, error) { return net.Dial("tcp", addr) }},
-	} {
+	other := listenerKind{"other", func(ln net.Listener) net.Listener { return otherListener{ln} }, func(addr string) (net.Conn, error) { return net.Dial("tcp", addr) }}
+	for _, tc := range append(servedKinds(t), other) {
 		t.Run(tc.name, func(t *testing.T) {
 			g := newGateway(t)
 			srv := g.handler.NewServer(g.cfg)
