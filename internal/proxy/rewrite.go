@@ -68,16 +68,13 @@ func rewrite(out *transport.Request, in *fasthttp.RequestHeader, up *upstream, p
 			continue
 		}
 		hasType = hasType || bytes.EqualFold(k, []byte("Content-Type"))
-		out.Fields = append(out.Fields, k...)
-		out.Fields = append(out.Fields, ": "...)
-		out.Fields = append(out.Fields, v...)
-		out.Fields = append(out.Fields, "\r\n"...)
+		out.AppendField(k, v)
 	}
 	if !hasType && len(body) > 0 {
 		// As fasthttp's request writer, which wrote the gateway's upstream requests before.
-		out.AppendField("Content-Type", []byte("application/octet-stream"))
+		out.AppendField([]byte("Content-Type"), []byte("application/octet-stream"))
 	}
-	out.AppendField("X-Ms-Client-Request-Id", []byte(requestID))
+	out.AppendField(requestIDHeader, []byte(requestID))
 
 	// The upstream call is the gateway's own: HTTP/1.1 (or HTTP/2), on a connection kept
 	// alive, whatever the caller spoke (an HTTP/1.0 call would otherwise cost the upstream

@@ -84,8 +84,8 @@ func TestAuthorizationIsSent(t *testing.T) {
 					t.Fatal(err)
 				}
 				req := &Request{Method: []byte(tt.method), Target: []byte("/openai/x?api-version=1"), Host: o.Host(), Body: []byte(tt.body)}
-				req.AppendField("Content-Type", []byte("application/json"))
-				req.AppendField("X-Custom", []byte("keep"))
+				req.AppendField([]byte("Content-Type"), []byte("application/json"))
+				req.AppendField([]byte("X-Custom"), []byte("keep"))
 				resp := &fasthttp.Response{}
 				stream, err := tr.Send(t.Context(), up.origin(o), req, bearer, resp)
 				sent(t, resp, stream, err, up.proto+tt.want)
@@ -173,9 +173,9 @@ func BenchmarkWriteRequest(b *testing.B) {
 			r.Target = append(r.Target[:0], "/openai/deployments/deploy-gpt-4.1/chat/completions?api-version=2024-10-21"...)
 			r.Host = "eastca.openai.azure.com"
 			r.Fields = r.Fields[:0]
-			r.AppendField("Content-Type", []byte("application/json"))
-			r.AppendField("User-Agent", []byte("AzureOpenAI/Python 1.54.0"))
-			r.AppendField("X-Ms-Client-Request-Id", []byte("6a1b2c3d-0000-4000-8000-000000000000"))
+			r.AppendField([]byte("Content-Type"), []byte("application/json"))
+			r.AppendField([]byte("User-Agent"), []byte("AzureOpenAI/Python 1.54.0"))
+			r.AppendField([]byte("X-Ms-Client-Request-Id"), []byte("6a1b2c3d-0000-4000-8000-000000000000"))
 			r.Body = body
 			if err := r.writeH1(bw, bearer); err != nil {
 				b.Fatal(err)

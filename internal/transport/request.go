@@ -29,7 +29,7 @@ type Request struct {
 
 // AppendField appends the header field name: value to r's Fields. name must be a token and
 // value hold no control character other than a tab (see Fields).
-func (r *Request) AppendField(name string, value []byte) {
+func (r *Request) AppendField(name, value []byte) {
 	r.Fields = append(r.Fields, name...)
 	r.Fields = append(r.Fields, ": "...)
 	r.Fields = append(r.Fields, value...)
