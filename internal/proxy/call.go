@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/google/uuid"
 	"github.com/valyala/fasthttp"
@@ -24,7 +25,8 @@ type call struct {
 	proxyStart time.Time // when the request was sent upstream
 	headerAt   time.Time // when the upstream's response headers arrived
 	id         string
-	path       string // as received, before any deployment rename
+	idBuf      [36]byte // a generated id's text (newID), which id then points into
+	path       string   // as received, before any deployment rename
 	query      string
 
 	caller, deployment, upstream string
@@ -76,7 +78,36 @@ func newCall(fc *fasthttp.RequestCtx, cs *callers) *call {
 	if start.IsZero() {
 		start = time.Now()
 	}
-	return &call{fc: fc, start: start, id: requestID(&fc.Request.Header, cs)}
+	c := &call{fc: fc, start: start}
+	if id, ok := callerRequestID(&fc.Request.Header, cs); ok {
+		c.id = id
+	} else {
+		c.newID()
+	}
+	return c
+}
+
+// newID gives the call a new random (version 4) UUID as its request ID. Its text lives in the
+// call itself: the ID is as long-lived as the call, so it needs no allocation of its own. The
+// bytes are written once, before the string is made, and never after.
+func (c *call) newID() {
+	u, _ := uuid.NewRandom() // from the pool: no error to return
+	formatUUID(&c.idBuf, u)
+	c.id = unsafe.String(&c.idBuf[0], len(c.idBuf))
+}
+
+// formatUUID writes u in its canonical form, as u.String() does.
+func formatUUID(dst *[36]byte, u uuid.UUID) {
+	const digits = "0123456789abcdef"
+	j := 0
+	for i, b := range u {
+		if i == 4 || i == 6 || i == 8 || i == 10 {
+			dst[j] = '-'
+			j++
+		}
+		dst[j], dst[j+1] = digits[b>>4], digits[b&0xf]
+		j += 2
+	}
 }
 
 // finish runs once per request, last: it ends the upstream call, recovers a panic, then counts
@@ -148,10 +179,18 @@ func apiVersion(rawQuery string) string {
 // none of cs's keys (it goes upstream and to the log), else a new UUID. Caller-chosen IDs let a
 // client correlate its logs with the gateway's and Azure's.
 func requestID(h *fasthttp.RequestHeader, cs *callers) string {
-	if v := h.Peek("X-Ms-Client-Request-Id"); saneID(string(v)) && !cs.holdsKey(v) {
-		return string(v)
+	if id, ok := callerRequestID(h, cs); ok {
+		return id
 	}
 	return uuid.NewString()
+}
+
+// callerRequestID returns the caller's x-ms-client-request-id if requestID would keep it.
+func callerRequestID(h *fasthttp.RequestHeader, cs *callers) (string, bool) {
+	if v := h.Peek("X-Ms-Client-Request-Id"); saneID(string(v)) && !cs.holdsKey(v) {
+		return string(v), true
+	}
+	return "", false
 }
 
 func saneID(s string) bool {

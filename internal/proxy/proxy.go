@@ -25,7 +25,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/google/uuid"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/valyala/fasthttp"
 	"go.uber.org/zap"
@@ -395,7 +394,7 @@ func (h *Handler) admit(c *call) (*caller, *apiError) {
 	}
 	if c.credStr != "" && strings.Contains(c.id, c.credStr) {
 		// The caller sent its credential as the request ID, which goes upstream and to the log.
-		c.id = uuid.NewString()
+		c.newID()
 	}
 	if n := cl.load.Add(1); cl.max > 0 && n > cl.max {
 		cl.load.Add(-1)
