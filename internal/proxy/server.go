@@ -60,8 +60,10 @@ func (h *Handler) NewServer(cfg *config.Config) *Server {
 		NoDefaultServerHeader:        true,
 		NoDefaultContentType:         true,
 		SecureErrorLogMessage:        true,
-		ReduceMemoryUsage:            true,
-		CloseOnShutdown:              true,
+		// Also: each response is flushed as it ends, so a stream's handler may write its head
+		// to the connection itself with nothing of the server's left to go first (detach).
+		ReduceMemoryUsage: true,
+		CloseOnShutdown:   true,
 		// Event streams are relayed on connections the server hands over (Handler.detach),
 		// which then close them: the server's own close of them does nothing (handOver).
 		// Without KeepHijackedConns the server takes back their read buffers.

@@ -65,8 +65,14 @@ func (h *Handler) detach(c *call, s *transport.Stream) {
 	}
 	hdr.SetConnectionClose()
 	r.head = hdr.AppendBytes(make([]byte, 0, 1536)) // room for the first event, to go with it
-	c.detach()
 	key := fc.Conn()
+	if s.Buffered() > 0 {
+		// The first event has come with the answer: it goes out now, with the head, rather
+		// than after the hand-over. Nothing of the server's waits to be written before it:
+		// with ReduceMemoryUsage the server flushes each response as it ends.
+		r.ended, r.werr = r.step(key)
+	}
+	c.detach()
 	h.streams.expect(key, r)
 	fc.HijackSetNoResponse(true)
 	fc.Hijack(func(hc net.Conn) {
@@ -94,6 +100,9 @@ type relay struct {
 	head    []byte   // the response's status line and headers, until written
 	chunked bool     // HTTP/1.1: chunked framing; HTTP/1.0: raw bytes, ended by the close
 	eof     bool
+	// ended: the stream ended with what detach wrote (werr: writing it to the caller failed).
+	ended bool
+	werr  error
 	// small takes each upstream read first: an event usually fits, and a stream waiting for
 	// the next one then holds this and no more.
 	small [chunkHead + relaySmall + chunkTail]byte
@@ -113,40 +122,49 @@ func (r *relay) run(key, conn net.Conn) {
 	werr = r.copy(conn)
 }
 
-// copy writes the head, then each upstream read as it arrives, and the last chunk at the end.
-// It returns the error writing to the caller failed with, if that is what stopped it.
+// copy writes the head, unless the handler has (detach), then each upstream read as it
+// arrives, and the last chunk at the end. It returns the error writing to the caller failed
+// with, if that is what stopped it.
 func (r *relay) copy(w io.Writer) error {
-	if r.s.Buffered() == 0 { // no event yet: the caller sees the status while it waits
+	if r.ended {
+		return r.werr
+	}
+	if len(r.head) > 0 && r.s.Buffered() == 0 { // no event yet: the caller sees the status while it waits
 		if _, err := w.Write(r.head); err != nil {
 			return err
 		}
 		r.head = nil
 	}
 	for {
-		out, lent, err := r.read()
-		if len(r.head) > 0 { // the headers go out with the first event if it has arrived
-			if len(out) > 0 && len(r.head)+len(out) <= cap(r.head) {
-				out = append(r.head, out...)
-			} else if _, werr := w.Write(r.head); werr != nil {
-				r.lend(lent)
-				return werr
-			}
-			r.head = nil
-		}
-		if err == io.EOF && r.chunked {
-			out = append(out, "0\r\n\r\n"...)
-		}
-		if len(out) > 0 {
-			if _, werr := w.Write(out); werr != nil {
-				r.lend(lent)
-				return werr
-			}
-		}
-		r.lend(lent)
-		if err != nil {
-			return nil // io.EOF, or the upstream failed (noted by read)
+		if end, werr := r.step(w); end {
+			return werr
 		}
 	}
+}
+
+// step writes what one upstream read brings, with the head if it has yet to go, and reports
+// whether the stream has ended: at its end, when the upstream failed, or when writing to the
+// caller did (werr).
+func (r *relay) step(w io.Writer) (end bool, werr error) {
+	out, lent, err := r.read()
+	defer r.lend(lent)
+	if len(r.head) > 0 { // the headers go out with the first event if it has arrived
+		if len(out) > 0 && len(r.head)+len(out) <= cap(r.head) {
+			out = append(r.head, out...)
+		} else if _, werr := w.Write(r.head); werr != nil {
+			return true, werr
+		}
+		r.head = nil
+	}
+	if err == io.EOF && r.chunked {
+		out = append(out, "0\r\n\r\n"...)
+	}
+	if len(out) > 0 {
+		if _, werr := w.Write(out); werr != nil {
+			return true, werr
+		}
+	}
+	return err != nil, nil // io.EOF, or the upstream failed (noted by read)
 }
 
 // read reads what the upstream has sent into the small buffer, or, when that fills and more has

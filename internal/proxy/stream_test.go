@@ -122,6 +122,45 @@ func TestStreamToAnHTTP10Caller(t *testing.T) {
 	}
 }
 
+func TestStreamAfterPipelinedCall(t *testing.T) {
+	// A stream's head and first event may be written by the handler itself, before the
+	// connection is handed over: nothing the server has to write may still be waiting then.
+	// A call pipelined before the stream is answered first, and a 100 Continue goes before the
+	// stream's head.
+	g := newGateway(t)
+	plain := `{"messages":[{"role":"user","content":"hi"}]}`
+	call := "POST " + chatPath + " HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyProd +
+		"\r\nContent-Type: application/json\r\nContent-Length: " + strconv.Itoa(len(plain)) + "\r\n\r\n" + plain
+	head, rest := rawCall(t, g, call+streamRequest("HTTP/1.1", "stream-pipelined"))
+	if !strings.HasPrefix(head, "HTTP/1.1 200 OK\r\n") || strings.Contains(head, "text/event-stream") {
+		t.Fatalf("the first response's head is %q, want the plain call's", head)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(strings.NewReader(head+"\r\n\r\n"+rest)), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := io.ReadAll(resp.Body)
+	if err != nil || !strings.Contains(string(first), `"chat.completion"`) {
+		t.Fatalf("the plain call's body %q (%v), want a chat completion", first, err)
+	}
+	second, err := http.ReadResponse(bufio.NewReader(strings.NewReader(rest[len(first):])), nil)
+	if err != nil {
+		t.Fatalf("after the plain call's answer: %v (%q)", err, rest[len(first):])
+	}
+	if second.StatusCode != 200 || !strings.HasPrefix(second.Header.Get("Content-Type"), "text/event-stream") || second.Header.Get("X-Ms-Client-Request-Id") != "stream-pipelined" {
+		t.Errorf("the second response: %d %v, want the stream's", second.StatusCode, second.Header)
+	}
+	if events, err := io.ReadAll(second.Body); err != nil || !strings.HasSuffix(string(events), "data: [DONE]\n\n") {
+		t.Errorf("the stream's events %q (%v), want them whole", events, err)
+	}
+
+	req := strings.Replace(streamRequest("HTTP/1.1", "stream-continue"), "\r\n\r\n", "\r\nExpect: 100-continue\r\n\r\n", 1)
+	head, rest = rawCall(t, g, req)
+	if head != "HTTP/1.1 100 Continue" || !strings.HasPrefix(rest, "HTTP/1.1 200 OK\r\n") {
+		t.Errorf("got %q then %.40q, want 100 Continue and then the stream's head", head, rest)
+	}
+}
+
 func TestStreamStatusBeforeTheFirstEvent(t *testing.T) {
 	// A reasoning model can think for minutes before its first event: the caller has the status
 	// and headers meanwhile.
