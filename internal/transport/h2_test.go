@@ -192,12 +192,21 @@ func TestHTTP2Streams(t *testing.T) {
 		if r.stream == nil || r.resp.Header.ContentLength() != -1 {
 			t.Fatalf("an event stream was not streamed (length %d)", r.resp.Header.ContentLength())
 		}
-		br := bufio.NewReader(r.stream)
+		// Buffered counts the data come and not yet read: once a byte of the first event has
+		// been read, the rest of it, and nothing once it has all been read.
+		var b [1]byte
+		if _, err := io.ReadFull(r.stream, b[:]); err != nil {
+			t.Fatal(err)
+		}
+		if got, want := r.stream.Buffered(), len("data: first\n\n")-1; got != want {
+			t.Errorf("Buffered is %d with the first event but a byte unread, want %d", got, want)
+		}
+		br := bufio.NewReader(io.MultiReader(bytes.NewReader(b[:]), r.stream))
 		if ev := readEvent(t, br); ev != "data: first\n" {
 			t.Fatalf("first event %q", ev)
 		}
 		if r.stream.Buffered() != 0 {
-			t.Error("Buffered is not 0 over HTTP/2")
+			t.Error("Buffered is not 0 with the first event read")
 		}
 		streams = append(streams, open{r.stream, br})
 	}

@@ -729,6 +729,13 @@ func (s *h2Stream) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// buffered reports how much of the response body has come and waits to be read.
+func (s *h2Stream) buffered() int {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return len(s.buf)
+}
+
 // readAll writes the whole response body to w, within the response-header timeout.
 func (s *h2Stream) readAll(w io.Writer) error {
 	c := s.c

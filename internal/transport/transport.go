@@ -959,14 +959,18 @@ func (s *Stream) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// Buffered reports how many bytes of the upstream's answer have arrived and wait to be read
-// (framing included): while it is above zero, a Read will most likely not wait on the network.
-// Those bytes may be framing only, so a Read can still wait. It is 0 once the stream is done.
+// Buffered reports how many bytes of the upstream's answer have arrived and wait to be read:
+// while it is above zero, a Read will most likely not wait on the network. Over HTTP/1.1 they
+// include the framing, and may be framing only, so a Read can still wait; over HTTP/2 they are
+// data, and a Read does not wait. It is 0 once the stream is done.
 func (s *Stream) Buffered() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.done || s.h2 != nil { // HTTP/2 does not tell: 0 makes the relay flush each read
+	switch {
+	case s.done:
 		return 0
+	case s.h2 != nil:
+		return s.h2.buffered()
 	}
 	return s.br.Buffered() + len(s.rest.buf)
 }
