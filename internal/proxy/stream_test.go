@@ -12,6 +12,7 @@ import (
 	rtmetrics "runtime/metrics"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -158,6 +159,59 @@ func TestStreamAfterPipelinedCall(t *testing.T) {
 	head, rest = rawCall(t, g, req)
 	if head != "HTTP/1.1 100 Continue" || !strings.HasPrefix(rest, "HTTP/1.1 200 OK\r\n") {
 		t.Errorf("got %q then %.40q, want 100 Continue and then the stream's head", head, rest)
+	}
+}
+
+func TestStreamFirstEventWithTheAnswer(t *testing.T) {
+	// The upstream sends its first event with its head, then holds back the rest: the handler
+	// writes the head and that event itself (detach), and the relay goes on from the next
+	// event. The caller must get the head once, the first event while the upstream holds back,
+	// then the rest, all in well-formed chunks.
+	release := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: {\"first\":true}\n\n")
+		w.(http.Flusher).Flush() // the head and the first event in one write
+		<-release
+		io.WriteString(w, "data: [DONE]\n\n")
+	}))
+	defer up.Close()
+	var once sync.Once
+	free := func() { once.Do(func() { close(release) }) }
+	defer free()
+	g := newGateway(t, func(c *config.Config) { c.Upstreams["eastca"].URL = up.URL })
+	conn, err := net.Dial("tcp", strings.TrimPrefix(g.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(30 * time.Second)) // a bound, not a wait: the test fails if it is hit
+	if _, err := io.WriteString(conn, streamRequest("HTTP/1.1", "first-with-answer")); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != 200 || len(resp.TransferEncoding) != 1 || resp.TransferEncoding[0] != "chunked" {
+		t.Fatalf("got %d, %v; want 200 in chunks", resp.StatusCode, resp.TransferEncoding)
+	}
+	body := bufio.NewReader(resp.Body)
+	first := make([]byte, len("data: {\"first\":true}\n\n"))
+	if _, err := io.ReadFull(body, first); err != nil || string(first) != "data: {\"first\":true}\n\n" {
+		t.Fatalf("while the upstream holds back: %q (%v), want the first event", first, err)
+	}
+	free()
+	rest, err := io.ReadAll(body)
+	if err != nil || string(rest) != "data: [DONE]\n\n" {
+		t.Errorf("after the first event: %q (%v), want the last event and the stream's end", rest, err)
+	}
+	if extra, err := io.ReadAll(br); err != nil || len(extra) > 0 { // the call is logged before the close
+		t.Errorf("after the stream's end: %q (%v), want the connection closed", extra, err)
+	}
+	if line := logLine(t, g, "first-with-answer"); line["status"] != 200.0 || line["aborted"] != nil {
+		t.Errorf("access log %v: want status 200, not aborted", line)
 	}
 }
 
