@@ -6,7 +6,7 @@
 //
 //	loadgen sse --listen 127.0.0.1:18005 [--interval 1s] [--tls-ca ca.pem]
 //	loadgen streams --url URL --n 1000 [--header 'api-key: KEY'] [--hold 3s]
-//	loadgen relay --listen 127.0.0.1:18009 --upstream 127.0.0.1:18001 --key KEY [--header 'Authorization: Bearer …']
+//	loadgen relay --listen 127.0.0.1:18009 --upstream 127.0.0.1:18001 --key KEY [--header 'Authorization: Bearer …'] [--yield] [--work 3us]
 //	loadgen evrelay --listen 127.0.0.1:18012 --upstream 127.0.0.1:18001 --key KEY [--header 'Authorization: Bearer …']
 package main
 

@@ -8,9 +8,11 @@ import (
 	"flag"
 	"io"
 	"net"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
+	"time"
 )
 
 // relay is the suite's floor: the least a Go proxy can do for the same job as the nginx
@@ -21,12 +23,18 @@ import (
 // stream) is copied through as it comes until one side closes. No routing, token, metrics, log,
 // limits or timeouts: it tells how much of a proxy's cost is Go's network stack and scheduler,
 // and how much is the work on top.
+//
+// Two knobs, for measuring by hand what a Go proxy can afford to spend on its own work: --yield
+// has each call yield to the scheduler between writing the request upstream and reading the
+// answer, as the gateway's transport does, and --work adds that much busy CPU work to each call
+// before its request goes upstream, in place of a real proxy's work on top (bench/README.md,
+// "How much a call can cost").
 func relay(ctx context.Context, args []string) error {
 	o, err := relayFlags("relay", "127.0.0.1:18009", args)
 	if err != nil {
 		return err
 	}
-	r := &relayer{upstream: o.upstream, key: o.key, add: o.add}
+	r := &relayer{upstream: o.upstream, key: o.key, add: o.add, yield: o.yield, spins: spinsFor(o.work)}
 	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {
 		return err
@@ -48,7 +56,9 @@ func relay(ctx context.Context, args []string) error {
 type relayOptions struct {
 	listen, upstream string
 	key              []byte
-	add              []byte // header lines to add, each with its CRLF
+	add              []byte        // header lines to add, each with its CRLF
+	yield            bool          // relay only
+	work             time.Duration // relay only
 }
 
 func relayFlags(name, listen string, args []string) (relayOptions, error) {
@@ -58,6 +68,12 @@ func relayFlags(name, listen string, args []string) (relayOptions, error) {
 	key := fs.String("key", "", "the api-key a request must carry")
 	var headers multiFlag
 	fs.Var(&headers, "header", "header line to add to each request (repeatable)")
+	var yield *bool
+	var work *time.Duration
+	if name == "relay" {
+		yield = fs.Bool("yield", false, "yield to the scheduler between writing a request upstream and reading the answer")
+		work = fs.Duration("work", 0, "busy CPU work to add to each call, e.g. 3us")
+	}
 	if err := fs.Parse(args); err != nil {
 		return relayOptions{}, err
 	}
@@ -65,6 +81,12 @@ func relayFlags(name, listen string, args []string) (relayOptions, error) {
 		return relayOptions{}, errors.New(name + " needs --upstream and --key")
 	}
 	o := relayOptions{listen: *l, upstream: *upstream, key: []byte(*key)}
+	if yield != nil {
+		o.yield, o.work = *yield, *work
+		if o.work < 0 || o.work > time.Millisecond {
+			return relayOptions{}, errors.New("--work must be between 0 and 1ms")
+		}
+	}
 	for _, h := range headers {
 		o.add = append(o.add, h+"\r\n"...)
 	}
@@ -75,6 +97,8 @@ type relayer struct {
 	upstream string
 	key      []byte
 	add      []byte
+	yield    bool
+	spins    int // of spin, a call's --work
 
 	mu   sync.Mutex
 	idle []*upConn
@@ -179,6 +203,7 @@ func (r *relayer) serve(c net.Conn) {
 				return
 			}
 		}
+		spin(r.spins)
 		u, err := r.get()
 		if err != nil {
 			return
@@ -186,6 +211,9 @@ func (r *relayer) serve(c net.Conn) {
 		if _, err := u.c.Write(out); err != nil {
 			u.c.Close()
 			return
+		}
+		if r.yield {
+			runtime.Gosched()
 		}
 		h, cl, _, err = head(u.br, rb[:0], nil)
 		if err != nil {
@@ -229,4 +257,27 @@ func (r *relayer) stream(c net.Conn, bw *bufio.Writer, u *upConn) {
 			return
 		}
 	}
+}
+
+// spinSink keeps spin's result alive, so that the compiler cannot drop its loop.
+var spinSink uint64
+
+// spin is n rounds of busy work: arithmetic on one register, no memory, no system call.
+func spin(n int) {
+	x := spinSink
+	for range n {
+		x = x*6364136223846793005 + 1442695040888963407
+	}
+	spinSink = x
+}
+
+// spinsFor returns how many rounds of spin take d on this machine, timed once at start.
+func spinsFor(d time.Duration) int {
+	if d <= 0 {
+		return 0
+	}
+	const n = 50_000_000
+	start := time.Now()
+	spin(n)
+	return int(float64(n) * float64(d) / float64(time.Since(start)))
 }
