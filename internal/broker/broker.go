@@ -50,8 +50,9 @@ type Fetcher interface {
 
 // TokenSource gives the request path a valid token.
 type TokenSource interface {
-	// Token returns the current token. It waits only when no valid token is held.
-	Token(ctx context.Context) (*Token, error)
+	// TokenAt returns the token to use at now, a time the caller has just read (the request
+	// path reads the clock once for several uses). It waits only when no valid token is held.
+	TokenAt(ctx context.Context, now time.Time) (*Token, error)
 }
 
 // ErrNoToken is wrapped by every error Token returns when no valid token could be had;

@@ -511,3 +511,36 @@ func BenchmarkSourceToken(b *testing.B) {
 		}
 	})
 }
+
+// TestTokenAt: TokenAt hands out the token it holds while it is valid at the time its caller
+// read. At a time past the token's margin it asks its own clock, as Token does, and acquires
+// afresh only if the token is due by that.
+func TestTokenAt(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := &fakeFetcher{lifetime: time.Hour}
+		_, s := newBroker(t, f, Options{})
+		first, err := s.TokenAt(context.Background(), time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tok, err := s.TokenAt(context.Background(), time.Now()); err != nil || tok != first {
+			t.Fatalf("got %v, %v; want the token held", tok, err)
+		}
+		// A time given past the margin: the source's own clock says the token is good.
+		if tok, err := s.TokenAt(context.Background(), first.ExpiresOn); err != nil || tok != first {
+			t.Fatalf("got %v, %v; want the token held", tok, err)
+		}
+		if n := len(f.callTimes()); n != 1 {
+			t.Fatalf("%d acquisitions, want 1", n)
+		}
+		// Once it is due by the clock too, a new one is acquired.
+		time.Sleep(time.Until(first.ExpiresOn.Add(-expiryMargin)))
+		tok, err := s.TokenAt(context.Background(), time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n := len(f.callTimes()); n != 2 || tok == first {
+			t.Fatalf("%d acquisitions, token %q; want a second acquisition and its token", n, tok.Value)
+		}
+	})
+}

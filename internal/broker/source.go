@@ -70,7 +70,12 @@ func (s *Source) Scope() string { return s.scope }
 // recently that the back-off is still running: then it fails at once rather than add load to an
 // identity provider that is down.
 func (s *Source) Token(ctx context.Context) (*Token, error) {
-	if t := s.cur.Load(); t != nil && time.Now().Before(t.ExpiresOn.Add(-expiryMargin)) {
+	return s.TokenAt(ctx, time.Now())
+}
+
+// TokenAt is Token for a caller that has just read the clock: now is the time it read.
+func (s *Source) TokenAt(ctx context.Context, now time.Time) (*Token, error) {
+	if t := s.cur.Load(); t != nil && now.Before(t.ExpiresOn.Add(-expiryMargin)) {
 		return t, nil
 	}
 	return s.wait(ctx)

@@ -150,7 +150,7 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 			h.m.attemptsFor(b.Key, result).Inc()
 		}
 	}
-	tok, err := up.src.Token(ctx)
+	tok, err := up.src.TokenAt(ctx, c.now())
 	if err != nil {
 		if b != nil {
 			b.Abandoned() // the backend was never reached
@@ -168,7 +168,7 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 	var pathBuf [256]byte
 	rewrite(out, &c.fc.Request.Header, up, p.appendPath(pathBuf[:0], name), c.query, p.bodyFor(c.deployment, name), c.id, c.credential, c.credStr, h.callers.Load())
 
-	c.proxyStart = time.Now()
+	c.proxyStart = c.now()
 	// The answer is read straight into the caller's response; one whose attempt fails over is
 	// moved aside (holdResponse), which only a failing backend's answer pays for.
 	upResp := &c.fc.Response
@@ -176,7 +176,7 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 	if p.stream {
 		origin = up.streams
 	}
-	stream, err := h.transport.Send(ctx, origin, out, tok.AuthorizationHeader()[0], upResp)
+	stream, err := h.transport.Send(ctx, c.proxyStart, origin, out, tok.AuthorizationHeader()[0], upResp)
 	if err != nil {
 		clearResponse(upResp) // whatever of an answer was read before the error
 		if ctx.Err() != nil || b == nil {
@@ -198,7 +198,7 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 		c.holdError(err)
 		return reasonConnectError
 	}
-	c.headerAt = time.Now()
+	c.headerAt = c.now()
 	status := upResp.StatusCode()
 	if b != nil {
 		switch {

@@ -100,7 +100,7 @@ type fixedUpstream struct{}
 
 var chatResponseBytes = []byte(chatResponse)
 
-func (fixedUpstream) Send(_ context.Context, _ transport.Origin, _ *transport.Request, _ string, resp *fasthttp.Response) (*transport.Stream, error) {
+func (fixedUpstream) Send(_ context.Context, _ time.Time, _ transport.Origin, _ *transport.Request, _ string, resp *fasthttp.Response) (*transport.Stream, error) {
 	resp.SetStatusCode(200)
 	resp.Header.SetContentType("application/json")
 	resp.Header.Set("Apim-Request-Id", "6a1b2c3d-0000-4000-8000-000000000000")

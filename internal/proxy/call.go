@@ -87,6 +87,13 @@ func newCall(fc *fasthttp.RequestCtx, cs *callers) *call {
 	return c
 }
 
+// now reads the clock for the call. It takes the monotonic clock's reading alone, one read of
+// the system's clocks where time.Now makes two, and carries the wall time on from the call's
+// start: a step of the wall clock during the call is not seen, as no duration may see it.
+func (c *call) now() time.Time {
+	return c.start.Add(time.Since(c.start))
+}
+
 // newID gives the call a new random (version 4) UUID as its request ID. Its text lives in the
 // call itself: the ID is as long-lived as the call, so it needs no allocation of its own. The
 // bytes are written once, before the string is made, and never after.
@@ -134,7 +141,7 @@ func (h *Handler) finish(c *call, p any) {
 	if status == 0 {
 		status = statusClientClosed
 	}
-	end := time.Now()
+	end := c.now()
 	h.observe(c, status, end)
 	h.accessLog(c, status, end)
 }

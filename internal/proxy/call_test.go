@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"testing"
+	"time"
 
 	"github.com/google/uuid"
 )
@@ -36,5 +37,30 @@ func TestNewID(t *testing.T) {
 			t.Fatalf("request ID changed to %q", c.id)
 		}
 		delete(seen, c.id)
+	}
+}
+
+// TestCallNow checks the call's clock: it runs on from the call's start by the monotonic clock,
+// and tells the wall time as time.Now does.
+func TestCallNow(t *testing.T) {
+	c := &call{start: time.Now()}
+	prev := c.start
+	for range 1000 {
+		now := c.now()
+		if now.Before(prev) {
+			t.Fatalf("the call's clock went back: %v after %v", now, prev)
+		}
+		prev = now
+	}
+	before := time.Now()
+	now := c.now()
+	after := time.Now()
+	if now.Before(before) || now.After(after) { // compared by their monotonic readings
+		t.Fatalf("the call's clock read %v, between %v and %v", now, before, after)
+	}
+	// The wall time, as a timestamp in the access log: off from time.Now's only if the system's
+	// wall clock was stepped during the test.
+	if d := now.Round(0).Sub(before.Round(0)); d < -time.Second || d > time.Second {
+		t.Errorf("the call's wall time is %v off the system's", d)
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/valyala/fasthttp"
 	"golang.org/x/net/http/httpguts"
@@ -38,7 +39,7 @@ type recorded struct {
 // authorization as its Authorization header. Two parsers read the head, fasthttp's and
 // net/http's (which Azure's front ends are closer to in strictness), and must read the same
 // fields: a head two parsers read differently is how requests are smuggled.
-func (u *recordingUpstream) Send(_ context.Context, o transport.Origin, req *transport.Request, authorization string, resp *fasthttp.Response) (*transport.Stream, error) {
+func (u *recordingUpstream) Send(_ context.Context, _ time.Time, o transport.Origin, req *transport.Request, authorization string, resp *fasthttp.Response) (*transport.Stream, error) {
 	raw := req.AppendHead(nil, authorization)
 	var head fasthttp.RequestHeader
 	if err := head.Read(bufio.NewReader(bytes.NewReader(raw))); err != nil {
@@ -84,7 +85,7 @@ type countingSource struct {
 	tok   *broker.Token
 }
 
-func (s *countingSource) Token(context.Context) (*broker.Token, error) {
+func (s *countingSource) TokenAt(context.Context, time.Time) (*broker.Token, error) {
 	s.calls.Add(1)
 	return s.tok, nil
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -161,7 +162,9 @@ func TestGoldenMetrics(t *testing.T) {
 // panickingSource panics with a message holding credentials, as careless code might.
 type panickingSource struct{ msg string }
 
-func (s panickingSource) Token(context.Context) (*broker.Token, error) { panic(errors.New(s.msg)) }
+func (s panickingSource) TokenAt(context.Context, time.Time) (*broker.Token, error) {
+	panic(errors.New(s.msg))
+}
 
 func TestPanicIsRecoveredAs500(t *testing.T) {
 	const key = "panic-test-caller-key-0123456789"

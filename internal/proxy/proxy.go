@@ -237,7 +237,7 @@ func (h *Handler) Close() {
 // upstreamClient sends a request to an upstream, with authorization as its Authorization
 // header (transport.Transport.Send); *transport.Transport is the one used.
 type upstreamClient interface {
-	Send(ctx context.Context, origin transport.Origin, req *transport.Request, authorization string, resp *fasthttp.Response) (*transport.Stream, error)
+	Send(ctx context.Context, now time.Time, origin transport.Origin, req *transport.Request, authorization string, resp *fasthttp.Response) (*transport.Stream, error)
 }
 
 // Route prefixes.

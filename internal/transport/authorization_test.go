@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/valyala/fasthttp"
 )
@@ -87,7 +88,7 @@ func TestAuthorizationIsSent(t *testing.T) {
 				req.AppendField([]byte("Content-Type"), []byte("application/json"))
 				req.AppendField([]byte("X-Custom"), []byte("keep"))
 				resp := &fasthttp.Response{}
-				stream, err := tr.Send(t.Context(), up.origin(o), req, bearer, resp)
+				stream, err := tr.Send(t.Context(), time.Time{}, up.origin(o), req, bearer, resp)
 				sent(t, resp, stream, err, up.proto+tt.want)
 			})
 		}

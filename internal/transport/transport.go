@@ -268,16 +268,17 @@ func (t *Transport) Do(ctx context.Context, origin Origin, req *fasthttp.Request
 	if authorization != "" {
 		req.Header.Del(fasthttp.HeaderAuthorization)
 	}
-	return t.send(ctx, origin, fastRequest{req}, authorization, resp)
+	return t.send(ctx, time.Time{}, origin, fastRequest{req}, authorization, resp)
 }
 
 // Send is Do for a request whose head the caller has rendered (see Request): what the gateway
-// uses on its hot path.
-func (t *Transport) Send(ctx context.Context, origin Origin, req *Request, authorization string, resp *fasthttp.Response) (*Stream, error) {
-	return t.send(ctx, origin, req, authorization, resp)
+// uses on its hot path. now is the time the caller read as it called, which spares Send a
+// reading of its own (zero: Send reads the clock).
+func (t *Transport) Send(ctx context.Context, now time.Time, origin Origin, req *Request, authorization string, resp *fasthttp.Response) (*Stream, error) {
+	return t.send(ctx, now, origin, req, authorization, resp)
 }
 
-func (t *Transport) send(ctx context.Context, origin Origin, req message, authorization string, resp *fasthttp.Response) (*Stream, error) {
+func (t *Transport) send(ctx context.Context, start time.Time, origin Origin, req message, authorization string, resp *fasthttp.Response) (*Stream, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err // nobody waits for the answer: the upstream is not asked
 	}
@@ -297,8 +298,12 @@ func (t *Transport) send(ctx context.Context, origin Origin, req message, author
 	}
 	for attempt := 0; ; attempt++ {
 		// One reading of the clock serves the pool's idle check, the header deadline and, for
-		// a buffered response, the time the connection goes idle (off by the call's length).
-		now := time.Now()
+		// a buffered response, the time the connection goes idle (off by the call's length):
+		// the caller's, on the first attempt, if it gave one.
+		now := start
+		if attempt > 0 || now.IsZero() {
+			now = time.Now()
+		}
 		c, reused, err := p.get(ctx, now)
 		if err != nil {
 			return nil, err

@@ -289,6 +289,39 @@ func TestResponseHeaderTimeout(t *testing.T) {
 	}
 }
 
+// TestSendTimesFromTheCallersClock: Send judges its pool's idle connections by the time its
+// caller read (which spares the transport a reading of its own), and by its own reading when
+// none is given. A connection idle for a moment looks idle past the timeout to a call whose time,
+// as given, is an hour on, and is replaced.
+func TestSendTimesFromTheCallersClock(t *testing.T) {
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	o, err := NewOrigin(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := newTransport(t, Options{IdleTimeout: time.Minute})
+	for i, tt := range []struct {
+		name  string
+		now   time.Time
+		conns int32 // dialled so far, after the call
+	}{
+		{"the first", time.Time{}, 1},
+		{"none given", time.Time{}, 1},
+		{"just read", time.Now(), 1},
+		{"an hour on", time.Now().Add(time.Hour), 2},
+		{"just read again", time.Now(), 2},
+	} {
+		req := &Request{Method: []byte("GET"), Target: []byte("/"), Host: o.Host()}
+		resp := &fasthttp.Response{}
+		if _, err := tr.Send(t.Context(), tt.now, o, req, "", resp); err != nil || string(resp.Body()) != "ok" {
+			t.Fatalf("call %d (%s): got %v, %q; want the answer", i, tt.name, err, resp.Body())
+		}
+		if n := conns.Load(); n != tt.conns {
+			t.Fatalf("call %d (%s): %d connections dialled, want %d", i, tt.name, n, tt.conns)
+		}
+	}
+}
+
 // TestStalledBodyTimesOut: the header timeout bounds a body read whole too, and a connection
 // that answered within it is reused, its deadline renewed for the next call.
 func TestStalledBodyTimesOut(t *testing.T) {
