@@ -55,8 +55,8 @@ type TokenSource interface {
 	TokenAt(ctx context.Context, now time.Time) (*Token, error)
 }
 
-// ErrNoToken is wrapped by every error Token returns when no valid token could be had;
-// the proxy maps it to 503 TokenUnavailable.
+// ErrNoToken is wrapped by every error Token and TokenAt return when no valid token could be
+// had; the proxy maps it to 503 TokenUnavailable.
 var ErrNoToken = errors.New("no valid token")
 
 // Error explains why a Source has no token.
