@@ -41,8 +41,7 @@ type logFields interface {
 func (c *call) logFields(f logFields, status int, end time.Time) {
 	method, apimID, region := c.kept.method, c.kept.apimID, c.kept.region
 	if c.fc != nil {
-		rh := &c.fc.Response.Header
-		method, apimID, region = c.fc.Request.Header.Method(), rh.Peek("Apim-Request-Id"), rh.Peek("X-Ms-Region")
+		method = c.fc.Request.Header.Method()
 	}
 	f.str("request_id", c.id)
 	f.str("caller", c.caller)

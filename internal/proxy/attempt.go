@@ -234,7 +234,7 @@ func (h *Handler) deliver(c *call, upResp *fasthttp.Response, stream *transport.
 		upResp.CopyTo(resp)
 		fasthttp.ReleaseResponse(upResp)
 	}
-	cleanResponse(&resp.Header, c.id)
+	c.kept.apimID, c.kept.region = cleanResponse(&resp.Header, c.id)
 	c.status = resp.StatusCode()
 	if stream == nil {
 		c.bytesOut = len(resp.Body())

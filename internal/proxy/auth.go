@@ -8,7 +8,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"iter"
+	"maps"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -162,7 +165,7 @@ func newCallers(cfg *config.Config, l *loads, tokens *callertoken.Registry) (*ca
 		}
 	}
 	// Path segments that are route words or deployments' names are not checked for being keys.
-	for _, set := range []map[string]bool{routeWords, k.deployments} {
+	for _, set := range []iter.Seq[string]{slices.Values(routeWords.all), maps.Keys(k.deployments)} {
 		for w := range set {
 			if cl, ok := k.byHash[sha256.Sum256([]byte(w))]; ok {
 				return nil, fmt.Errorf("caller %q: a key is %q, a word of the gateway's request paths; make one with proxy hash-key --generate", cl.name, w)

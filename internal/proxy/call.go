@@ -54,18 +54,18 @@ type call struct {
 	ctx   callCtx // cancelled to end the upstream call and any token wait
 	watch watched // watches for the caller going away
 
-	// kept is what the access log needs of the request and response once fc is gone (a
-	// relayed stream outlives it).
+	// kept is what the access log needs of the request and of the response delivered (Azure's
+	// request ID and region). The response's point into fc's until the call detaches from it:
+	// they are read as the answer is cleaned (deliver), not looked up again.
 	kept struct{ method, apimID, region []byte }
 }
 
 // detach copies what the rest of the call needs from fc, which the server is about to reuse,
 // and lets go of it.
 func (c *call) detach() {
-	rh := &c.fc.Response.Header
 	c.kept.method = bytes.Clone(c.fc.Request.Header.Method())
-	c.kept.apimID = bytes.Clone(rh.Peek("Apim-Request-Id"))
-	c.kept.region = bytes.Clone(rh.Peek("X-Ms-Region"))
+	c.kept.apimID = bytes.Clone(c.kept.apimID)
+	c.kept.region = bytes.Clone(c.kept.region)
 	c.fc, c.credential = nil, nil
 }
 
@@ -73,14 +73,16 @@ func (c *call) detach() {
 // they are correlation IDs the caller sees, not secrets.
 func init() { uuid.EnableRandPool() }
 
-func newCall(fc *fasthttp.RequestCtx, cs *callers) *call {
+// newCall starts a call for the request in fc; clientID is the caller's X-Ms-Client-Request-Id
+// (nil if none), which is the call's ID when requestID would keep it.
+func newCall(fc *fasthttp.RequestCtx, cs *callers, clientID []byte) *call {
 	start := fc.Time() // the server read the clock as the request came in
 	if start.IsZero() {
 		start = time.Now()
 	}
 	c := &call{fc: fc, start: start}
-	if id, ok := callerRequestID(&fc.Request.Header, cs); ok {
-		c.id = id
+	if keepsRequestID(clientID, cs) {
+		c.id = string(clientID)
 	} else {
 		c.newID()
 	}
@@ -131,6 +133,7 @@ func (h *Handler) finish(c *call, p any) {
 		c.code, c.err = CodeInternal, errors.New("internal error")
 		if c.fc != nil {
 			clearResponse(&c.fc.Response)
+			c.kept.apimID, c.kept.region = nil, nil
 			c.status = http.StatusInternalServerError
 			writeError(c.fc, errorf(http.StatusInternalServerError, CodeInternal, "internal error (request %s)", c.id), c.id)
 		} else {
@@ -194,10 +197,16 @@ func requestID(h *fasthttp.RequestHeader, cs *callers) string {
 
 // callerRequestID returns the caller's x-ms-client-request-id if requestID would keep it.
 func callerRequestID(h *fasthttp.RequestHeader, cs *callers) (string, bool) {
-	if v := h.Peek("X-Ms-Client-Request-Id"); saneID(string(v)) && !cs.holdsKey(v) {
+	if v := h.Peek("X-Ms-Client-Request-Id"); keepsRequestID(v, cs) {
 		return string(v), true
 	}
 	return "", false
+}
+
+// keepsRequestID reports whether v, a caller's x-ms-client-request-id, may be the call's ID:
+// it is a sane identifier and holds none of cs's keys (it goes upstream and to the log).
+func keepsRequestID(v []byte, cs *callers) bool {
+	return saneID(string(v)) && !cs.holdsKey(v)
 }
 
 func saneID(s string) bool {

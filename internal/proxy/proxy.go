@@ -254,7 +254,8 @@ func (h *Handler) ServeFastHTTP(fc *fasthttp.RequestCtx) { h.serve(fc, nil) }
 // serve serves a call on a connection whose read timeouts w keeps (nil: none are kept).
 func (h *Handler) serve(fc *fasthttp.RequestCtx, w *connWait) {
 	cs := h.callers.Load()
-	c := newCall(fc, cs)
+	clientID, badHeaders := checkHeaders(&fc.Request.Header)
+	c := newCall(fc, cs, clientID)
 	// The body is read once the caller is known, within idle; so is whatever of it a call
 	// leaves unread, which the server reads and drops after the answer. Once read whole
 	// (readBody), nothing is read from the caller until the next request.
@@ -276,8 +277,8 @@ func (h *Handler) serve(fc *fasthttp.RequestCtx, w *connWait) {
 		h.fail(c, e)
 		return
 	}
-	if e := checkHeaders(&fc.Request.Header); e != nil {
-		h.fail(c, e)
+	if badHeaders != nil {
+		h.fail(c, badHeaders)
 		return
 	}
 	if cs.keyInPath(path) {

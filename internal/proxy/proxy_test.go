@@ -266,7 +266,7 @@ func TestCheckHeaders(t *testing.T) {
 		var h fasthttp.RequestHeader
 		h.Set("Content-Type", "application/json")
 		h.Set("X-Evil", v)
-		if checkHeaders(&h) == nil {
+		if _, e := checkHeaders(&h); e == nil {
 			t.Errorf("header value %q accepted", v)
 		}
 	}
@@ -275,15 +275,25 @@ func TestCheckHeaders(t *testing.T) {
 		var h fasthttp.RequestHeader
 		h.DisableNormalizing()
 		h.SetBytesKV([]byte(k), []byte("v"))
-		if checkHeaders(&h) == nil {
+		if _, e := checkHeaders(&h); e == nil {
 			t.Errorf("header name %q accepted", k)
 		}
 	}
 	var h fasthttp.RequestHeader
 	h.Set("X-Fine", "tab\there, unicode é")
 	h.Set("X-Odd_But.Valid!#$%&'*+^`|~", "v")
-	if e := checkHeaders(&h); e != nil {
-		t.Errorf("a valid header refused: %v", e)
+	if id, e := checkHeaders(&h); e != nil || id != nil {
+		t.Errorf("a valid header refused (%v), or a request ID found where none was sent (%q)", e, id)
+	}
+	// The caller's request ID is the first one sent, whatever the case of its name, as Peek
+	// would find it.
+	var parsed fasthttp.RequestHeader
+	if err := parsed.Read(bufio.NewReader(strings.NewReader("GET / HTTP/1.1\r\nHost: x\r\n" +
+		"x-ms-client-request-id: first\r\nX-MS-CLIENT-REQUEST-ID: second\r\n\r\n"))); err != nil {
+		t.Fatal(err)
+	}
+	if id, e := checkHeaders(&parsed); e != nil || string(id) != "first" || string(parsed.Peek("X-Ms-Client-Request-Id")) != "first" {
+		t.Errorf("checkHeaders found request ID %q (%v), want the first sent, \"first\", as Peek finds %q", id, e, parsed.Peek("X-Ms-Client-Request-Id"))
 	}
 }
 

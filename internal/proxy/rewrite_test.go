@@ -77,16 +77,25 @@ func TestCleanResponse(t *testing.T) {
 	}
 	raw += "Content-Length: 2\r\n\r\n{}"
 	for _, tt := range []struct {
-		name, extra, wantID string
+		name, extra, wantID, wantRegion string
 	}{
-		{"without a request ID", "", "rid"},
-		{"with the upstream's", "X-Ms-Client-Request-Id: theirs\r\n", "theirs"},
+		{"without a request ID", "", "rid", ""},
+		{"with the upstream's", "X-Ms-Client-Request-Id: theirs\r\nx-ms-region: Canada East\r\n", "theirs", "Canada East"},
+		{"with an empty one", "X-Ms-Client-Request-Id:\r\nX-Ms-Client-Request-Id: second\r\n", "rid", ""},
+		// Headers a Connection header lists go, whatever they are, and are not logged.
+		{"with hop-by-hop ones", "X-Ms-Client-Request-Id: theirs\r\nX-Ms-Region: r\r\nConnection: x-ms-region, X-MS-CLIENT-REQUEST-ID\r\n", "rid", ""},
 	} {
 		var resp fasthttp.Response
 		if err := resp.Read(bufio.NewReader(strings.NewReader(strings.Replace(raw, "\r\n\r\n", "\r\n"+tt.extra+"\r\n", 1)))); err != nil {
 			t.Fatal(err)
 		}
-		cleanResponse(&resp.Header, "rid")
+		apimID, region := cleanResponse(&resp.Header, "rid")
+		if string(apimID) != "a1" || string(region) != tt.wantRegion {
+			t.Errorf("%s: logged Apim-Request-Id %q and X-Ms-Region %q, want %q and %q", tt.name, apimID, region, "a1", tt.wantRegion)
+		}
+		if got := string(resp.Header.Peek("X-Ms-Region")); got != tt.wantRegion {
+			t.Errorf("%s: X-Ms-Region = %q, want %q", tt.name, got, tt.wantRegion)
+		}
 		for _, k := range append(dropResponseHeaders, "X-Hop", "X-Hop2") {
 			if v := resp.Header.Peek(k); len(v) > 0 {
 				t.Errorf("%s: %s: %q was passed back", tt.name, k, v)
@@ -206,6 +215,32 @@ func sharingSlots(n *notKeys, match func(a, b *atomic.Pointer[string]) bool) []b
 		v := []byte(fmt.Sprintf("not-a-key-%d", i))
 		if match(n.slotsOf(v)) {
 			return v
+		}
+	}
+}
+
+func TestWordAndHeaderSets(t *testing.T) {
+	for _, w := range routeWords.all {
+		if !routeWords.has(w) {
+			t.Errorf("route word %q not found", w)
+		}
+		if routeWords.has(strings.ToUpper(w)) || routeWords.has(w[1:]) || routeWords.has(w+"s") {
+			t.Errorf("a word that is not %q found as a route word", w)
+		}
+	}
+	if routeWords.has(strings.Repeat("deployments", 4)) || routeWords.has("") {
+		t.Error("a long or empty word found as a route word")
+	}
+	for i, n := range dropResponseHeaders {
+		for _, k := range []string{n, strings.ToLower(n), strings.ToUpper(n)} {
+			if got := notReturned.find([]byte(k)); got != 1<<i {
+				t.Errorf("find(%q) = %b, want %b", k, got, 1<<i)
+			}
+		}
+	}
+	for _, k := range []string{"", "Content-Type", "Connectio", "Connections", strings.Repeat("Connection", 4)} {
+		if got := notReturned.find([]byte(k)); got != 0 {
+			t.Errorf("find(%q) = %b, want 0", k, got)
 		}
 	}
 }
