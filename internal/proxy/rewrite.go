@@ -226,7 +226,7 @@ func cleanResponse(h *fasthttp.ResponseHeader, requestID string) (apimID, region
 		switch {
 		case bit == 1: // Connection
 			listed = appendListed(listed, v)
-		case bit != 0:
+		case bit != 0: // another hop-by-hop header: deleted below, nothing in it to read
 		case !seenID && len(k) == len(requestIDHeader) && bytes.EqualFold(k, requestIDHeader):
 			seenID = true
 			hasID = len(v) > 0
