@@ -2,8 +2,10 @@ package proxy
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"regexp"
 	"strings"
@@ -69,10 +71,6 @@ func (c *call) detach() {
 	c.fc, c.credential = nil, nil
 }
 
-// Request IDs are drawn from a pool of random bytes read in batches, not one read per call:
-// they are correlation IDs the caller sees, not secrets.
-func init() { uuid.EnableRandPool() }
-
 // newCall starts a call for the request in fc; clientID is the caller's X-Ms-Client-Request-Id
 // (nil if none), which is the call's ID when requestID would keep it.
 func newCall(fc *fasthttp.RequestCtx, cs *callers, clientID []byte) *call {
@@ -96,11 +94,20 @@ func (c *call) now() time.Time {
 	return c.start.Add(time.Since(c.start))
 }
 
-// newID gives the call a new random (version 4) UUID as its request ID. Its text lives in the
-// call itself: the ID is as long-lived as the call, so it needs no allocation of its own. The
-// bytes are written once, before the string is made, and never after.
+// newID gives the call a new random (version 4) UUID as its request ID. The 122 random bits
+// come from the runtime's generator (math/rand/v2's functions): ChaCha8, seeded from the
+// system's randomness, a state per thread and no lock, ≈ 15 ns for the 16 bytes, where
+// google/uuid's pool of crypto/rand bytes takes ≈ 70 behind a mutex. Request IDs are
+// correlation IDs the caller sees, not secrets, and that generator's outputs are not to be
+// guessed from each other either. The text lives in the call itself: the ID is as long-lived
+// as the call, so it needs no allocation of its own. The bytes are written once, before the
+// string is made, and never after.
 func (c *call) newID() {
-	u, _ := uuid.NewRandom() // from the pool: no error to return
+	var u uuid.UUID
+	binary.LittleEndian.PutUint64(u[:8], rand.Uint64())
+	binary.LittleEndian.PutUint64(u[8:], rand.Uint64())
+	u[6] = u[6]&0x0f | 0x40 // version 4
+	u[8] = u[8]&0x3f | 0x80 // the RFC 9562 variant
 	formatUUID(&c.idBuf, u)
 	c.id = unsafe.String(&c.idBuf[0], len(c.idBuf))
 }
