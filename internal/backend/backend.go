@@ -14,6 +14,7 @@ import (
 	"math/rand/v2"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -65,6 +66,12 @@ type Backend struct {
 
 	opts *Options
 
+	// quiet is set while there is nothing to record and nothing to check: no failure counted,
+	// no rate limit, circuit closed, no probe. Every call reads the state and records its
+	// outcome, and a quiet backend's are read without the lock (the lock is for its changes),
+	// so calls on different cores do not take turns at it.
+	quiet atomic.Bool
+
 	mu            sync.Mutex
 	failures      int       // consecutive
 	cooldownUntil time.Time // rate-limited until then
@@ -107,6 +114,7 @@ func (r *Registry) Backend(upstream, deployment string) *Backend {
 		return b
 	}
 	b := &Backend{Key: key, Upstream: upstream, Deployment: deployment, opts: &r.opts}
+	b.quiet.Store(true)
 	r.backends[key] = b
 	return b
 }
@@ -126,15 +134,40 @@ func (r *Registry) All() []*Backend {
 func (b *Backend) State() State { return b.stateAt(b.opts.now()) }
 
 func (b *Backend) stateAt(now time.Time) State {
+	if b.quiet.Load() {
+		return Healthy
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	b.settleLocked(now)
 	return b.stateLocked(now)
 }
 
-// eligible reports whether the backend may be picked at now: not open, not cooling down.
-func (b *Backend) eligible(now time.Time) bool {
-	s := b.stateAt(now)
+// settleLocked forgets a rate limit that has run out, and records whether the backend is
+// quiet. Every change of its state ends with it. A zero now forgets nothing.
+func (b *Backend) settleLocked(now time.Time) {
+	if !b.cooldownUntil.IsZero() && !now.IsZero() && !now.Before(b.cooldownUntil) {
+		b.cooldownUntil = time.Time{} // everything that reads it counts a past one as none
+	}
+	b.quiet.Store(b.failures == 0 && b.opens == 0 && !b.probing && b.openUntil.IsZero() && b.cooldownUntil.IsZero())
+}
+
+// eligible reports whether the backend may be picked now: not open, not cooling down. now is
+// the pick's clock reading, read at the first backend that is not quiet.
+func (b *Backend) eligible(now *time.Time) bool {
+	if b.quiet.Load() {
+		return true
+	}
+	s := b.stateAt(b.at(now))
 	return s != Open && s != Cooldown
+}
+
+// at returns *now, reading the clock into it first if it has not been read.
+func (b *Backend) at(now *time.Time) time.Time {
+	if now.IsZero() {
+		*now = b.opts.now()
+	}
+	return *now
 }
 
 func (b *Backend) stateLocked(now time.Time) State {
@@ -162,9 +195,14 @@ func (b *Backend) CooldownSeconds() float64 {
 
 // take reserves the backend for an attempt if it is eligible now; a half-open backend admits
 // one probe at a time.
-func (b *Backend) take(now time.Time) bool {
+func (b *Backend) take(clock *time.Time) bool {
+	if b.quiet.Load() {
+		return true
+	}
+	now := b.at(clock)
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	defer b.settleLocked(now)
 	switch b.stateLocked(now) {
 	case Healthy:
 		return true
@@ -197,10 +235,14 @@ func (b *Backend) recovery(now time.Time) (time.Time, bool) {
 
 // Succeeded records an attempt that got an answer (any status but the failover ones).
 func (b *Backend) Succeeded() {
+	if b.quiet.Load() {
+		return // nothing to reset
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.failures, b.opens, b.probing = 0, 0, false
 	b.openUntil = time.Time{}
+	b.settleLocked(time.Time{})
 }
 
 // Failed records a failed attempt (5xx, 408, connection failure, timeout).
@@ -217,6 +259,7 @@ func (b *Backend) Failed() {
 		b.opens++
 		b.failures = 0
 	}
+	b.settleLocked(now)
 }
 
 // RateLimited records a 429 asking to retry after d (zero: not said).
@@ -242,12 +285,17 @@ func (b *Backend) RateLimited(d time.Duration) {
 		b.probing = false
 		b.openUntil, b.opens = time.Time{}, 0
 	}
+	b.settleLocked(now)
 }
 
 // Abandoned releases a reservation whose attempt ended without an outcome (the caller left).
 func (b *Backend) Abandoned() {
+	if b.quiet.Load() {
+		return // no probe to release
+	}
 	b.mu.Lock()
 	b.probing = false
+	b.settleLocked(time.Time{})
 	b.mu.Unlock()
 }
 
@@ -284,7 +332,7 @@ type Tried uint64
 // Pick reserves a backend for the next attempt: the lowest priority with an eligible member not
 // yet tried, weighted within it. It returns -1 when none is eligible.
 func (p *Pool) Pick(tried Tried) int {
-	now := p.opts.now()
+	var now time.Time // read when first needed: quiet backends need no clock
 	for i := 0; i < len(p.members); {
 		prio := p.members[i].Priority
 		j := i
@@ -301,7 +349,7 @@ func (p *Pool) Pick(tried Tried) int {
 			var cands Tried
 			total := 0
 			for k := i; k < j; k++ {
-				if tried&(1<<k) == 0 && p.members[k].eligible(now) && p.members[k].Weight > 0 {
+				if tried&(1<<k) == 0 && p.members[k].eligible(&now) && p.members[k].Weight > 0 {
 					cands |= 1 << k
 					total += p.members[k].Weight
 				}
@@ -317,7 +365,7 @@ func (p *Pool) Pick(tried Tried) int {
 					}
 				}
 			}
-			if p.members[k].take(now) {
+			if p.members[k].take(&now) {
 				return k
 			}
 			tried |= 1 << k
@@ -378,6 +426,10 @@ type Budget struct {
 	ratio, minPerSecond float64
 	now                 func() time.Time
 
+	// full is set while the balance is at its cap, where a deposit adds nothing: every call
+	// deposits, and then does so without the lock.
+	full atomic.Bool
+
 	mu      sync.Mutex
 	balance float64
 	last    time.Time
@@ -405,8 +457,12 @@ func (b *Budget) refillLocked() {
 // next Withdraw, from the last, and with both additions non-negative, capping one before the
 // other adds up to the same balance.
 func (b *Budget) Deposit() {
+	if b.full.Load() {
+		return
+	}
 	b.mu.Lock()
 	b.balance = min(b.balance+b.ratio, maxBalance)
+	b.full.Store(b.balance >= maxBalance)
 	b.mu.Unlock()
 }
 
@@ -415,11 +471,12 @@ func (b *Budget) Withdraw() bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.refillLocked()
-	if b.balance < 1-1e-9 { // ten deposits of 0.2 make 1.9999999999999998
-		return false
+	ok := b.balance >= 1-1e-9 // ten deposits of 0.2 make 1.9999999999999998
+	if ok {
+		b.balance = max(b.balance-1, 0)
 	}
-	b.balance = max(b.balance-1, 0)
-	return true
+	b.full.Store(b.balance >= maxBalance)
+	return ok
 }
 
 // RetryAfter reads how long a 429 asks the caller to wait: retry-after-ms, then

@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"math/rand/v2"
 	"net/http"
 	"sync"
 	"testing"
@@ -198,6 +199,18 @@ func TestBudget(t *testing.T) {
 	if got := spend(b); got != maxBalance {
 		t.Errorf("calls over the cap and an idle hour funded %d retries, want the cap %d", got, maxBalance)
 	}
+	// At the cap deposits are skipped; a retry taken from there makes them count again.
+	b = NewBudget(0.2, 0, c.now)
+	for range 5 * maxBalance {
+		b.Deposit()
+	}
+	b.Withdraw()
+	for range 5 {
+		b.Deposit()
+	}
+	if got := spend(b); got != maxBalance {
+		t.Errorf("a retry taken at the cap and five calls at 20%% left %d retries, want the cap %d", got, maxBalance)
+	}
 }
 
 func TestRetryAfter(t *testing.T) {
@@ -249,5 +262,76 @@ func TestPickWhileMembersStopBeingEligible(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Fatalf("round %d: Pick did not return after every member stopped being eligible", round)
 		}
+	}
+}
+
+// TestQuietBackend drives a backend through random outcomes and clock steps, and checks the
+// quiet flag, under which its state is read and its successes recorded without the lock: set
+// only while there is nothing to record (no failure counted, no rate limit, circuit closed, no
+// probe), and set again once a backend is back to that, so the fast path returns.
+func TestQuietBackend(t *testing.T) {
+	c := newClock()
+	r := NewRegistry(Options{BreakerFailures: 2, BreakerOpen: 10 * time.Second, DefaultCooldown: 5 * time.Second, MaxCooldown: time.Minute, Now: c.now})
+	b := r.Backend("u", "d")
+	rng := rand.New(rand.NewPCG(1, 2))
+	check := func(step int, op string) {
+		t.Helper()
+		now := c.now()
+		b.mu.Lock()
+		quiet, state := b.quiet.Load(), b.stateLocked(now)
+		busy := b.failures != 0 || b.opens != 0 || b.probing || !b.openUntil.IsZero() || now.Before(b.cooldownUntil)
+		b.mu.Unlock()
+		if quiet && (busy || state != Healthy) {
+			t.Fatalf("step %d (%s): quiet while %v, failures %d, opens %d, probing %v", step, op, state, b.failures, b.opens, b.probing)
+		}
+	}
+	for step := range 20000 {
+		var op string
+		switch rng.IntN(7) {
+		case 0:
+			op = "failed"
+			b.Failed()
+		case 1:
+			op = "rate limited"
+			b.RateLimited(time.Duration(rng.IntN(8)) * time.Second)
+		case 2:
+			op = "abandoned"
+			b.Abandoned()
+		case 3:
+			op = "take"
+			now := c.now()
+			b.take(&now)
+		case 4:
+			op = "advance"
+			c.advance(time.Duration(rng.IntN(12)) * time.Second)
+		default:
+			op = "succeeded"
+			b.Succeeded()
+		}
+		check(step, op)
+		if b.State() == Healthy { // a read settles what has run out
+			check(step, op+", then read")
+		}
+	}
+	// However it got there, a backend that succeeds once its rests have run out is quiet again.
+	c.advance(time.Hour)
+	now := c.now()
+	b.take(&now)
+	b.Succeeded()
+	if b.State(); !b.quiet.Load() {
+		t.Fatal("a backend that succeeded after its rests ran out is not quiet")
+	}
+}
+
+// BenchmarkCallOutcome is what every call does with its deployment's backends: a pick, the
+// outcome recorded, a deposit in the retry budget.
+func BenchmarkCallOutcome(b *testing.B) {
+	r := NewRegistry(Options{})
+	p := r.NewPool([]Member{{Backend: r.Backend("eastca", "gpt-41-mini"), Priority: 1, Weight: 1}})
+	budget := NewBudget(0.2, 1, nil)
+	for b.Loop() {
+		i := p.Pick(0)
+		p.members[i].Succeeded()
+		budget.Deposit()
 	}
 }

@@ -120,6 +120,22 @@ func BenchmarkHandler(b *testing.B) {
 	}
 }
 
+// BenchmarkHandlerParallel is BenchmarkHandler on every core at once (run it with -cpu 1,2,...):
+// how the gateway's own work scales with cores. Each goroutine is a connection of its own; all
+// share the handler, its caller keys, token, backends, metrics and access log, as calls do.
+func BenchmarkHandlerParallel(b *testing.B) {
+	h, _ := benchHandler(b, "https://eastca.openai.azure.com")
+	h.Close()
+	h.transport = fixedUpstream{}
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		call := handlerCallOn(b, h)
+		for pb.Next() {
+			call()
+		}
+	})
+}
+
 // handlerAllocs is the most a proxied call may allocate in the handler: the call's state (a
 // request ID it generates included), its path and query as strings, and the caller's credential
 // as a string (the README's Performance section says what each is for).
@@ -143,6 +159,11 @@ func handlerCall(tb testing.TB) func() {
 	h, _ := benchHandler(tb, "https://eastca.openai.azure.com")
 	h.Close()
 	h.transport = fixedUpstream{}
+	return handlerCallOn(tb, h)
+}
+
+// handlerCallOn is handlerCall on h, with a request context of its own.
+func handlerCallOn(tb testing.TB, h *Handler) func() {
 	body := []byte(chatBody)
 	var fc fasthttp.RequestCtx
 	fc.Init(&fasthttp.Request{}, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 50000}, nil)
