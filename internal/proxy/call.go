@@ -98,9 +98,9 @@ func (c *call) now() time.Time {
 // come from the runtime's generator (math/rand/v2's functions): ChaCha8, seeded from the
 // system's randomness, a state per thread and no lock, ≈ 15 ns for the 16 bytes, where
 // google/uuid's pool of crypto/rand bytes takes ≈ 70 behind a mutex. Request IDs are
-// correlation IDs the caller sees, not secrets, and that generator's outputs are not to be
-// guessed from each other either. The text lives in the call itself: the ID is as long-lived
-// as the call, so it needs no allocation of its own. The bytes are written once, before the
+// correlation IDs the caller sees, not secrets: nothing rests on their being unpredictable,
+// only on their being unique. The text lives in the call itself: the ID is as long-lived as
+// the call, so it needs no allocation of its own. The bytes are written once, before the
 // string is made, and never after.
 func (c *call) newID() {
 	var u uuid.UUID
