@@ -172,6 +172,21 @@ func TestOtherCallersKeysNeverReachUpstream(t *testing.T) {
 	if r.Header.Get("X-Keep") != "kept, as it is" || r.Header.Get("User-Agent") != "AzureOpenAI/Python 1.54.0" {
 		t.Errorf("upstream headers %v: want those holding no key kept", r.Header)
 	}
+
+	// A key as one field of a parameter's value is found as in a header's, in a query with
+	// nothing else about it to look at twice (no escapes, no key-named or generated-looking
+	// parameter).
+	for _, q := range []string{"pair=a," + keyProd, "pair=k=" + keyProd + ";x", "pair=b+" + keyProd} {
+		resp, body = g.do("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=2025-01-01-preview&"+q+"&x=1",
+			map[string]string{"api-key": keyAdmin}, chatBody)
+		if resp.StatusCode != 200 {
+			t.Fatalf("%s: got %d %s, want 200", q, resp.StatusCode, body)
+		}
+		reqs = g.emu.OpenAI.Requests()
+		if got := reqs[len(reqs)-1].RawQuery; got != "api-version=2025-01-01-preview&x=1" {
+			t.Errorf("%s: upstream query %q, want the parameter holding a key dropped and the rest kept", q, got)
+		}
+	}
 }
 
 func TestKeysInThePathAreRefused(t *testing.T) {

@@ -263,42 +263,72 @@ func cleanResponse(h *fasthttp.ResponseHeader, requestID string) (apimID, region
 	h.SetProtocol(nil)
 	if !hasID {
 		// The value is copied into h; the string's bytes are only read.
-		h.SetCanonical(requestIDHeader, unsafe.Slice(unsafe.StringData(requestID), len(requestID)))
+		h.SetCanonical(requestIDHeader, readOnly(requestID))
 	}
 	return apimID, region
 }
 
 // stripCredentialParams removes query parameters some Azure clients use for keys (api-key,
-// subscription-key), and any whose value holds the caller's credential. The gateway never reads
-// keys from the query, but a caller's key must not reach the upstream, or its logs, whatever
-// the caller did with it. Other parameters keep their order and encoding.
+// subscription-key), any whose value holds the caller's credential, and any that holds another
+// caller's key where a header's would be found (holdsKey) or a generated key anywhere. The
+// gateway never reads keys from the query, but a caller's key must not reach the upstream, or
+// its logs, whatever the caller did with it. Other parameters keep their order and encoding;
+// a query that loses none is returned as it is, without a copy.
 func stripCredentialParams(rawQuery, credential string, keys *callers) string {
-	lower := strings.ToLower(rawQuery)
-	if !strings.Contains(lower, "api-key") && !strings.Contains(lower, "subscription-key") && !strings.Contains(lower, "%") &&
-		(credential == "" || !strings.Contains(rawQuery, credential)) && !keys.inQuery(rawQuery) {
+	var out []byte // the parameters kept, once one is dropped
+	dropped, some := false, false
+	for start := 0; start <= len(rawQuery); {
+		end := strings.IndexByte(rawQuery[start:], '&')
+		if end < 0 {
+			end = len(rawQuery)
+		} else {
+			end += start
+		}
+		kv := rawQuery[start:end]
+		switch {
+		case dropParam(kv, credential, keys):
+			if !dropped {
+				// All before this one are kept, as they are.
+				dropped, some = true, start > 0
+				out = append(make([]byte, 0, len(rawQuery)), rawQuery[:max(start-1, 0)]...)
+			}
+		case dropped:
+			if some {
+				out = append(out, '&')
+			}
+			out = append(out, kv...)
+			some = true
+		}
+		start = end + 1
+	}
+	if !dropped {
 		return rawQuery
 	}
-	kept := make([]string, 0, 4)
-	for kv := range strings.SplitSeq(rawQuery, "&") {
-		k, v, _ := strings.Cut(kv, "=")
+	return string(out)
+}
+
+// dropParam reports whether the query parameter kv (still escaped) is one stripCredentialParams
+// removes. Its name and value are unescaped first where they hold an escape.
+func dropParam(kv, credential string, keys *callers) bool {
+	if credential != "" && strings.Contains(kv, credential) {
+		return true
+	}
+	k, v, _ := strings.Cut(kv, "=")
+	if strings.IndexByte(kv, '%') >= 0 || strings.IndexByte(kv, '+') >= 0 {
 		if uk, err := url.QueryUnescape(k); err == nil {
 			k = uk
 		}
 		if uv, err := url.QueryUnescape(v); err == nil {
 			v = uv
 		}
-		switch {
-		case strings.EqualFold(k, "api-key"), strings.EqualFold(k, "subscription-key"):
-			continue
-		case credential != "" && (strings.Contains(v, credential) || strings.Contains(kv, credential)):
-			continue
-		case keys.holdsKey([]byte(v)), keys.holdsGenerated([]byte(k)):
-			continue
-		}
-		kept = append(kept, kv)
 	}
-	return strings.Join(kept, "&")
+	return strings.EqualFold(k, "api-key") || strings.EqualFold(k, "subscription-key") ||
+		credential != "" && strings.Contains(v, credential) ||
+		keys.holdsKey(readOnly(v)) || keys.holdsGenerated(readOnly(k))
 }
+
+// readOnly gives s's bytes without a copy, for functions that only read them.
+func readOnly(s string) []byte { return unsafe.Slice(unsafe.StringData(s), len(s)) }
 
 // hasQueryParam reports whether the raw query has key with a non-empty value.
 func hasQueryParam(rawQuery, key string) bool {
@@ -329,7 +359,7 @@ func (cs *callers) holdsKey(v []byte) bool {
 	}
 	whole := len(v)
 	for len(v) > 0 {
-		i := bytes.IndexAny(v, " ,;\t")
+		i := indexSeparator(v)
 		field := v
 		if i >= 0 {
 			field, v = v[:i], v[i+1:]
@@ -345,6 +375,17 @@ func (cs *callers) holdsKey(v []byte) bool {
 		}
 	}
 	return false
+}
+
+// indexSeparator is bytes.IndexAny(v, " ,;\t") without building the set on every call.
+func indexSeparator(v []byte) int {
+	for i, c := range v {
+		switch c {
+		case ' ', ',', ';', '\t':
+			return i
+		}
+	}
+	return -1
 }
 
 // holdsGenerated reports whether v holds, anywhere, one of the callers' keys of the shape
@@ -368,25 +409,6 @@ func (cs *callers) holdsGenerated(v []byte) bool {
 }
 
 var generatedKeyPrefix = []byte(config.GeneratedKeyPrefix)
-
-// inQuery reports whether the raw query may hold one of the callers' keys: as a parameter's
-// value, or anything of a generated key's shape (stripCredentialParams then looks closer).
-func (cs *callers) inQuery(rawQuery string) bool {
-	if cs == nil || len(cs.byHash) == 0 {
-		return false
-	}
-	if strings.Contains(rawQuery, config.GeneratedKeyPrefix) {
-		return true
-	}
-	for rawQuery != "" {
-		var kv string
-		kv, rawQuery, _ = strings.Cut(rawQuery, "&")
-		if _, v, _ := strings.Cut(kv, "="); len(v) >= minKeyLength && cs.isKey([]byte(v)) {
-			return true
-		}
-	}
-	return false
-}
 
 // keyInPath reports whether a segment of the request path is one of the callers' keys, or the
 // path holds a generated key anywhere. The words of Azure's routes and the deployments' names
