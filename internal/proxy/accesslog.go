@@ -55,7 +55,12 @@ func (c *call) logFields(f logFields, status int, end time.Time) {
 	f.int("bytes_in", c.bytesIn)
 	f.int("bytes_out", c.bytesOut)
 	if v := apiVersion(c.query); v != "" {
-		f.str("api_version", v)
+		// A key in its place, the caller's own or another's, is not left in the log (nor
+		// sent upstream: stripCredentialParams).
+		if c.keys.holdsKey(readOnly(v)) {
+			v = "[REDACTED]"
+		}
+		f.str("api_version", c.scrub(v))
 	}
 	if !c.proxyStart.IsZero() && !c.headerAt.IsZero() {
 		f.dur("upstream_duration", c.headerAt.Sub(c.proxyStart))

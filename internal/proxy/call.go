@@ -30,6 +30,7 @@ type call struct {
 	idBuf      [36]byte // a generated id's text (newID), which id then points into
 	path       string   // as received, before any deployment rename
 	query      string
+	keys       *callers // the callers the call is checked against (its log's api_version too)
 
 	caller, deployment, upstream string
 	code                         string // gateway error code, if the gateway answered
@@ -78,7 +79,7 @@ func newCall(fc *fasthttp.RequestCtx, cs *callers, clientID []byte) *call {
 	if start.IsZero() {
 		start = time.Now()
 	}
-	c := &call{fc: fc, start: start}
+	c := &call{fc: fc, start: start, keys: cs}
 	if keepsRequestID(clientID, cs) {
 		c.id = string(clientID)
 	} else {

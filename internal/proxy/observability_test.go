@@ -47,7 +47,11 @@ func assertNoSecrets(t *testing.T, where, text string, secrets []string) {
 }
 
 func TestLogsAndMetricsHoldNoSecrets(t *testing.T) {
-	g := newGateway(t)
+	// shortKey is short enough to pass for an api-version in the log (32 characters at most).
+	const shortKey = "short-key-0123456789"
+	g := newGateway(t, func(c *config.Config) {
+		c.Callers = append(c.Callers, &config.Caller{Name: "short", KeySHA256: hashKey(shortKey), Deployments: []string{"gpt-4.1-mini"}})
+	})
 	const strayKey = "sk-stray-key-a-caller-mistyped-1234"
 	for _, h := range []map[string]string{
 		{"api-key": keyProd},
@@ -58,9 +62,16 @@ func TestLogsAndMetricsHoldNoSecrets(t *testing.T) {
 		g.do("POST", chatPath, h, chatBody)
 	}
 	g.do("POST", chatPath+"&api-key="+strayKey, map[string]string{"api-key": keyProd}, chatBody)
+	// A key as the api-version: the caller's own, another caller's, and one that is no key.
+	const shortStray = "sk-stray-short-0123"
+	for _, c := range [][2]string{{shortKey, shortKey}, {keyProd, shortKey}, {shortStray, shortStray}} {
+		g.do("POST", "/openai/deployments/gpt-4.1-mini/chat/completions?api-version="+c[1], map[string]string{"api-key": c[0]}, chatBody)
+	}
+	// A key refused, in the path, which is logged.
+	g.do("POST", "/openai/deployments/"+strayKey+"/chat/completions?api-version=2025-01-01-preview", map[string]string{"api-key": strayKey}, chatBody)
 	g.do("POST", "/openai/v1/chat/completions", map[string]string{"api-key": keyProd}, `{"model":"gpt-4.1-mini","stream":true,"messages":[]}`)
 
-	secrets := []string{keyProd, keyAdmin, strayKey, g.emu.ClientSecret}
+	secrets := []string{keyProd, keyAdmin, strayKey, shortKey, shortStray, g.emu.ClientSecret}
 	for _, r := range g.emu.OpenAI.Requests() {
 		tok := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
 		parts := strings.Split(tok, ".")

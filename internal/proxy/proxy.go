@@ -386,6 +386,12 @@ func (h *Handler) admit(c *call) (*caller, *apiError) {
 	}
 	cl, cred, e := h.callers.Load().authenticate(&c.fc.Request.Header, peer)
 	if e != nil {
+		// A credential refused is scrubbed from the call's log line all the same (a mistyped
+		// key is most of a real one), unless too short to be any key: scrubbing a letter or two
+		// would only garble the line.
+		if len(cred) >= minKeyLength {
+			c.credStr = string(cred)
+		}
 		return nil, e
 	}
 	c.caller = cl.name
