@@ -67,6 +67,14 @@ func TestLogsAndMetricsHoldNoSecrets(t *testing.T) {
 	for _, c := range [][2]string{{shortKey, shortKey}, {keyProd, shortKey}, {shortStray, shortStray}} {
 		g.do("POST", "/openai/deployments/gpt-4.1-mini/chat/completions?api-version="+c[1], map[string]string{"api-key": c[0]}, chatBody)
 	}
+	// A key as the model a body names (the deployment, which is logged): another caller's, the
+	// caller's own (glued to other text, as only the caller's own can be found).
+	for _, k := range [][2]string{{keyAdmin, keyProd}, {keyAdmin, "x" + keyAdmin}} {
+		resp, body := g.do("POST", "/openai/v1/chat/completions", map[string]string{"api-key": k[0]}, `{"model":"`+k[1]+`","messages":[]}`)
+		if resp.StatusCode != 400 || !strings.Contains(body, `"code":"`+CodeInvalidBody+`"`) {
+			t.Errorf("a key as the model: got %d %s, want 400 %s", resp.StatusCode, body, CodeInvalidBody)
+		}
+	}
 	// A key refused, in the path, which is logged.
 	g.do("POST", "/openai/deployments/"+strayKey+"/chat/completions?api-version=2025-01-01-preview", map[string]string{"api-key": strayKey}, chatBody)
 	g.do("POST", "/openai/v1/chat/completions", map[string]string{"api-key": keyProd}, `{"model":"gpt-4.1-mini","stream":true,"messages":[]}`)

@@ -352,6 +352,11 @@ func (h *Handler) serveBodyRouted(c *call, apiVersionRequired bool) {
 		h.fail(c, e)
 		return
 	}
+	if c.keys.holdsKey(readOnly(ref.name)) || c.credStr != "" && strings.Contains(ref.name, c.credStr) {
+		// As a path holding a key (keyInPath): the name would be logged, and sent upstream.
+		h.fail(c, errorf(http.StatusBadRequest, CodeInvalidBody, "the request body's \"model\" holds a caller's key or token"))
+		return
+	}
 	if ref.name == "" {
 		// Calls naming no model (GET /openai/v1/models, a stored response by ID) cannot be
 		// authorised per deployment: only callers allowed everything may make them, and only
