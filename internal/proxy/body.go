@@ -20,6 +20,10 @@ type modelRef struct {
 
 var errDuplicateModel = errors.New("the body names model more than once")
 
+// errMalformedPart stands for mime/multipart's errors, which quote the line they could not read:
+// a caller's key in it would go to the log.
+var errMalformedPart = errors.New("a part's boundary or header lines cannot be read")
+
 // peekModel finds the deployment a body-routed request (/openai/v1, /models) targets: the
 // top-level "model" of a JSON body, or the "model" field of a multipart form (audio, images).
 // An empty name means the body names no model.
@@ -196,7 +200,7 @@ func multipartModel(body []byte, boundary string) (string, error) {
 			return name, nil
 		}
 		if err != nil {
-			return "", err
+			return "", errMalformedPart
 		}
 		if p.FormName() != "model" {
 			continue
@@ -207,7 +211,7 @@ func multipartModel(body []byte, boundary string) (string, error) {
 		found = true
 		v, err := io.ReadAll(io.LimitReader(p, 257))
 		if err != nil {
-			return "", err
+			return "", errMalformedPart
 		}
 		if len(v) > 256 {
 			return "", errors.New("the model field is too long")

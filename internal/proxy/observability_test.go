@@ -75,6 +75,12 @@ func TestLogsAndMetricsHoldNoSecrets(t *testing.T) {
 			t.Errorf("a key as the model: got %d %s, want 400 %s", resp.StatusCode, body, CodeInvalidBody)
 		}
 	}
+	// Another caller's key in a multipart body's malformed part header, which the multipart
+	// reader's error quotes.
+	mp := "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n" + keyProd + "\r\n\r\ngpt-4o\r\n--b--\r\n"
+	if resp, body := g.do("POST", "/openai/v1/audio/transcriptions", map[string]string{"api-key": keyAdmin, "Content-Type": "multipart/form-data; boundary=b"}, mp); resp.StatusCode != 400 {
+		t.Errorf("a malformed multipart body: got %d %s, want 400", resp.StatusCode, body)
+	}
 	// A key refused, in the path, which is logged.
 	g.do("POST", "/openai/deployments/"+strayKey+"/chat/completions?api-version=2025-01-01-preview", map[string]string{"api-key": strayKey}, chatBody)
 	g.do("POST", "/openai/v1/chat/completions", map[string]string{"api-key": keyProd}, `{"model":"gpt-4.1-mini","stream":true,"messages":[]}`)
