@@ -28,6 +28,8 @@ type call struct {
 	headerAt   time.Time // when the upstream's response headers arrived
 	id         string
 	idBuf      [36]byte // a generated id's text (newID), which id then points into
+	streaming  bool     // the body is streamed; the stream finishes the call
+	aborted    bool     // the response was cut short (both here, in idBuf's padding)
 	path       string   // as received, before any deployment rename
 	query      string
 	keys       *callers // the callers the call is checked against (its log's api_version too)
@@ -37,8 +39,6 @@ type call struct {
 	err                          error  // what went wrong, for the log
 	status                       int
 	bytesIn, bytesOut            int
-	streaming                    bool   // the body is streamed; the stream finishes the call
-	aborted                      bool   // the response was cut short
 	attempts                     int    // backends tried
 	backend                      string // the last one, "upstream/deployment"
 
