@@ -81,6 +81,8 @@ func TestLogsAndMetricsHoldNoSecrets(t *testing.T) {
 	if resp, body := g.do("POST", "/openai/v1/audio/transcriptions", map[string]string{"api-key": keyAdmin, "Content-Type": "multipart/form-data; boundary=b"}, mp); resp.StatusCode != 400 {
 		t.Errorf("a malformed multipart body: got %d %s, want 400", resp.StatusCode, body)
 	}
+	// A key refused, as the request ID, which is logged.
+	g.do("POST", chatPath, map[string]string{"api-key": shortStray, "x-ms-client-request-id": shortStray}, chatBody)
 	// A key refused, in the path, which is logged.
 	g.do("POST", "/openai/deployments/"+strayKey+"/chat/completions?api-version=2025-01-01-preview", map[string]string{"api-key": strayKey}, chatBody)
 	g.do("POST", "/openai/v1/chat/completions", map[string]string{"api-key": keyProd}, `{"model":"gpt-4.1-mini","stream":true,"messages":[]}`)

@@ -396,6 +396,7 @@ func (h *Handler) admit(c *call) (*caller, *apiError) {
 		// would only garble the line.
 		if len(cred) >= minKeyLength {
 			c.credStr = string(cred)
+			c.credInID()
 		}
 		return nil, e
 	}
@@ -404,10 +405,7 @@ func (h *Handler) admit(c *call) (*caller, *apiError) {
 	if c.credStr != "" && strings.Contains(c.path, c.credStr) {
 		return nil, keyInPath()
 	}
-	if c.credStr != "" && strings.Contains(c.id, c.credStr) {
-		// The caller sent its credential as the request ID, which goes upstream and to the log.
-		c.newID()
-	}
+	c.credInID()
 	if n := cl.load.Add(1); cl.max > 0 && n > cl.max {
 		cl.load.Add(-1)
 		return nil, tooBusy("caller %q has %d calls in flight, its max_concurrent", cl.name, cl.max)
@@ -419,6 +417,14 @@ func (h *Handler) admit(c *call) (*caller, *apiError) {
 	}
 	c.admitted = cl
 	return cl, nil
+}
+
+// credInID gives the call a new request ID if the caller sent its credential as the request
+// ID, which goes upstream, back to the caller and to the log.
+func (c *call) credInID() {
+	if c.credStr != "" && strings.Contains(c.id, c.credStr) {
+		c.newID()
+	}
 }
 
 // release gives back a call's places in the concurrency limits.
