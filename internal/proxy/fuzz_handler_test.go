@@ -152,6 +152,7 @@ func FuzzHandler(f *testing.F) {
 		"POST /openai/deployments/gpt-4.1-mini/chat?api-version=1&x=0" + keyGen + " HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyGen + "\r\nX-A: 0" + keyProd + "\r\nX-B: 0" + keyAdmin + "0\r\n\r\n",
 		"POST /openai/v1/" + keyProd + "/x HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\nX-Ms-Client-Request-Id: " + keyGen + "\r\nContent-Length: 17\r\n\r\n{\"model\":\"gpt-4o\"}",
 		"POST /openai/deployments/gpt-4o/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\nX Bad: v\r\nX-Tab:\ta\tb \r\n\r\n",
+		"POST /openai/deployments/gpt-4o/chat?api-version=1&pair=a," + keyProd + "&x=1 HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
 	} {
 		f.Add([]byte(s))
 	}
