@@ -275,36 +275,23 @@ func cleanResponse(h *fasthttp.ResponseHeader, requestID string) (apimID, region
 // its logs, whatever the caller did with it. Other parameters keep their order and encoding;
 // a query that loses none is returned as it is, without a copy.
 func stripCredentialParams(rawQuery, credential string, keys *callers) string {
-	var out []byte // the parameters kept, once one is dropped
-	dropped, some := false, false
-	for start := 0; start <= len(rawQuery); {
-		end := strings.IndexByte(rawQuery[start:], '&')
-		if end < 0 {
-			end = len(rawQuery)
-		} else {
-			end += start
+	drops := false
+	for kv := range strings.SplitSeq(rawQuery, "&") {
+		if dropParam(kv, credential, keys) {
+			drops = true
+			break
 		}
-		kv := rawQuery[start:end]
-		switch {
-		case dropParam(kv, credential, keys):
-			if !dropped {
-				// All before this one are kept, as they are.
-				dropped, some = true, start > 0
-				out = append(make([]byte, 0, len(rawQuery)), rawQuery[:max(start-1, 0)]...)
-			}
-		case dropped:
-			if some {
-				out = append(out, '&')
-			}
-			out = append(out, kv...)
-			some = true
-		}
-		start = end + 1
 	}
-	if !dropped {
+	if !drops {
 		return rawQuery
 	}
-	return string(out)
+	kept := make([]string, 0, 4)
+	for kv := range strings.SplitSeq(rawQuery, "&") {
+		if !dropParam(kv, credential, keys) {
+			kept = append(kept, kv)
+		}
+	}
+	return strings.Join(kept, "&")
 }
 
 // dropParam reports whether the query parameter kv (still escaped) is one stripCredentialParams
