@@ -404,13 +404,13 @@ func (cs *callers) keyInPath(path string) bool {
 	if cs == nil || len(cs.byHash) == 0 {
 		return false
 	}
-	if strings.Contains(path, config.GeneratedKeyPrefix) && cs.holdsGenerated([]byte(path)) {
+	if strings.Contains(path, config.GeneratedKeyPrefix) && cs.holdsGenerated(readOnly(path)) {
 		return true
 	}
 	for path != "" {
 		var seg string
 		seg, path, _ = strings.Cut(path, "/")
-		if len(seg) >= minKeyLength && !routeWords.has(seg) && !cs.deployments[seg] && cs.isKeyString(seg) {
+		if len(seg) >= minKeyLength && !routeWords.has(seg) && !cs.deployments[seg] && cs.isKey(readOnly(seg)) {
 			return true
 		}
 	}
@@ -448,11 +448,6 @@ func (s *wordSet) has(w string) bool {
 		}
 	}
 	return false
-}
-
-func (cs *callers) isKeyString(s string) bool {
-	var b [64]byte
-	return cs.isKey(append(b[:0], s...))
 }
 
 func (cs *callers) isKey(v []byte) bool {
