@@ -256,6 +256,7 @@ func (h *Handler) serve(fc *fasthttp.RequestCtx, w *connWait) {
 	cs := h.callers.Load()
 	clientID, badHeaders := checkHeaders(&fc.Request.Header)
 	c := newCall(fc, cs, clientID)
+	c.presented(&fc.Request.Header)
 	// The body is read once the caller is known, within idle; so is whatever of it a call
 	// leaves unread, which the server reads and drops after the answer. Once read whole
 	// (readBody), nothing is read from the caller until the next request.
@@ -274,17 +275,21 @@ func (h *Handler) serve(fc *fasthttp.RequestCtx, w *connWait) {
 	c.path = path
 	c.query = query
 	if e := checkPath(path); e != nil {
+		// Logged up to the segment refused, and not at all if what is left holds a key.
+		if c.path = refusedPath(path); cs.keyInPath(c.path) {
+			c.path = "[REDACTED]"
+		}
 		h.fail(c, e)
-		return
-	}
-	if badHeaders != nil {
-		h.fail(c, badHeaders)
 		return
 	}
 	if cs.keyInPath(path) {
 		// Refused whoever asks: the path would go upstream, and it is logged (without the key).
 		c.path = "[REDACTED]"
 		h.fail(c, keyInPath())
+		return
+	}
+	if badHeaders != nil {
+		h.fail(c, badHeaders)
 		return
 	}
 	switch {
@@ -389,23 +394,26 @@ func (h *Handler) admit(c *call) (*caller, *apiError) {
 	if st := c.fc.TLSConnectionState(); st != nil && len(st.VerifiedChains) > 0 {
 		peer = st.VerifiedChains[0][0]
 	}
-	cl, cred, e := h.callers.Load().authenticate(&c.fc.Request.Header, peer)
+	var cl *caller
+	var e *apiError
+	if c.credential != nil {
+		cl, e = c.keys.identify(c.credential, peer)
+	} else {
+		// No key, or keys the caller may not send together: authenticate says which.
+		cl, _, e = c.keys.authenticate(&c.fc.Request.Header, peer)
+	}
 	if e != nil {
-		// A credential refused is scrubbed from the call's log line all the same (a mistyped
-		// key is most of a real one), unless too short to be any key: scrubbing a letter or two
-		// would only garble the line.
-		if len(cred) >= minKeyLength {
-			c.credStr = string(cred)
-			c.credInID()
-		}
 		return nil, e
 	}
 	c.caller = cl.name
-	c.credential, c.credStr = cred, string(cred)
+	if c.credStr == "" && len(c.credential) > 0 {
+		// Shorter than minKeyLength, and a key: scrubbed all the same.
+		c.credStr = string(c.credential)
+		c.credInID()
+	}
 	if c.credStr != "" && strings.Contains(c.path, c.credStr) {
 		return nil, keyInPath()
 	}
-	c.credInID()
 	if n := cl.load.Add(1); cl.max > 0 && n > cl.max {
 		cl.load.Add(-1)
 		return nil, tooBusy("caller %q has %d calls in flight, its max_concurrent", cl.name, cl.max)
@@ -417,6 +425,25 @@ func (h *Handler) admit(c *call) (*caller, *apiError) {
 	}
 	c.admitted = cl
 	return cl, nil
+}
+
+// presented takes the credential the caller sent, before anything else is read of the request:
+// whether the call is refused for its path, its headers or its route, or for the credential
+// itself, a key or token pasted elsewhere in the request is scrubbed from the call's log line and
+// answer, and a request ID holding it replaced. A credential shorter than minKeyLength is left for
+// admit to take, if it is a key: scrubbing a letter or two that is none would only garble the
+// line. Headers that cannot be read as one credential (two api-keys, say) leave it to admit
+// (authenticate) to say why the call is refused.
+func (c *call) presented(h *fasthttp.RequestHeader) {
+	cred, e := presentedKey(h)
+	if e != nil || len(cred) == 0 {
+		return
+	}
+	c.credential = cred
+	if len(cred) >= minKeyLength {
+		c.credStr = string(cred)
+		c.credInID()
+	}
 }
 
 // credInID gives the call a new request ID if the caller sent its credential as the request

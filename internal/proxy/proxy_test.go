@@ -230,6 +230,62 @@ func TestKeysInThePathAreRefused(t *testing.T) {
 	}
 }
 
+func TestCallsRefusedBeforeTheCallerIsKnownLogNoKey(t *testing.T) {
+	// A call refused for its path or headers, or for a route there is none of, is refused before
+	// the caller is authenticated; its log line and answer still hold neither the credential it
+	// presented nor another caller's key. Sent as raw HTTP/1.1: a client library would clean or
+	// refuse some of these paths itself.
+	g := newGateway(t, withKeyGen)
+	token := "eyJ" + strings.Repeat("a", 1100) + ".eyJ.sig" // longer than a path may be
+	for _, tc := range []struct {
+		name, target, key, extra string
+		status                   int
+	}{
+		{"own key in a path with a refused character", "/openai/deployments/gpt-4o/" + keyProd + "~/chat/completions", keyProd, "", 400},
+		{"own key glued, in a refused path", "/openai/deployments/gpt-4o/x" + keyProd + "~", keyProd, "", 400},
+		{"a generated key in a path with an escape", "/openai/deployments/" + keyGen + "/chat/completions%41", keyAdmin, "", 400},
+		{"another's key, a segment of a path with an empty segment", "/openai/deployments/" + keyProd + "//chat", keyAdmin, "", 400},
+		{"another's key, a segment, with a refused header", "/openai/deployments/" + keyProd + "/chat/completions", keyAdmin, "X Bad: 1\r\n", 400},
+		{"own key glued, no such route", "/nope/x" + keyProd, keyProd, "", 404},
+		{"own key glued, no operation", "/openai/deployments/x" + keyProd, keyProd, "", 404},
+		{"own key in the request ID, no such route", "/nope", keyProd, "X-Ms-Client-Request-Id: run:" + keyProd + "\r\n", 404},
+		{"own token in a path too long", "/openai/deployments/" + token + "/chat/completions", token, "", 414},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := len(g.logs.String())
+			c := dial(t, g)
+			fmt.Fprintf(c, "GET %s?api-version=1 HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\n%sConnection: close\r\n\r\n", tc.target, tc.key, tc.extra)
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != tc.status || !strings.Contains(string(body), `"error":{"code":"`) {
+				t.Errorf("got %d %s, want %d with an Azure-shaped error", resp.StatusCode, body, tc.status)
+			}
+			logs := g.logs.String()[before:]
+			if !strings.Contains(logs, `"msg":"request"`) {
+				t.Fatalf("no access log line: %s", logs)
+			}
+			for _, k := range []string{keyProd, keyAdmin, keyGen, token[:40]} {
+				if strings.Contains(logs, k) || strings.Contains(string(body), k) || strings.Contains(resp.Header.Get("X-Ms-Client-Request-Id"), k) {
+					t.Errorf("a caller's key or token is in the log, the answer or its request ID: %s", logs)
+				}
+			}
+		})
+	}
+	// A refused path is logged up to the segment that made it so, for whoever looks into it.
+	before := len(g.logs.String())
+	c := dial(t, g)
+	fmt.Fprintf(c, "GET /openai/deployments/gpt-4o/chat~completions HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\nConnection: close\r\n\r\n", keyProd)
+	if resp, err := http.ReadResponse(bufio.NewReader(c), nil); err != nil || resp.StatusCode != 400 {
+		t.Fatalf("got %v, %v; want 400", resp, err)
+	}
+	if logs := g.logs.String()[before:]; !strings.Contains(logs, `"path":"/openai/deployments/gpt-4o/…"`) {
+		t.Errorf("want the refused path logged up to the refused segment: %s", logs)
+	}
+}
+
 func TestKeyThatIsARouteWordIsRefused(t *testing.T) {
 	for _, key := range []string{"completions", "gpt-4.1-mini"} {
 		cfg := config.Default()

@@ -21,9 +21,7 @@ func checkPath(escaped string) *apiError {
 		return errorf(http.StatusBadRequest, CodeInvalidPath, "the request path must start with /")
 	}
 	for i := 0; i < len(escaped); i++ {
-		switch c := escaped[i]; {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '/', c == '-', c == '_', c == '.':
-		default:
+		if !pathByte(escaped[i]) {
 			return errorf(http.StatusBadRequest, CodeInvalidPath,
 				"the request path may contain only letters, digits and / - _ . (no percent-encoding)")
 		}
@@ -38,4 +36,27 @@ func checkPath(escaped string) *apiError {
 		}
 	}
 	return nil
+}
+
+// pathByte reports whether a path checkPath accepts may hold c.
+func pathByte(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '/' || c == '-' || c == '_' || c == '.'
+}
+
+// refusedPath is what the log keeps of a path checkPath refused: its whole segments before the
+// first byte it refused, or before maxPathLen, and "…" for the rest. No segment is cut, so none of
+// a key is logged that the path's key check (keyInPath) and the credential's scrub do not see
+// whole; what made the path wrong is in the error's message.
+func refusedPath(path string) string {
+	end := min(len(path), maxPathLen)
+	for i := range end {
+		if !pathByte(path[i]) {
+			end = i
+			break
+		}
+	}
+	if end == len(path) {
+		return path // refused for its segments ("", ".", ".."), which are whole
+	}
+	return path[:strings.LastIndexByte(path[:end], '/')+1] + "…"
 }
