@@ -153,6 +153,7 @@ func FuzzHandler(f *testing.F) {
 		"POST /openai/v1/" + keyProd + "/x HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\nX-Ms-Client-Request-Id: " + keyGen + "\r\nContent-Length: 17\r\n\r\n{\"model\":\"gpt-4o\"}",
 		"POST /openai/deployments/gpt-4o/chat?api-version=1 HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\nX Bad: v\r\nX-Tab:\ta\tb \r\n\r\n",
 		"POST /openai/deployments/gpt-4o/chat?api-version=1&pair=a," + keyProd + "&x=1 HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\n\r\n",
+		"POST /openai/deployments/gpt-4o/chat?api-version=1&%74" + keyProd[1:] + "&x=%74" + keyAdmin[1:] + "%zz HTTP/1.1\r\nHost: gw\r\nApi-Key: " + keyAdmin + "\r\n" + keyAdmin + ": 1\r\n\r\n",
 	} {
 		f.Add([]byte(s))
 	}
@@ -220,6 +221,12 @@ func FuzzHandler(f *testing.F) {
 				return false
 			}
 			for name, vs := range r.headers {
+				for _, k := range fuzzKeys {
+					// Names arrive case-folded: the key presented is looked for without case.
+					if anywhere[k] && strings.Contains(strings.ToLower(name), strings.ToLower(k)) {
+						t.Fatalf("a caller key reached the upstream as the header name %s: %q", name, raw)
+					}
+				}
 				for _, v := range vs {
 					if leaked(v) {
 						t.Fatalf("a caller key reached the upstream in %s: %q", name, raw)
@@ -227,8 +234,15 @@ func FuzzHandler(f *testing.F) {
 				}
 			}
 			path, query, _ := strings.Cut(r.uri, "?")
-			for _, part := range append(strings.Split(path, "/"), strings.Split(query, "&")...) {
+			for _, part := range strings.Split(path, "/") {
 				if leaked(part) {
+					t.Fatalf("a caller key reached the upstream in the URI %q", r.uri)
+				}
+			}
+			// A parameter's name and value, each as it is and as a lenient decoder reads it.
+			for part := range strings.SplitSeq(query, "&") {
+				k, v, _ := strings.Cut(part, "=")
+				if leaked(part) || leaked(lenientUnescape(k)) || leaked(lenientUnescape(v)) {
 					t.Fatalf("a caller key reached the upstream in the URI %q", r.uri)
 				}
 			}

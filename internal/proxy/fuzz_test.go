@@ -5,8 +5,9 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"errors"
-	"net/url"
 	"path"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"unsafe"
@@ -201,21 +202,32 @@ func stripReference(rawQuery, credential string, keys *callers) string {
 	var kept []string
 	for kv := range strings.SplitSeq(rawQuery, "&") {
 		k, v, _ := strings.Cut(kv, "=")
-		if uk, err := url.QueryUnescape(k); err == nil {
-			k = uk
-		}
-		if uv, err := url.QueryUnescape(v); err == nil {
-			v = uv
+		k, v = lenientUnescape(k), lenientUnescape(v)
+		holds := func(s string) bool {
+			return credential != "" && strings.Contains(s, credential) || keys.holdsKey([]byte(s))
 		}
 		switch {
 		case strings.EqualFold(k, "api-key"), strings.EqualFold(k, "subscription-key"):
-		case credential != "" && (strings.Contains(v, credential) || strings.Contains(kv, credential)):
-		case keys.holdsKey([]byte(v)), keys.holdsGenerated([]byte(k)):
+		case credential != "" && strings.Contains(kv, credential), holds(k), holds(v):
 		default:
 			kept = append(kept, kv)
 		}
 	}
 	return strings.Join(kept, "&")
+}
+
+// lenientUnescape is unescapeQuery's reference: each '+' and each well-formed escape replaced,
+// anything else kept.
+var escapeOrPlus = regexp.MustCompile(`\+|%[0-9A-Fa-f]{2}`)
+
+func lenientUnescape(s string) string {
+	return escapeOrPlus.ReplaceAllStringFunc(s, func(m string) string {
+		if m == "+" {
+			return " "
+		}
+		b, _ := strconv.ParseUint(m[1:], 16, 8)
+		return string([]byte{byte(b)})
+	})
 }
 
 func FuzzStripCredentialParams(f *testing.F) {
@@ -225,7 +237,8 @@ func FuzzStripCredentialParams(f *testing.F) {
 		"", "&", "a&&b", "api-version=2025-01-01-preview", "api-version=1&api-key=x&x=1", "api-key=x",
 		"x=1&Subscription-Key=k", "api%2Dkey=x&y=2", "pair=a," + keyProd, "pair=k=" + keyProd + ";x",
 		"pair=b+" + keyProd + "&z", "g=0" + keyGen + "0", keyGen + "=1", "other=" + keyProd, "c=%zz&d=" + keyAdmin,
-		"=&=&", "token=" + keyAdmin + "&x=1", "&api-key=x&y=1",
+		"=&=&", "token=" + keyAdmin + "&x=1", "&api-key=x&y=1", keyProd + "=1", "%74" + keyGen[1:] + "%zz",
+		"x=%74" + keyProd[1:] + ",%zz", "%zz%74" + keyAdmin[1:] + "=1", "a=%4", "a=%%41%2",
 	} {
 		f.Add(q, keyAdmin)
 		f.Add(q, "")

@@ -176,7 +176,13 @@ func TestOtherCallersKeysNeverReachUpstream(t *testing.T) {
 	// A key as one field of a parameter's value is found as in a header's, in a query with
 	// nothing else about it to look at twice (no escapes, no key-named or generated-looking
 	// parameter).
-	for _, q := range []string{"pair=a," + keyProd, "pair=k=" + keyProd + ";x", "pair=b+" + keyProd} {
+	// So is one as a parameter's name, and one escaped, where an escape that is none would have
+	// hidden it from the check (a decoder downstream may well read "%74" as "t" all the same).
+	// The caller's own key (keyAdmin here) as well.
+	for _, q := range []string{"pair=a," + keyProd, "pair=k=" + keyProd + ";x", "pair=b+" + keyProd,
+		keyProd + "=1", keyProd, "x=%74" + keyProd[1:] + ",%zz", "%74" + keyProd[1:] + ";%zz=1",
+		"x=%74" + keyGen[1:] + "%zz", "%74" + keyGen[1:] + "%zz=1", "%74" + keyGen[1:],
+		"%74" + keyAdmin[1:] + "=1", "x=%74" + keyAdmin[1:] + "%zz", "x=%zz%74" + keyAdmin[1:]} {
 		resp, body = g.do("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=2025-01-01-preview&"+q+"&x=1",
 			map[string]string{"api-key": keyAdmin}, chatBody)
 		if resp.StatusCode != 200 {
@@ -185,6 +191,37 @@ func TestOtherCallersKeysNeverReachUpstream(t *testing.T) {
 		reqs = g.emu.OpenAI.Requests()
 		if got := reqs[len(reqs)-1].RawQuery; got != "api-version=2025-01-01-preview&x=1" {
 			t.Errorf("%s: upstream query %q, want the parameter holding a key dropped and the rest kept", q, got)
+		}
+	}
+}
+
+func TestCredentialAsHeaderNameNeverReachesUpstream(t *testing.T) {
+	// The caller's credential sent as a header's name, or in one, does not go upstream either,
+	// though the server hands names over with capitals at the start and after each '-' and
+	// small letters elsewhere, whatever the caller sent.
+	const hexKey = "a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5"
+	g := newGateway(t, func(c *config.Config) {
+		c.Callers = append(c.Callers, &config.Caller{Name: "hex", KeySHA256: hashKey(hexKey), Deployments: []string{"*"}})
+	})
+	for _, tc := range []struct{ key, name string }{
+		{keyProd, keyProd},
+		{keyProd, "X-" + keyProd + "-Y"},
+		{hexKey, hexKey},
+		{hexKey, "X-Pasted-" + hexKey},
+	} {
+		resp, body := g.do("POST", chatPath, map[string]string{"api-key": tc.key, tc.name: "1", "X-A-Long-Ordinary-Header-Name": "kept"}, chatBody)
+		if resp.StatusCode != 200 {
+			t.Fatalf("%s: got %d %s, want 200", tc.name, resp.StatusCode, body)
+		}
+		reqs := g.emu.OpenAI.Requests()
+		r := reqs[len(reqs)-1]
+		for k := range r.Header {
+			if l := strings.ToLower(k); strings.Contains(l, strings.ToLower(keyProd)) || strings.Contains(l, hexKey) {
+				t.Errorf("%s: upstream received a header named by a key: %s", tc.name, k)
+			}
+		}
+		if r.Header.Get("X-A-Long-Ordinary-Header-Name") != "kept" {
+			t.Errorf("%s: a header holding no key was dropped", tc.name)
 		}
 	}
 }

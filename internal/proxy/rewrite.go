@@ -5,7 +5,6 @@ import (
 	"crypto/sha256"
 	"hash/maphash"
 	"net/http"
-	"net/url"
 	"strings"
 	"sync/atomic"
 	"unsafe"
@@ -102,7 +101,10 @@ func rewrite(out *transport.Request, in *fasthttp.RequestHeader, up *upstream, p
 	for k, v := range in.All() {
 		switch {
 		case notForwarded.find(k) != 0, listedIn(listed, k),
-			len(credential) > 0 && bytes.Contains(v, credential) || keys.holdsKey(v):
+			len(credential) > 0 && bytes.Contains(v, credential) || keys.holdsKey(v),
+			// The name too: the server hands it over in its canonical form (a capital at the
+			// start and after each '-', small letters elsewhere), whatever the caller sent.
+			len(credential) > 0 && containsFold(k, credential):
 			continue
 		}
 		hasType = hasType || len(k) == len("Content-Type") && bytes.EqualFold(k, []byte("Content-Type"))
@@ -124,6 +126,17 @@ func rewrite(out *transport.Request, in *fasthttp.RequestHeader, up *upstream, p
 		out.Target = append(append(out.Target, '?'), q...)
 	}
 	out.Body = body
+}
+
+// containsFold reports whether s holds sub (not empty), compared without regard to ASCII case.
+func containsFold(s, sub []byte) bool {
+	first := sub[0] | 0x20 // a letter's small form; other bytes compared as they are below
+	for i := 0; i+len(sub) <= len(s); i++ {
+		if s[i]|0x20 == first && bytes.EqualFold(s[i:i+len(sub)], sub) {
+			return true
+		}
+	}
+	return false
 }
 
 // framingHeaders are the caller's headers the transport writes itself, for the upstream.
@@ -269,11 +282,11 @@ func cleanResponse(h *fasthttp.ResponseHeader, requestID string) (apimID, region
 }
 
 // stripCredentialParams removes query parameters some Azure clients use for keys (api-key,
-// subscription-key), any whose value holds the caller's credential, and any that holds another
-// caller's key where a header's would be found (holdsKey) or a generated key anywhere. The
-// gateway never reads keys from the query, but a caller's key must not reach the upstream, or
-// its logs, whatever the caller did with it. Other parameters keep their order and encoding;
-// a query that loses none is returned as it is, without a copy.
+// subscription-key), and any whose name or value holds the caller's credential, or another
+// caller's key where a header's would be found (holdsKey: whole, as a field, or a generated key
+// anywhere). The gateway never reads keys from the query, but a caller's key must not reach the
+// upstream, or its logs, whatever the caller did with it. Other parameters keep their order and
+// encoding; a query that loses none is returned as it is, without a copy.
 func stripCredentialParams(rawQuery, credential string, keys *callers) string {
 	drops := false
 	for kv := range strings.SplitSeq(rawQuery, "&") {
@@ -295,23 +308,50 @@ func stripCredentialParams(rawQuery, credential string, keys *callers) string {
 }
 
 // dropParam reports whether the query parameter kv (still escaped) is one stripCredentialParams
-// removes. Its name and value are unescaped first where they hold an escape.
+// removes. Its name and value are each judged as they are and unescaped (unescapeQuery).
 func dropParam(kv, credential string, keys *callers) bool {
 	if credential != "" && strings.Contains(kv, credential) {
 		return true
 	}
 	k, v, _ := strings.Cut(kv, "=")
 	if strings.IndexByte(kv, '%') >= 0 || strings.IndexByte(kv, '+') >= 0 {
-		if uk, err := url.QueryUnescape(k); err == nil {
-			k = uk
-		}
-		if uv, err := url.QueryUnescape(v); err == nil {
-			v = uv
-		}
+		k, v = unescapeQuery(k), unescapeQuery(v)
 	}
 	return strings.EqualFold(k, "api-key") || strings.EqualFold(k, "subscription-key") ||
-		credential != "" && strings.Contains(v, credential) ||
-		keys.holdsKey(readOnly(v)) || keys.holdsGenerated(readOnly(k))
+		credential != "" && (strings.Contains(k, credential) || strings.Contains(v, credential)) ||
+		keys.holdsKey(readOnly(k)) || keys.holdsKey(readOnly(v))
+}
+
+// unescapeQuery unescapes a query parameter's name or value as url.QueryUnescape does, but
+// keeps a '%' that starts no escape as it is, where QueryUnescape gives up on the whole text:
+// the text is judged as a lenient decoder downstream would read it, so that an escape that is
+// none cannot hide a key escaped beside it.
+func unescapeQuery(s string) string {
+	b := make([]byte, 0, len(s))
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '+':
+			b = append(b, ' ')
+		case c == '%' && i+2 < len(s) && ishex(s[i+1]) && ishex(s[i+2]):
+			b = append(b, unhex(s[i+1])<<4|unhex(s[i+2]))
+			i += 2
+		default:
+			b = append(b, c)
+		}
+	}
+	return string(b)
+}
+
+func ishex(c byte) bool { return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F' }
+
+func unhex(c byte) byte {
+	switch {
+	case c <= '9':
+		return c - '0'
+	case c <= 'F':
+		return c - 'A' + 10
+	}
+	return c - 'a' + 10
 }
 
 // readOnly gives s's bytes without a copy, for functions that only read them.
