@@ -313,6 +313,12 @@ func (k *keySet) VerifySignature(ctx context.Context, raw string) ([]byte, error
 		}
 	}
 	if key == nil {
+		if len(kid) > 64 {
+			// The caller chooses it: quoted, it would make the error (and the log) as long as
+			// a request header may be, and a part of it would be a part of whatever it holds.
+			// Entra's are 27–44 characters.
+			return nil, fmt.Errorf("the token is signed with a key ID of %d characters, which is not one of the tenant's", len(kid))
+		}
 		return nil, fmt.Errorf("the token is signed with key %q, which is not one of the tenant's", kid)
 	}
 	return jws.Verify(key)

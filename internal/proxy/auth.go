@@ -248,7 +248,7 @@ func (k *callers) verifyToken(sum [sha256.Size]byte, raw string) (*caller, *apiE
 	case errors.Is(err, callertoken.ErrUnavailable):
 		return nil, errorf(http.StatusServiceUnavailable, CodeCallerAuthUnavailable, "the caller's token cannot be checked now: %v", err)
 	case err != nil:
-		return nil, errorf(http.StatusUnauthorized, CodeUnauthorized, "the Entra token is not valid: %v", err)
+		return nil, errorf(http.StatusUnauthorized, CodeUnauthorized, "the Entra token is not valid: %s", k.unlessKey(err.Error()))
 	case !anyIn(claims.Audience, k.audiences[v]):
 		return nil, errorf(http.StatusUnauthorized, CodeUnauthorized, "the Entra token is for another audience, not this gateway")
 	}
@@ -297,6 +297,22 @@ func (t *tokenCache) put(sum [sha256.Size]byte, c *caller, until time.Time) {
 		t.m = make(map[[sha256.Size]byte]verifiedToken)
 	}
 	t.m[sum] = verifiedToken{c: c, until: until}
+}
+
+// unlessKey is msg, why a caller's token was refused, unless it holds one of k's keys: the
+// reasons quote what the token's header says (its key ID, its algorithm), which the caller
+// chooses. Quotes count as separators, so a key quoted is a field of its own (holdsKey).
+func (k *callers) unlessKey(msg string) string {
+	fields := strings.Map(func(r rune) rune {
+		if r == '"' || r == '\'' || r == '[' || r == ']' {
+			return ' '
+		}
+		return r
+	}, msg)
+	if k.holdsKey([]byte(fields)) {
+		return "its header names a caller's key"
+	}
+	return msg
 }
 
 // presentedKey returns the key the caller sent (nil if none). The bytes are the request's:

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"encoding/base64"
 	"strings"
 	"testing"
 	"time"
@@ -102,6 +103,37 @@ func TestEntraCallers(t *testing.T) {
 	// Key callers work beside Entra callers.
 	if resp, _ := g.do("POST", chatPath, map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 200 {
 		t.Errorf("a key caller got %d beside Entra callers", resp.StatusCode)
+	}
+}
+
+func TestEntraTokenRefusalsQuoteNoKey(t *testing.T) {
+	// Why a token is refused may quote what its header says (its key ID, its algorithm), which the
+	// caller chooses. Where that holds a caller's key, the answer and the log say less; otherwise
+	// they say it, for whoever has to find out why a token is refused.
+	g := entraGateway(t)
+	tok := g.entraToken(a360AppID, "api://tokenproxy")
+	_, rest, _ := strings.Cut(tok, ".")
+	withHeader := func(h string) string { return base64.RawURLEncoding.EncodeToString([]byte(h)) + "." + rest }
+	for _, tc := range []struct{ name, token, says string }{
+		{"another caller's key as the key ID", withHeader(`{"alg":"RS256","typ":"JWT","kid":"` + keyProd + `"}`), ""},
+		{"another caller's key as the algorithm", withHeader(`{"alg":"` + keyProd + `","typ":"JWT","kid":"x"}`), ""},
+		{"a key ID the tenant does not have", withHeader(`{"alg":"RS256","typ":"JWT","kid":"rotated-away-2025"}`), "rotated-away-2025"},
+		{"a key ID too long to quote", withHeader(`{"alg":"RS256","typ":"JWT","kid":"` + keyProd + strings.Repeat("x", 40) + `"}`), "a key ID of 73 characters"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := len(g.logs.String())
+			resp, body := g.do("POST", chatPath, map[string]string{"Authorization": "Bearer " + tc.token}, chatBody)
+			if resp.StatusCode != 401 || !strings.Contains(body, CodeUnauthorized) {
+				t.Fatalf("got %d %s, want 401", resp.StatusCode, body)
+			}
+			logs := g.logs.String()[before:]
+			if strings.Contains(body, keyProd) || strings.Contains(logs, keyProd) {
+				t.Errorf("a caller's key is quoted: %s\n%s", body, logs)
+			}
+			if !strings.Contains(body, tc.says) {
+				t.Errorf("the answer %s does not say %q", body, tc.says)
+			}
+		})
 	}
 }
 
