@@ -253,3 +253,31 @@ func FuzzStripCredentialParams(f *testing.F) {
 		}
 	})
 }
+
+// FuzzHoldsKey compares holdsKey with a plain reference: a key as the whole value, as a field of
+// it (split at spaces, commas, semicolons and tabs) or after the first '=' of one (holdsField),
+// or a generated key anywhere.
+func FuzzHoldsKey(f *testing.F) {
+	const shortKey = "eight-ch" // minKeyLength exactly
+	keys := []string{keyProd, keyGen, shortKey}
+	cs := &callers{byHash: map[[sha256.Size]byte]*caller{}, notKeys: newNotKeys()}
+	for _, k := range keys {
+		cs.byHash[sha256.Sum256([]byte(k))] = &caller{}
+	}
+	for _, v := range []string{
+		"", "application/json", "AzureOpenAI/Python 1.54.0", keyProd, "a," + keyProd, "k=" + keyProd + "; a=b",
+		"x" + keyProd, "0" + keyGen + "0", "a==" + shortKey, "a=b=" + shortKey, shortKey + "=x", " " + shortKey + " ",
+		"=" + shortKey, "a;b=" + shortKey + ",c", "\t" + keyProd + "\t=",
+	} {
+		f.Add(v)
+	}
+	f.Fuzz(func(t *testing.T, v string) {
+		want := strings.Contains(v, keyGen)
+		for _, k := range keys {
+			want = want || holdsField(v, k)
+		}
+		if got := cs.holdsKey([]byte(v)); got != want {
+			t.Fatalf("holdsKey(%q) = %v, want %v", v, got, want)
+		}
+	})
+}

@@ -384,36 +384,34 @@ func (cs *callers) holdsKey(v []byte) bool {
 	if cs.isKey(v) || cs.holdsGenerated(v) {
 		return true
 	}
-	whole := len(v)
-	for len(v) > 0 {
-		i := indexSeparator(v)
-		field := v
-		if i >= 0 {
-			field, v = v[:i], v[i+1:]
-		} else {
-			v = nil
+	// One pass finds the fields and the first '=' in each.
+	start, eq := 0, -1
+	for i := 0; ; i++ {
+		for i < len(v) && !fieldByte[v[i]] {
+			i++
 		}
-		// A value with no separator is its only field, hashed already.
-		if len(field) >= minKeyLength && len(field) < whole && cs.isKey(field) {
+		if i < len(v) && v[i] == '=' {
+			if eq < 0 {
+				eq = i
+			}
+			continue
+		}
+		// A separator, or the end. A value with no separator is its only field, hashed already.
+		if field := v[start:i]; len(field) >= minKeyLength && len(field) < len(v) && cs.isKey(field) {
 			return true
 		}
-		if _, after, ok := bytes.Cut(field, []byte("=")); ok && len(after) >= minKeyLength && cs.isKey(after) {
+		if eq >= 0 && i-eq-1 >= minKeyLength && cs.isKey(v[eq+1:i]) {
 			return true
 		}
+		if i >= len(v) {
+			return false
+		}
+		start, eq = i+1, -1
 	}
-	return false
 }
 
-// indexSeparator is bytes.IndexAny(v, " ,;\t") without building the set on every call.
-func indexSeparator(v []byte) int {
-	for i, c := range v {
-		switch c {
-		case ' ', ',', ';', '\t':
-			return i
-		}
-	}
-	return -1
-}
+// fieldByte marks the bytes holdsKey stops at: the separators of fields, and '='.
+var fieldByte = [256]bool{' ': true, ',': true, ';': true, '\t': true, '=': true}
 
 // holdsGenerated reports whether v holds, anywhere, one of the callers' keys of the shape
 // `proxy hash-key --generate` makes: a key of any other shape is found only where holdsKey
