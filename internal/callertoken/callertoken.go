@@ -151,7 +151,12 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (Claims, error) {
 	if iss == v.v1Issuer {
 		verifier = v1
 	}
-	tok, err := verifier.Verify(ctx, raw)
+	var fetchErr error
+	tok, err := verifier.Verify(context.WithValue(ctx, fetchErrKey{}, &fetchErr), raw)
+	if fetchErr != nil {
+		// The keys could not be fetched (ErrUnavailable), which go-oidc's error no longer says.
+		return Claims{}, fetchErr
+	}
 	if err != nil {
 		return Claims{}, err
 	}
@@ -262,7 +267,12 @@ type keySet struct {
 	keys    []jose.JSONWebKey
 	fetched time.Time // when keys were last fetched
 	tried   time.Time // when a fetch was last attempted
+	failed  error     // why the last fetch failed, if it did (tried is after fetched)
 }
+
+// retryFailed is how long after a failed fetch of the keys the next may be made: tokens
+// arriving meanwhile, forged ones too, neither cause nor wait for one.
+func (k *keySet) retryFailed() time.Duration { return min(k.minRefresh(), 30*time.Second) }
 
 var _ oidc.KeySet = (*keySet)(nil)
 
@@ -278,6 +288,19 @@ func (k *keySet) refreshEvery() time.Duration {
 		return 24 * time.Hour
 	}
 	return k.opts.RefreshEvery
+}
+
+// fetchErrKey keys, in the context go-oidc hands VerifySignature, where Verify wants to hear that
+// the keys could not be fetched: go-oidc reports VerifySignature's error as text, so
+// errors.Is(err, ErrUnavailable) would not find it.
+type fetchErrKey struct{}
+
+// fetchFailed tells Verify, through ctx, that the keys could not be fetched, and returns err.
+func fetchFailed(ctx context.Context, err error) error {
+	if p, ok := ctx.Value(fetchErrKey{}).(*error); ok {
+		*p = err
+	}
+	return err
 }
 
 // VerifySignature implements oidc.KeySet.
@@ -297,7 +320,7 @@ func (k *keySet) VerifySignature(ctx context.Context, raw string) ([]byte, error
 	k.mu.Unlock()
 	if stale {
 		if err := k.refresh(); err != nil && k.lookup(kid) == nil {
-			return nil, err
+			return nil, fetchFailed(ctx, err)
 		}
 	}
 	key := k.lookup(kid)
@@ -307,7 +330,7 @@ func (k *keySet) VerifySignature(ctx context.Context, raw string) ([]byte, error
 		k.mu.Unlock()
 		if may {
 			if err := k.refresh(); err != nil {
-				return nil, err
+				return nil, fetchFailed(ctx, err)
 			}
 			key = k.lookup(kid)
 		}
@@ -335,34 +358,50 @@ func (k *keySet) lookup(kid string) *jose.JSONWebKey {
 	return nil
 }
 
-// refresh fetches the keys; concurrent calls share one fetch.
+// refresh fetches the keys; concurrent calls share one fetch. Within retryFailed of a failed
+// fetch it fetches nothing and returns that fetch's error.
 func (k *keySet) refresh() error {
 	_, err, _ := k.fetch.Do("", func() (any, error) {
 		k.mu.Lock()
-		k.tried = k.opts.now()
-		k.mu.Unlock()
-		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-		defer cancel()
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, k.url, nil)
-		if err != nil {
+		now := k.opts.now()
+		if k.failed != nil && now.Sub(k.tried) < k.retryFailed() {
+			err := k.failed
+			k.mu.Unlock()
 			return nil, err
 		}
-		resp, err := k.opts.client().Do(req)
-		if err != nil {
-			return nil, fmt.Errorf("%w: fetching %s: %v", ErrUnavailable, k.url, err)
-		}
-		defer resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			return nil, fmt.Errorf("%w: fetching %s: HTTP %d", ErrUnavailable, k.url, resp.StatusCode)
-		}
-		var set jose.JSONWebKeySet
-		if err := json.NewDecoder(http.MaxBytesReader(nil, resp.Body, 1<<20)).Decode(&set); err != nil {
-			return nil, fmt.Errorf("%w: decoding %s: %v", ErrUnavailable, k.url, err)
-		}
-		k.mu.Lock()
-		k.keys, k.fetched = set.Keys, k.opts.now()
+		k.tried = now
 		k.mu.Unlock()
-		return nil, nil
+		err := k.fetchKeys()
+		k.mu.Lock()
+		k.failed = err
+		k.mu.Unlock()
+		return nil, err
 	})
 	return err
+}
+
+// fetchKeys fetches the tenant's keys into k.
+func (k *keySet) fetchKeys() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, k.url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := k.opts.client().Do(req)
+	if err != nil {
+		return fmt.Errorf("%w: fetching %s: %v", ErrUnavailable, k.url, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%w: fetching %s: HTTP %d", ErrUnavailable, k.url, resp.StatusCode)
+	}
+	var set jose.JSONWebKeySet
+	if err := json.NewDecoder(http.MaxBytesReader(nil, resp.Body, 1<<20)).Decode(&set); err != nil {
+		return fmt.Errorf("%w: decoding %s: %v", ErrUnavailable, k.url, err)
+	}
+	k.mu.Lock()
+	k.keys, k.fetched = set.Keys, k.opts.now()
+	k.mu.Unlock()
+	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"net/http"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -218,6 +219,66 @@ func TestKeyRotationAndRefetchLimit(t *testing.T) {
 	f.clk.advance(25 * time.Hour)
 	if _, err := f.v.Verify(t.Context(), newTok); err == nil {
 		t.Error("a token signed with a withdrawn key still verifies after the keys were refreshed")
+	}
+}
+
+// countKeyFetches counts the requests for a tenant's keys, answered or not.
+type countKeyFetches struct {
+	next http.RoundTripper
+	n    atomic.Int64
+}
+
+func (c *countKeyFetches) RoundTrip(r *http.Request) (*http.Response, error) {
+	if strings.HasSuffix(r.URL.Path, "/keys") {
+		c.n.Add(1)
+	}
+	return c.next.RoundTrip(r)
+}
+
+func TestFailedKeyFetchesAreNotRetriedPerToken(t *testing.T) {
+	// While the tenant's keys cannot be fetched, tokens (forged ones, made up by anyone) neither
+	// cause a fetch each nor wait for one: after a failed fetch, the next waits retryFailed.
+	// Tokens signed with a key already known still verify meanwhile.
+	f := setup(t)
+	client := f.emu.CA().Client()
+	fetches := &countKeyFetches{next: client.Transport}
+	client.Transport = fetches
+	reg := NewRegistry(Options{HTTPClient: client, Now: f.clk.now, RefreshEvery: time.Minute})
+	v := reg.Verifier(f.emu.URL(), tenant)
+	good := f.token(t, "api://tokenproxy")
+	if _, err := v.Verify(t.Context(), good); err != nil {
+		t.Fatal(err)
+	}
+	attacker, _ := rsa.GenerateKey(rand.Reader, 2048)
+	forged := func() string {
+		claims := jwt.MapClaims{"iss": f.emu.URL() + tenant + "/v2.0", "tid": tenant, "aud": gateway, "exp": time.Now().Add(time.Hour).Unix()}
+		return forge(t, jwt.SigningMethodRS256, attacker, map[string]any{"kid": uuid.NewString()}, claims)
+	}
+
+	f.clk.advance(2 * time.Minute) // the keys are due for a refresh
+	f.emu.SetDown(true)
+	before := fetches.n.Load()
+	for range 50 {
+		if _, err := v.Verify(t.Context(), forged()); !errors.Is(err, ErrUnavailable) {
+			t.Fatalf("a forged token while the keys cannot be fetched: %v, want ErrUnavailable", err)
+		}
+	}
+	if n := fetches.n.Load() - before; n != 1 {
+		t.Errorf("50 forged tokens while the keys could not be fetched made %d fetches, want 1", n)
+	}
+	if _, err := v.Verify(t.Context(), good); err != nil {
+		t.Errorf("a token signed with a known key while the keys cannot be fetched: %v", err)
+	}
+
+	// Once retryFailed has passed, the next token fetches again, and the keys are current.
+	f.emu.SetDown(false)
+	f.clk.advance(30 * time.Second)
+	before = fetches.n.Load()
+	if _, err := v.Verify(t.Context(), f.token(t, "api://tokenproxy")); err != nil {
+		t.Errorf("after the keys could be fetched again: %v", err)
+	}
+	if n := fetches.n.Load() - before; n != 1 {
+		t.Errorf("%d fetches once retryFailed passed, want 1", n)
 	}
 }
 
