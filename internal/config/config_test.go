@@ -193,7 +193,7 @@ callers:
 		{
 			name: "type error keeps its line",
 			yaml: minimal + "max_request_bytes: lots\n",
-			want: []string{"line 8: cannot unmarshal !!str `lots` into int64"},
+			want: []string{"line 8: cannot unmarshal !!str (a value, not shown) into int64"},
 		},
 		{
 			name: "too many spare connections",
@@ -414,7 +414,7 @@ callers:
 		"callers[2].entra.tenant_id: must be the tenant's ID (a GUID)",
 		"callers[2].entra: set app_ids, object_ids or roles",
 		"callers[3].key_files[0]: the key is shorter than 16 characters",
-		"callers[3].key_env[0] (UNSET): holds no key",
+		"callers[3].key_env[0]: holds no key",
 		"callers[4].mtls: set subject, dns_names or uris",
 		"callers[4].mtls: needs tls.client_ca_file",
 	} {
@@ -520,5 +520,91 @@ allow_unauthenticated: true
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s with %s: got %v, want an error with %q", tc.setting, tc.url, err, tc.want)
 		}
+	}
+}
+
+func TestErrorsQuoteNoSecret(t *testing.T) {
+	// A secret, or a key, put where another value belongs (a variable holding one named in the
+	// wrong field, a key pasted as a variable's name or a file's path) is not quoted back by the
+	// errors, which go to the terminal and to a refused reload's log; not its start either.
+	const secret = "Xy8Q~abcdefghSECRETVALUE"
+	const key = "tpk_q8Zr0mVh3kP1xY7nL2cB5wD9sF4gJ6tA0eU3iO8yR1"
+	const rest = `
+upstreams:
+  up: {url: "https://x.openai.azure.com", credential: app}
+`
+	const app = `credentials:
+  app: {type: client_secret, tenant_id: 00000000-0000-0000-0000-000000000000, client_id: c1, client_secret: s}
+`
+	const caller = `callers:
+  - {name: c, key_sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08, deployments: ["*"]}
+`
+	for name, y := range map[string]string{
+		"a secret's variable as a number": "max_concurrent: ${AZURE_CLIENT_SECRET}\n" + app + rest + caller,
+		"a secret's variable as a tenant": `credentials:
+  app: {type: client_secret, tenant_id: "${AZURE_CLIENT_SECRET}", client_id: c1, client_secret: s}
+` + rest + caller,
+		"a secret's variable in a URL": app + `upstreams:
+  up: {url: "${AZURE_CLIENT_SECRET}", credential: app}
+` + caller,
+		"a key as keys_sha256, not a list": app + rest + "callers:\n  - {name: c, keys_sha256: " + key + ", deployments: [\"*\"]}\n",
+		"a key as key_env's variable":      app + rest + "callers:\n  - {name: c, key_env: [" + key + "], deployments: [\"*\"]}\n",
+		"a key as key_files' path":         app + rest + "callers:\n  - {name: c, key_files: [" + key + "], deployments: [\"*\"]}\n",
+	} {
+		_, err := Parse([]byte(y), t.TempDir(), env(map[string]string{"AZURE_CLIENT_SECRET": secret}))
+		if err == nil {
+			t.Errorf("%s: no error", name)
+			continue
+		}
+		for _, s := range []string{secret[:7], key[:7]} {
+			if strings.Contains(err.Error(), s) {
+				t.Errorf("%s: the error quotes a secret or key: %v", name, err)
+			}
+		}
+	}
+}
+
+func TestKeyFilesWithAByteOrderMark(t *testing.T) {
+	// An editor may start a file with a byte-order mark, and end its lines with CRLF: the key is
+	// the key all the same.
+	dir := t.TempDir()
+	const key = "tpk_0123456789abcdefghijklmnopqrstuvwxyzABCDEFG"
+	if err := os.WriteFile(filepath.Join(dir, "k"), []byte("\ufeff"+key+"\r\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "s"), []byte("\ufeffthe-secret\r\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := Parse([]byte(`
+credentials:
+  app: {type: client_secret, tenant_id: 00000000-0000-0000-0000-000000000000, client_id: c1, client_secret_file: s}
+upstreams:
+  up: {url: "https://x.openai.azure.com", credential: app}
+callers:
+  - {name: c, key_files: [k], key_env: [K], deployments: ["*"]}
+`), dir, env(map[string]string{"K": "\ufeff" + key + " "}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256([]byte(key))
+	for i, h := range cfg.Callers[0].KeyHashes {
+		if h != hex.EncodeToString(sum[:]) {
+			t.Errorf("key %d: hash %s is not the key's", i, h)
+		}
+	}
+	if got := cfg.Credentials["app"].ClientSecret; got != "the-secret" {
+		t.Errorf("client secret %q, want the file's without its byte-order mark", got)
+	}
+}
+
+func TestASecondDocumentIsRefused(t *testing.T) {
+	_, err := Parse([]byte(`
+upstreams:
+  up: {url: "https://x.openai.azure.com"}
+---
+admin_key_sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
+`), t.TempDir(), nil)
+	if err == nil || !strings.Contains(err.Error(), "more than one YAML document") {
+		t.Errorf("got %v, want the second document refused", err)
 	}
 }

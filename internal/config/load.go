@@ -6,9 +6,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"reflect"
+	"regexp"
+	"strconv"
 	"strings"
 
 	"go.yaml.in/yaml/v3"
@@ -33,13 +37,38 @@ func Parse(data []byte, dir string, getenv Getenv) (*Config, error) {
 	if getenv == nil {
 		getenv = func(string) string { return "" }
 	}
+	// What the environment gives is left out of the errors (withoutValues): a secret's variable
+	// named where another value belongs would be quoted back, in the terminal or a reload's log.
+	var fromEnv []string
+	envGet := getenv
+	getenv = func(name string) string {
+		v := envGet(name)
+		if len(v) >= minEchoedSecret {
+			fromEnv = append(fromEnv, v)
+		}
+		return v
+	}
+	cfg, err := parse(data, dir, getenv)
+	return cfg, withoutValues(err, fromEnv)
+}
+
+func parse(data []byte, dir string, getenv Getenv) (*Config, error) {
 	var doc yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	if err := dec.Decode(&doc); err != nil {
-		return nil, fmt.Errorf("parsing config: %w", err)
+		return nil, fmt.Errorf("parsing config: %w", withoutQuotedValues(err))
 	}
 	if len(doc.Content) == 0 {
 		return nil, errors.New("parsing config: the document is empty")
+	}
+	var more yaml.Node
+	switch err := dec.Decode(&more); {
+	case err == io.EOF:
+	case err != nil:
+		return nil, fmt.Errorf("parsing config: %w", withoutQuotedValues(err))
+	default:
+		// Whatever a second document held (an admin key, say) would be ignored.
+		return nil, errors.New("parsing config: the file holds more than one YAML document (a line ---); put everything in one")
 	}
 	root := doc.Content[0]
 
@@ -54,7 +83,7 @@ func Parse(data []byte, dir string, getenv Getenv) (*Config, error) {
 
 	cfg := Default()
 	if err := root.Decode(cfg); err != nil {
-		return nil, fmt.Errorf("parsing config: %w", err)
+		return nil, fmt.Errorf("parsing config: %w", withoutQuotedValues(err))
 	}
 	cfg.fillFromEnv(getenv)
 	errs = append(errs, cfg.readFiles(dir)...)
@@ -108,7 +137,8 @@ func (c *Config) readFiles(dir string) []error {
 		return b
 	}
 	secret := func(path, name string) Secret {
-		return Secret(strings.TrimRight(string(read(path, name)), "\r\n"))
+		// A byte-order mark an editor put first is no part of it; spaces may be (a password).
+		return Secret(strings.TrimRight(strings.TrimPrefix(string(read(path, name)), "\ufeff"), "\r\n"))
 	}
 	for _, name := range sortedKeys(c.Credentials) {
 		cr := c.Credentials[name]
@@ -188,12 +218,18 @@ func (c *Config) hashKeys(dir string, getenv Getenv) []error {
 			}
 			b, err := os.ReadFile(f)
 			if err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", where, err))
+				// The path is not echoed (os's errors hold it): it may be a key pasted where a
+				// path belongs.
+				var pe *fs.PathError
+				if errors.As(err, &pe) {
+					err = pe.Err
+				}
+				errs = append(errs, fmt.Errorf("%s: cannot read the file (%w; a relative path is taken from %s)", where, err, dir))
 				continue
 			}
 			n := 0
 			for line := range strings.SplitSeq(string(b), "\n") {
-				if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
+				if line = trimKey(line); line != "" && !strings.HasPrefix(line, "#") {
 					raw(line, where)
 					n++
 				}
@@ -203,7 +239,8 @@ func (c *Config) hashKeys(dir string, getenv Getenv) []error {
 			}
 		}
 		for j, name := range cl.KeyEnv {
-			raw(strings.TrimSpace(getenv(name)), fmt.Sprintf("%s.key_env[%d] (%s)", p, j, name))
+			// The name is not echoed: it may be a key pasted where a name belongs.
+			raw(trimKey(getenv(name)), fmt.Sprintf("%s.key_env[%d]", p, j))
 		}
 	}
 	return errs
@@ -303,3 +340,41 @@ func join(path, key string) string {
 	}
 	return path + "." + key
 }
+
+// minEchoedSecret is the shortest value from the environment left out of configuration errors:
+// shorter ones (a port, a flag) are not worth garbling the message for.
+const minEchoedSecret = 8
+
+// withoutValues is err with each of values, and its quoted form, replaced by a mention of where
+// it came from. The error returned wraps nothing: unwrapped, err would quote them again.
+func withoutValues(err error, values []string) error {
+	if err == nil {
+		return nil
+	}
+	msg := err.Error()
+	for _, v := range values {
+		msg = strings.ReplaceAll(msg, v, "[a value from the environment]")
+		if q := strconv.Quote(v); q[1:len(q)-1] != v {
+			msg = strings.ReplaceAll(msg, q[1:len(q)-1], "[a value from the environment]")
+		}
+	}
+	return errors.New(msg)
+}
+
+// backquoted is what yaml.v3's errors quote of a value (its first characters, as in
+// "cannot unmarshal !!str `Xy8Q~ab...` into int").
+var backquoted = regexp.MustCompile("`[^`]*`")
+
+// withoutQuotedValues is err without the values yaml.v3 quotes in it: the start of a secret put
+// where a number or a list belongs is a start of a secret all the same.
+func withoutQuotedValues(err error) error {
+	msg := err.Error()
+	if !strings.Contains(msg, "`") {
+		return err
+	}
+	return errors.New(backquoted.ReplaceAllString(msg, "(a value, not shown)"))
+}
+
+// trimKey is a key file's line, or a key from the environment, without the spaces, line ends
+// and byte-order mark an editor or a shell may have put around it.
+func trimKey(s string) string { return strings.TrimSpace(strings.TrimPrefix(s, "\ufeff")) }
