@@ -139,14 +139,18 @@ func (b *body) sizeLine() (int64, error) {
 	if digits == 0 {
 		return 0, errChunk
 	}
-	// Optional whitespace, then extensions after a ';' or the line's end.
-	for {
+	// Optional whitespace, then extensions after a ';' or the line's end. The whitespace counts
+	// against the line's limit too: endless, it would keep the reader spinning on one line.
+	for spaces := 0; ; spaces++ {
 		c, err := b.r.ReadByte()
 		if err != nil {
 			return 0, eofIsUnexpected(err)
 		}
 		switch c {
 		case ' ', '\t':
+			if spaces >= maxChunkLine {
+				return 0, errChunk
+			}
 			continue
 		case ';':
 			if _, err := b.line(maxChunkLine); err != nil {

@@ -48,6 +48,8 @@ func TestChunkedBody(t *testing.T) {
 		{"5 ;x\r\nhello\r\n0\r\n\r\n", "hello", nil},
 		{"1000000000000000\r\n", "", errChunk}, // too large
 		{"5;" + strings.Repeat("e", maxChunkLine+1) + "\r\nhello\r\n0\r\n\r\n", "", errChunk},
+		{"5" + strings.Repeat(" ", maxChunkLine+1) + "\r\nhello\r\n0\r\n\r\n", "", errChunk}, // endless whitespace
+		{"5" + strings.Repeat(" ", 100) + "\r\nhello\r\n0\r\n\r\n", "hello", nil},
 		{"0\r\n" + strings.Repeat("T: "+strings.Repeat("v", 1000)+"\r\n", 70) + "\r\n", "", errChunk},
 	} {
 		for _, size := range []int{16, 512} {
