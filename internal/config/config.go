@@ -87,7 +87,9 @@ type Config struct {
 
 // Timeouts are the gateway's time limits. None of them bounds a stream, so long streams are
 // never cut; ResponseHeader bounds the wait for the upstream's response headers, which for
-// reasoning models can take minutes, and for the rest of a body that is not streamed.
+// reasoning models can take minutes, and for the rest of a body read whole. A body relayed as
+// it comes (an event stream, or any body of unknown length or over 1 MiB) is not bounded: it
+// ends with the upstream's end of it, or when the caller goes away or the gateway shuts down.
 type Timeouts struct {
 	// ReadHeader bounds reading a caller's request line and headers (slowloris protection), with
 	// the first 8 KiB of the body the server reads along; a new connection's first byte is also
@@ -101,7 +103,8 @@ type Timeouts struct {
 	// TLSHandshake bounds the TLS handshake with an upstream.
 	TLSHandshake time.Duration `yaml:"tls_handshake"`
 	// ResponseHeader bounds the wait for an upstream's response headers (and the rest of a body
-	// that is not streamed), up to an eighth of itself longer; past it the caller gets 504.
+	// read whole: of known length, up to 1 MiB, not an event stream), up to an eighth of itself
+	// longer; past it the caller gets 504.
 	ResponseHeader time.Duration `yaml:"response_header"`
 	// UpstreamIdle closes idle pooled connections to upstreams.
 	UpstreamIdle time.Duration `yaml:"upstream_idle"`

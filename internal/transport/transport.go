@@ -48,8 +48,9 @@ type Options struct {
 	// TLSHandshakeTimeout bounds the TLS handshake. If zero, 10s.
 	TLSHandshakeTimeout time.Duration
 	// ResponseHeaderTimeout bounds the wait for response headers after the request is written,
-	// and for a body read whole (not streamed), the wait for the body too, to within an eighth
-	// more (see conn.do). If zero, there is none.
+	// and for a body read whole (of known length, up to the buffer limit, not an event stream),
+	// the wait for the body too, to within an eighth more (see conn.do); a body relayed as it
+	// comes is not bounded. If zero, there is none.
 	ResponseHeaderTimeout time.Duration
 	// IdleTimeout closes pooled connections idle for longer. If zero, 90s.
 	IdleTimeout time.Duration
