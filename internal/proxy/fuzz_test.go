@@ -201,15 +201,16 @@ func TestAsksForStream(t *testing.T) {
 func stripReference(rawQuery, credential string, keys *callers) string {
 	var kept []string
 	for kv := range strings.SplitSeq(rawQuery, "&") {
-		k, v, _ := strings.Cut(kv, "=")
-		k, v = lenientUnescape(k), lenientUnescape(v)
 		holds := func(s string) bool {
 			return credential != "" && strings.Contains(s, credential) || keys.holdsKey([]byte(s))
 		}
-		switch {
-		case strings.EqualFold(k, "api-key"), strings.EqualFold(k, "subscription-key"):
-		case credential != "" && strings.Contains(kv, credential), holds(k), holds(v):
-		default:
+		drop := credential != "" && strings.Contains(kv, credential)
+		rk, rv, _ := strings.Cut(kv, "=")
+		for _, kv := range [][2]string{{rk, rv}, {lenientUnescape(rk), lenientUnescape(rv)}} {
+			k, v := kv[0], kv[1]
+			drop = drop || strings.EqualFold(k, "api-key") || strings.EqualFold(k, "subscription-key") || holds(k) || holds(v)
+		}
+		if !drop {
 			kept = append(kept, kv)
 		}
 	}
@@ -231,14 +232,15 @@ func lenientUnescape(s string) string {
 }
 
 func FuzzStripCredentialParams(f *testing.F) {
+	const plusKey = "base64+key/with+plus=="
 	keys := &callers{byHash: map[[sha256.Size]byte]*caller{
-		sha256.Sum256([]byte(keyProd)): {}, sha256.Sum256([]byte(keyGen)): {}}, notKeys: newNotKeys()}
+		sha256.Sum256([]byte(keyProd)): {}, sha256.Sum256([]byte(keyGen)): {}, sha256.Sum256([]byte(plusKey)): {}}, notKeys: newNotKeys()}
 	for _, q := range []string{
 		"", "&", "a&&b", "api-version=2025-01-01-preview", "api-version=1&api-key=x&x=1", "api-key=x",
 		"x=1&Subscription-Key=k", "api%2Dkey=x&y=2", "pair=a," + keyProd, "pair=k=" + keyProd + ";x",
 		"pair=b+" + keyProd + "&z", "g=0" + keyGen + "0", keyGen + "=1", "other=" + keyProd, "c=%zz&d=" + keyAdmin,
 		"=&=&", "token=" + keyAdmin + "&x=1", "&api-key=x&y=1", keyProd + "=1", "%74" + keyGen[1:] + "%zz",
-		"x=%74" + keyProd[1:] + ",%zz", "%zz%74" + keyAdmin[1:] + "=1", "a=%4", "a=%%41%2",
+		"x=%74" + keyProd[1:] + ",%zz", "%zz%74" + keyAdmin[1:] + "=1", "a=%4", "a=%%41%2", "b=" + plusKey + "&c=1",
 	} {
 		f.Add(q, keyAdmin)
 		f.Add(q, "")

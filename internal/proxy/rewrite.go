@@ -308,15 +308,22 @@ func stripCredentialParams(rawQuery, credential string, keys *callers) string {
 }
 
 // dropParam reports whether the query parameter kv (still escaped) is one stripCredentialParams
-// removes. Its name and value are each judged as they are and unescaped (unescapeQuery).
+// removes. Its name and value are judged as they are, and again unescaped (unescapeQuery) where
+// they hold an escape or a '+': a key may hold a '+' itself (base64), or be escaped.
 func dropParam(kv, credential string, keys *callers) bool {
 	if credential != "" && strings.Contains(kv, credential) {
 		return true
 	}
 	k, v, _ := strings.Cut(kv, "=")
-	if strings.IndexByte(kv, '%') >= 0 || strings.IndexByte(kv, '+') >= 0 {
-		k, v = unescapeQuery(k), unescapeQuery(v)
+	if dropNamed(k, v, credential, keys) {
+		return true
 	}
+	return (strings.IndexByte(kv, '%') >= 0 || strings.IndexByte(kv, '+') >= 0) &&
+		dropNamed(unescapeQuery(k), unescapeQuery(v), credential, keys)
+}
+
+// dropNamed is dropParam's judgement of a parameter named k with value v.
+func dropNamed(k, v, credential string, keys *callers) bool {
 	return strings.EqualFold(k, "api-key") || strings.EqualFold(k, "subscription-key") ||
 		credential != "" && (strings.Contains(k, credential) || strings.Contains(v, credential)) ||
 		keys.holdsKey(readOnly(k)) || keys.holdsKey(readOnly(v))
