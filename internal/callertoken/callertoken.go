@@ -257,7 +257,8 @@ func unverifiedIssuer(raw string) (string, error) {
 }
 
 // keySet is a tenant's signing keys (JWKS), refetched when they are old, or when a token names
-// an unknown key ID (at most once per MinRefresh).
+// an unknown key ID (at most once per MinRefresh); after a failed fetch, the next is made no
+// sooner than retryFailed.
 type keySet struct {
 	opts *Options
 	url  string

@@ -309,7 +309,7 @@ func (k *callers) unlessKey(msg string) string {
 		}
 		return r
 	}, msg)
-	if k.holdsKey([]byte(fields)) {
+	if k.holdsKey(readOnly(fields)) {
 		return "its header names a caller's key"
 	}
 	return msg
