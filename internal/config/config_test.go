@@ -529,6 +529,9 @@ func TestErrorsQuoteNoSecret(t *testing.T) {
 	// errors, which go to the terminal and to a refused reload's log; not its start either.
 	const secret = "Xy8Q~abcdefghSECRETVALUE"
 	const key = "tpk_q8Zr0mVh3kP1xY7nL2cB5wD9sF4gJ6tA0eU3iO8yR1"
+	const storageKey = "Zm9vYmFyQmF6cXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWprbG1ub3BxcnN0dXZ3eHl6QUJD+/=="
+	const token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+	const password = "correcthorsebatterystaple"
 	const rest = `
 upstreams:
   up: {url: "https://x.openai.azure.com", credential: app}
@@ -550,16 +553,83 @@ upstreams:
 		"a key as keys_sha256, not a list": app + rest + "callers:\n  - {name: c, keys_sha256: " + key + ", deployments: [\"*\"]}\n",
 		"a key as key_env's variable":      app + rest + "callers:\n  - {name: c, key_env: [" + key + "], deployments: [\"*\"]}\n",
 		"a key as key_files' path":         app + rest + "callers:\n  - {name: c, key_files: [" + key + "], deployments: [\"*\"]}\n",
+		// Pasted into the file itself, not through a variable.
+		"a secret pasted as a tenant": `credentials:
+  app: {type: client_secret, tenant_id: "` + secret + `", client_id: c1, client_secret: s}
+` + rest + caller,
+		"a key pasted as a URL": app + `upstreams:
+  up: {url: "` + key + `", credential: app}
+` + caller,
+		"a storage key pasted as a credential's name": app + `upstreams:
+  up: {url: "https://x.openai.azure.com", credential: "` + storageKey + `"}
+` + caller,
+		"a token pasted as an authority": `credentials:
+  app: {type: client_secret, tenant_id: 00000000-0000-0000-0000-000000000000, client_id: c1, client_secret: s, authority_host: "` + token + `"}
+` + rest + caller,
+		"a key pasted as a caller's name":     app + rest + "callers:\n  - {name: " + key + ", key_sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08, deployments: [\"*\"]}\n",
+		"a key pasted as a deployment's name": app + rest + "deployments:\n  " + key + ": {upstream: up}\n" + caller,
+		// The environment's value is the secret's start: hiding it first would leave the rest.
+		"the client secret as a log level, its start a variable": "log_level: " + password + "\n" + `credentials:
+  app: {type: client_secret, tenant_id: 00000000-0000-0000-0000-000000000000, client_id: "${START}", client_secret: ` + password + `}
+` + rest + caller,
+		"the client secret pasted as a log level too": "log_level: " + password + "\n" + `credentials:
+  app: {type: client_secret, tenant_id: 00000000-0000-0000-0000-000000000000, client_id: c1, client_secret: ` + password + `}
+` + rest + caller,
 	} {
-		_, err := Parse([]byte(y), t.TempDir(), env(map[string]string{"AZURE_CLIENT_SECRET": secret}))
+		_, err := Parse([]byte(y), t.TempDir(), env(map[string]string{"AZURE_CLIENT_SECRET": secret, "START": password[:12]}))
 		if err == nil {
 			t.Errorf("%s: no error", name)
 			continue
 		}
-		for _, s := range []string{secret[:7], key[:7]} {
+		for _, s := range []string{secret[:7], key[:7], storageKey[:7], token[:7], password[:7], password[len(password)-7:]} {
 			if strings.Contains(err.Error(), s) {
 				t.Errorf("%s: the error quotes a secret or key: %v", name, err)
 			}
+		}
+	}
+}
+
+func TestMayBeSecret(t *testing.T) {
+	for _, s := range []string{
+		"tpk_q8Zr0mVh3kP1xY7nL2cB5wD9sF4gJ6tA0eU3iO8yR1", // the gateway's key
+		"abc8Q~dEfGhIjKlMnOpQrStUvWxYz0123456789.-_",     // an Entra client secret
+		"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",      // a JWT
+		"Zm9vYmFyQmF6cXV4MTIzNDU2Nzg5MGFiY2RlZmdo+/==",   // a storage key
+		"https://x.blob.core.windows.net/c?sig=Hk3mZp9Qr2Lw7Xv4Nb8Tc1Yd",
+		"Kp4wR9tZ2mQ7vX1n", // 16 random characters
+	} {
+		if !mayBeSecret(s) {
+			t.Errorf("mayBeSecret(%q) = false", s)
+		}
+	}
+	for _, s := range []string{
+		"", "info", "verbose", "gpt-4o-mini", "gpt-4o-2024-08-06", "Automation360-Finance",
+		"ContosoFinanceApp2024Prod", "00000000-0000-0000-0000-000000000000",
+		"72F988BF-86F1-41AF-91AB-2D7CD011DB47", "contoso.onmicrosft.com",
+		"https://Contoso-AOAI-01.openai.azure.com", "https://cognitiveservices.azure.com/.default",
+		"api://0f4c2b6e-1d3a-4e5f-8a9b-0c1d2e3f4a5b/.default", "127.0.0.1:8080",
+		"Kp4wR9tZ2mQ7vX1", // 15: too short to tell
+	} {
+		if mayBeSecret(s) {
+			t.Errorf("mayBeSecret(%q) = true", s)
+		}
+	}
+}
+
+func TestErrorsStillQuoteMistakes(t *testing.T) {
+	// Hiding what may be a secret must not hide the usual mistakes.
+	_, err := Parse([]byte(`
+log_level: verbose
+credentials:
+  app: {type: client_secret, tenant_id: contoso_corp, client_id: c1, client_secret: s}
+upstreams:
+  up: {url: "Contoso-AOAI-01.openai.azure.com", credential: app}
+callers:
+  - {name: c, key_sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08, deployments: ["*"]}
+`), t.TempDir(), nil)
+	for _, want := range []string{`"verbose"`, `"contoso_corp"`, `"Contoso-AOAI-01.openai.azure.com"`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("the error does not quote %s: %v", want, err)
 		}
 	}
 }

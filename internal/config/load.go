@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -39,20 +40,37 @@ func Parse(data []byte, dir string, getenv Getenv) (*Config, error) {
 	}
 	// What the environment gives is left out of the errors (withoutValues): a secret's variable
 	// named where another value belongs would be quoted back, in the terminal or a reload's log.
-	var fromEnv []string
+	var hidden []string
 	envGet := getenv
 	getenv = func(name string) string {
 		v := envGet(name)
 		if len(v) >= minEchoedSecret {
-			fromEnv = append(fromEnv, v)
+			hidden = append(hidden, v)
 		}
 		return v
 	}
-	cfg, err := parse(data, dir, getenv)
-	return cfg, withoutValues(err, fromEnv)
+	cfg, err := parse(data, dir, getenv, &hidden)
+	if err != nil && cfg != nil {
+		// A secret written in the file, or read from a *_file, is left out too, should it
+		// also have been pasted where another value belongs.
+		for _, cr := range cfg.Credentials {
+			if cr == nil {
+				continue
+			}
+			for _, s := range []Secret{cr.ClientSecret, cr.CertificatePassword} {
+				if len(s) >= minEchoedSecret {
+					hidden = append(hidden, s.Value())
+				}
+			}
+		}
+	}
+	return cfg, withoutValues(err, hidden)
 }
 
-func parse(data []byte, dir string, getenv Getenv) (*Config, error) {
+// parse is Parse; it adds to hidden what its errors must not show, beside the values from the
+// environment: every scalar of the file that may be a secret (mayBeSecret), wherever an error
+// would quote it (a field's value, a name in a path, a list of known names).
+func parse(data []byte, dir string, getenv Getenv, hidden *[]string) (*Config, error) {
 	var doc yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	if err := dec.Decode(&doc); err != nil {
@@ -71,6 +89,7 @@ func parse(data []byte, dir string, getenv Getenv) (*Config, error) {
 		return nil, errors.New("parsing config: the file holds more than one YAML document (a line ---); put everything in one")
 	}
 	root := doc.Content[0]
+	*hidden = append(*hidden, mayBeSecrets(root)...)
 
 	var errs []error
 	errs = append(errs, checkKeys(root, reflect.TypeOf(Config{}), "")...)
@@ -345,17 +364,19 @@ func join(path, key string) string {
 // shorter ones (a port, a flag) are not worth garbling the message for.
 const minEchoedSecret = 8
 
-// withoutValues is err with each of values, and its quoted form, replaced by a mention of where
-// it came from. The error returned wraps nothing: unwrapped, err would quote them again.
+// withoutValues is err with each of values, and its quoted form, replaced by a mention that
+// one was there. The error returned wraps nothing: unwrapped, err would quote them again.
 func withoutValues(err error, values []string) error {
 	if err == nil {
 		return nil
 	}
 	msg := err.Error()
+	// The longest first: one value may hold another, and would be shown in part.
+	slices.SortFunc(values, func(a, b string) int { return len(b) - len(a) })
 	for _, v := range values {
-		msg = strings.ReplaceAll(msg, v, "[a value from the environment]")
+		msg = strings.ReplaceAll(msg, v, "[a value not shown]")
 		if q := strconv.Quote(v); q[1:len(q)-1] != v {
-			msg = strings.ReplaceAll(msg, q[1:len(q)-1], "[a value from the environment]")
+			msg = strings.ReplaceAll(msg, q[1:len(q)-1], "[a value not shown]")
 		}
 	}
 	return errors.New(msg)

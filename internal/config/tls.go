@@ -69,6 +69,6 @@ func (t *TLS) validate(v *validator, p string, api bool) {
 		}
 	}
 	if t.MinVersion != "" && t.MinVersion != "1.2" && t.MinVersion != "1.3" {
-		v.add(p+".min_version", "%q is not 1.2 or 1.3", t.MinVersion)
+		v.add(p+".min_version", "%s is not 1.2 or 1.3", shown(t.MinVersion))
 	}
 }

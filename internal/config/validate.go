@@ -7,8 +7,11 @@ import (
 	"net/url"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
+
+	"go.yaml.in/yaml/v3"
 )
 
 // Validate checks the whole configuration and returns every problem joined, each prefixed with
@@ -21,10 +24,10 @@ func (c *Config) Validate() error {
 		v.add("admin_listen", "must differ from listen: the admin endpoints are kept off the API port")
 	}
 	if !slices.Contains([]string{"debug", "info", "warn", "error"}, c.LogLevel) {
-		v.add("log_level", "%q is not one of debug, info, warn, error", c.LogLevel)
+		v.add("log_level", "%s is not one of debug, info, warn, error", shown(c.LogLevel))
 	}
 	if !slices.Contains([]string{"json", "console"}, c.LogFormat) {
-		v.add("log_format", "%q is not one of json, console", c.LogFormat)
+		v.add("log_format", "%s is not one of json, console", shown(c.LogFormat))
 	}
 	if c.MaxRequestBytes <= 0 {
 		v.add("max_request_bytes", "must be positive")
@@ -44,6 +47,7 @@ func (c *Config) Validate() error {
 	}
 
 	for _, name := range sortedKeys(c.Credentials) {
+		v.name("credentials."+name, name)
 		c.Credentials[name].validate(v, "credentials."+name)
 	}
 
@@ -52,6 +56,7 @@ func (c *Config) Validate() error {
 	}
 	for _, name := range sortedKeys(c.Upstreams) {
 		p := "upstreams." + name
+		v.name(p, name)
 		u := c.Upstreams[name]
 		if u == nil {
 			v.add(p, "is empty")
@@ -62,7 +67,7 @@ func (c *Config) Validate() error {
 			v.add(p+".ca_file", "%v", err)
 		}
 		if m, ok := u.HTTP2.parse(); !ok {
-			v.add(p+".http2", "%q is not one of streams (the default), on (or true), off (or false)", string(u.HTTP2))
+			v.add(p+".http2", "%s is not one of streams (the default), on (or true), off (or false)", shown(string(u.HTTP2)))
 		} else if m != HTTP2Off && u.HTTP2 != "" && !strings.HasPrefix(strings.ToLower(u.URL), "https://") {
 			v.add(p+".http2", "needs an https url: HTTP/2 is chosen in the TLS handshake")
 		}
@@ -70,10 +75,10 @@ func (c *Config) Validate() error {
 		case u.Credential == "":
 			v.add(p+".credential", "is required")
 		case c.Credentials[u.Credential] == nil:
-			v.add(p+".credential", "unknown credential %q%s", u.Credential, known(c.Credentials))
+			v.add(p+".credential", "unknown credential %s%s", shown(u.Credential), known(c.Credentials))
 		}
 		if res, ok := strings.CutSuffix(u.Scope, "/.default"); !ok || res == "" || strings.ContainsAny(res, " \t") {
-			v.add(p+".scope", "%q is not a resource scope such as %s (client-credential flows need the /.default form)", u.Scope, DefaultScope)
+			v.add(p+".scope", "%s is not a resource scope such as %s (client-credential flows need the /.default form)", shown(u.Scope), DefaultScope)
 		}
 	}
 
@@ -82,13 +87,14 @@ func (c *Config) Validate() error {
 	}
 	for _, name := range sortedKeys(c.Deployments) {
 		p := "deployments." + name
+		v.name(p, name)
 		d := c.Deployments[name]
 		if d == nil {
 			v.add(p, "is empty")
 			continue
 		}
 		if !ValidDeploymentName(name) {
-			v.add(p, "%q is not a valid deployment name (letters, digits, '.', '-', '_'; at most 64)", name)
+			v.add(p, "%s is not a valid deployment name (letters, digits, '.', '-', '_'; at most 64)", shown(name))
 		}
 		if len(d.Backends) > 0 {
 			if len(d.Backends) > 64 {
@@ -123,13 +129,13 @@ func (c *Config) Validate() error {
 
 func (c *Config) validateBackendTarget(v *validator, p, upstream, deployment string) {
 	if !ValidDeploymentName(deployment) {
-		v.add(p+".deployment", "%q is not a valid deployment name (letters, digits, '.', '-', '_'; at most 64)", deployment)
+		v.add(p+".deployment", "%s is not a valid deployment name (letters, digits, '.', '-', '_'; at most 64)", shown(deployment))
 	}
 	switch {
 	case upstream == "":
 		v.add(p+".upstream", "is required")
 	case c.Upstreams[upstream] == nil:
-		v.add(p+".upstream", "unknown upstream %q%s", upstream, known(c.Upstreams))
+		v.add(p+".upstream", "unknown upstream %s%s", shown(upstream), known(c.Upstreams))
 	}
 }
 
@@ -178,10 +184,12 @@ func (c *Config) validateCallers(v *validator) {
 		case cl.Name == "":
 			v.add(p+".name", "is required")
 		case !validLabel(cl.Name):
-			v.add(p+".name", "%q may hold only letters, digits, '.', '-', '_' (at most 64)", cl.Name)
+			v.add(p+".name", "%s may hold only letters, digits, '.', '-', '_' (at most 64)", shown(cl.Name))
+		case mayBeSecret(cl.Name):
+			v.name(p+".name", cl.Name)
 		default:
 			if j, dup := names[cl.Name]; dup {
-				v.add(p+".name", "%q is already used by callers[%d]", cl.Name, j)
+				v.add(p+".name", "%s is already used by callers[%d]", shown(cl.Name), j)
 			}
 			names[cl.Name] = i
 		}
@@ -245,10 +253,10 @@ func (c *Config) validateCallers(v *validator) {
 			dp := fmt.Sprintf("%s.deployments[%d]", p, j)
 			if len(c.Deployments) > 0 {
 				if c.Deployments[d] == nil {
-					v.add(dp, "unknown deployment %q%s", d, known(c.Deployments))
+					v.add(dp, "unknown deployment %s%s", shown(d), known(c.Deployments))
 				}
 			} else if !ValidDeploymentName(d) {
-				v.add(dp, "%q is not a valid deployment name", d)
+				v.add(dp, "%s is not a valid deployment name", shown(d))
 			}
 		}
 	}
@@ -267,7 +275,7 @@ func (e *EntraCaller) validate(v *validator, p string) {
 	if e.AuthorityHost != "" {
 		u, err := url.Parse(e.AuthorityHost)
 		if err != nil || u.Scheme != "https" || u.Host == "" {
-			v.add(p+".authority_host", "%q is not an https URL such as https://login.microsoftonline.us/", e.AuthorityHost)
+			v.add(p+".authority_host", "%s is not an https URL such as https://login.microsoftonline.us/", shown(e.AuthorityHost))
 		}
 	}
 }
@@ -347,7 +355,7 @@ func (cr *Credential) validate(v *validator, p string) {
 			types = append(types, t)
 		}
 		sort.Strings(types)
-		v.add(p+".type", "%q is not one of %s", cr.Type, strings.Join(types, ", "))
+		v.add(p+".type", "%s is not one of %s", shown(cr.Type), strings.Join(types, ", "))
 		return
 	}
 	set := map[string]bool{
@@ -387,7 +395,7 @@ func (cr *Credential) validate(v *validator, p string) {
 		v.add(p+".certificate_password_file", "set certificate_password or certificate_password_file, not both")
 	}
 	if cr.TenantID != "" && !validTenantID(cr.TenantID) {
-		v.add(p+".tenant_id", "%q is not a tenant ID (a GUID or a domain such as contoso.onmicrosoft.com)", cr.TenantID)
+		v.add(p+".tenant_id", "%s is not a tenant ID (a GUID or a domain such as contoso.onmicrosoft.com)", shown(cr.TenantID))
 	}
 	if cr.Type == TypeManagedIdentity {
 		n := 0
@@ -403,7 +411,7 @@ func (cr *Credential) validate(v *validator, p string) {
 	if cr.AuthorityHost != "" {
 		u, err := url.Parse(cr.AuthorityHost)
 		if err != nil || u.Scheme != "https" || u.Host == "" || u.RawQuery != "" || u.Fragment != "" {
-			v.add(p+".authority_host", "%q is not an https URL such as https://login.microsoftonline.us/", cr.AuthorityHost)
+			v.add(p+".authority_host", "%s is not an https URL such as https://login.microsoftonline.us/", shown(cr.AuthorityHost))
 		}
 	}
 }
@@ -471,15 +479,93 @@ func IsLoopbackHost(host string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
+// shown is how an error quotes a value that failed validation: as written, unless it may be a
+// secret pasted in the wrong place (mayBeSecret). These errors reach a terminal and a refused
+// reload's log, which must never hold a secret.
+func shown(s string) string {
+	if mayBeSecret(s) {
+		return fmt.Sprintf("the value (%d characters, not shown: it may be a secret)", len(s))
+	}
+	return strconv.Quote(s)
+}
+
+// minSecretRun is the shortest run of a secret's characters mayBeSecret takes for one.
+const minSecretRun = 16
+
+// mayBeSecret reports whether s may hold a credential: one of the gateway's keys
+// (GeneratedKeyPrefix), a JWT or other base64-encoded JSON ("eyJ"), an Entra client secret
+// (whose fourth to sixth characters are a digit, "Q" and "~"), or a random string such as a
+// storage key or a generated password: a run of minSecretRun or more letters, digits and
+// + / = _ ~ - that mixes capitals, small letters and digits, switching between them at least
+// once every three characters. A name such as "ContosoFinanceApp2024Prod" switches too seldom; the
+// GUIDs, domains, scopes and URLs a configuration holds have no such run.
+func mayBeSecret(s string) bool {
+	if strings.Contains(s, GeneratedKeyPrefix) || strings.Contains(s, "eyJ") || strings.Contains(s, "Q~") {
+		return true
+	}
+	run, switches, classes, last := 0, 0, 0, 0
+	for i := 0; i <= len(s); i++ {
+		class := -1
+		if i < len(s) {
+			switch c := s[i]; {
+			case 'A' <= c && c <= 'Z':
+				class = 1
+			case 'a' <= c && c <= 'z':
+				class = 2
+			case '0' <= c && c <= '9':
+				class = 4
+			case c == '+' || c == '/' || c == '=' || c == '_' || c == '~' || c == '-':
+				class = 0
+			}
+		}
+		if class < 0 { // the run ends here
+			if run >= minSecretRun && classes == 7 && 3*switches >= run {
+				return true
+			}
+			run, switches, classes, last = 0, 0, 0, 0
+			continue
+		}
+		run++
+		if class != 0 {
+			if last != 0 && class != last {
+				switches++
+			}
+			classes |= class
+			last = class
+		}
+	}
+	return false
+}
+
+// mayBeSecrets is every scalar below n, key or value, that may be a secret (mayBeSecret).
+func mayBeSecrets(n *yaml.Node) []string {
+	var found []string
+	if n.Kind == yaml.ScalarNode && mayBeSecret(n.Value) {
+		found = append(found, n.Value)
+	}
+	for _, c := range n.Content {
+		found = append(found, mayBeSecrets(c)...)
+	}
+	return found
+}
+
 type validator struct{ errs []error }
 
 func (v *validator) add(path, format string, args ...any) {
 	v.errs = append(v.errs, fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...)))
 }
 
+// name refuses a name that may be a secret (mayBeSecret): names are written in logs and in
+// metrics' labels.
+func (v *validator) name(path, name string) {
+	if mayBeSecret(name) {
+		v.add(path, "the name (%d characters) looks like a key or a secret; names are written in logs and metrics, choose another", len(name))
+	}
+}
+
 func (v *validator) listen(path, addr string) {
 	if _, port, err := net.SplitHostPort(addr); err != nil || port == "" {
-		v.add(path, "%q is not a host:port address", addr)
+		v.add(path, "%s is not a host:port address", shown(addr))
 	}
 }
 
@@ -491,7 +577,7 @@ func (v *validator) upstreamURL(path, raw string) {
 	u, err := url.Parse(raw)
 	switch {
 	case err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http"):
-		v.add(path, "%q is not an absolute http(s) URL such as https://myresource.openai.azure.com", raw)
+		v.add(path, "%s is not an absolute http(s) URL such as https://myresource.openai.azure.com", shown(raw))
 	case u.User != nil:
 		v.add(path, "must not carry user information")
 	case u.RawQuery != "" || u.Fragment != "":
