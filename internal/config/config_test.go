@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -664,6 +665,40 @@ callers:
 	}
 	if got := cfg.Credentials["app"].ClientSecret; got != "the-secret" {
 		t.Errorf("client secret %q, want the file's without its byte-order mark", got)
+	}
+}
+
+func TestNamedFilesAreBounded(t *testing.T) {
+	// A path mistaken for another (a named pipe, a device, a log) is refused, not waited on or
+	// read without end.
+	dir := t.TempDir()
+	if err := syscall.Mkfifo(filepath.Join(dir, "pipe"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	big, err := os.Create(filepath.Join(dir, "big"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := big.Truncate(maxFileSize + 1); err != nil {
+		t.Fatal(err)
+	}
+	big.Close()
+	_, err = Parse([]byte(`
+credentials:
+  app: {type: client_secret, tenant_id: 00000000-0000-0000-0000-000000000000, client_id: c1, client_secret_file: pipe}
+upstreams:
+  up: {url: "https://x.openai.azure.com", credential: app, ca_file: /dev/zero}
+callers:
+  - {name: c, key_files: [big], deployments: ["*"]}
+`), dir, nil)
+	for _, want := range []string{
+		"credentials.app.client_secret_file: read " + filepath.Join(dir, "pipe") + ": not a regular file",
+		"upstreams.up.ca_file: read /dev/zero: not a regular file",
+		"callers[0].key_files[0]: cannot read the file (larger than 4 MiB;",
+	} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q: %v", want, err)
+		}
 	}
 }
 

@@ -148,7 +148,7 @@ func (c *Config) readFiles(dir string) []error {
 		if !filepath.IsAbs(path) {
 			path = filepath.Join(dir, path)
 		}
-		b, err := os.ReadFile(path)
+		b, err := readFile(path)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", name, err))
 			return nil
@@ -235,7 +235,7 @@ func (c *Config) hashKeys(dir string, getenv Getenv) []error {
 			if !filepath.IsAbs(f) {
 				f = filepath.Join(dir, f)
 			}
-			b, err := os.ReadFile(f)
+			b, err := readFile(f)
 			if err != nil {
 				// The path is not echoed (os's errors hold it): it may be a key pasted where a
 				// path belongs.
@@ -394,6 +394,37 @@ func withoutQuotedValues(err error) error {
 		return err
 	}
 	return errors.New(backquoted.ReplaceAllString(msg, "(a value, not shown)"))
+}
+
+// maxFileSize bounds what a file the configuration names may hold: a secret, a few keys, a few
+// certificates. A path mistaken for another (a device, a log) is not read without end.
+const maxFileSize = 4 << 20
+
+// readFile is os.ReadFile for the files a configuration names: regular files only (a symbolic
+// link to one, as Kubernetes mounts secrets, included), so that neither a device nor a named
+// pipe is waited on, of at most maxFileSize bytes.
+func readFile(path string) ([]byte, error) {
+	if fi, err := os.Stat(path); err != nil {
+		if pe, ok := err.(*fs.PathError); ok {
+			pe.Op = "open" // as os.ReadFile says
+		}
+		return nil, err
+	} else if !fi.Mode().IsRegular() {
+		return nil, &fs.PathError{Op: "read", Path: path, Err: errors.New("not a regular file")}
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxFileSize+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > maxFileSize {
+		return nil, &fs.PathError{Op: "read", Path: path, Err: fmt.Errorf("larger than %d MiB", maxFileSize>>20)}
+	}
+	return b, nil
 }
 
 // trimKey is a key file's line, or a key from the environment, without the spaces, line ends

@@ -5,7 +5,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"os"
 )
 
 // Certificate reads the certificate and key files. The files are read anew on each call, so a
@@ -44,7 +43,7 @@ func (u *Upstream) Pool() (*x509.CertPool, error) {
 }
 
 func readPool(path string) (*x509.CertPool, error) {
-	b, err := os.ReadFile(path)
+	b, err := readFile(path)
 	if err != nil {
 		return nil, err
 	}
