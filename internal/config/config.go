@@ -85,11 +85,12 @@ type Config struct {
 	Callers     []*Caller              `yaml:"callers"`
 }
 
-// Timeouts are the gateway's time limits. None of them bounds a stream, so long streams are
-// never cut; ResponseHeader bounds the wait for the upstream's response headers, which for
-// reasoning models can take minutes, and for the rest of a body read whole. A body relayed as
-// it comes (an event stream, or any body of unknown length or over 1 MiB) is not bounded: it
-// ends with the upstream's end of it, or when the caller goes away or the gateway shuts down.
+// Timeouts are the gateway's time limits. None of them bounds a stream's length, so long
+// streams are never cut for lasting; ResponseHeader bounds the wait for the upstream's response
+// headers, which for reasoning models can take minutes, and for the rest of a body read whole.
+// A body relayed as it comes (an event stream, or any body of unknown length or over 1 MiB) is
+// cut only when the upstream sends nothing of it for StreamIdle; otherwise it ends with the
+// upstream's end of it, or when the caller goes away or the gateway shuts down.
 type Timeouts struct {
 	// ReadHeader bounds reading a caller's request line and headers (slowloris protection), with
 	// the first 8 KiB of the body the server reads along; a new connection's first byte is also
@@ -106,6 +107,9 @@ type Timeouts struct {
 	// read whole: of known length, up to 1 MiB, not an event stream), up to an eighth of itself
 	// longer; past it the caller gets 504.
 	ResponseHeader time.Duration `yaml:"response_header"`
+	// StreamIdle cuts a body relayed as it comes when the upstream sends nothing of it for
+	// this long, up to a quarter of itself longer: the caller's answer ends short.
+	StreamIdle time.Duration `yaml:"stream_idle"`
 	// UpstreamIdle closes idle pooled connections to upstreams.
 	UpstreamIdle time.Duration `yaml:"upstream_idle"`
 	// TokenAcquire bounds one token acquisition from Entra.
@@ -124,6 +128,7 @@ var DefaultTimeouts = Timeouts{
 	Dial:           10 * time.Second,
 	TLSHandshake:   10 * time.Second,
 	ResponseHeader: 10 * time.Minute,
+	StreamIdle:     5 * time.Minute,
 	UpstreamIdle:   90 * time.Second,
 	TokenAcquire:   30 * time.Second,
 	ShutdownDelay:  5 * time.Second,

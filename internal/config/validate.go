@@ -304,7 +304,7 @@ func (t Timeouts) validate(v *validator) {
 		d    time.Duration
 	}{
 		{"read_header", t.ReadHeader}, {"idle", t.Idle}, {"dial", t.Dial},
-		{"tls_handshake", t.TLSHandshake}, {"response_header", t.ResponseHeader},
+		{"tls_handshake", t.TLSHandshake}, {"response_header", t.ResponseHeader}, {"stream_idle", t.StreamIdle},
 		{"upstream_idle", t.UpstreamIdle}, {"token_acquire", t.TokenAcquire},
 		{"shutdown_grace", t.ShutdownGrace},
 	} {

@@ -29,6 +29,7 @@ type metrics struct {
 	failovers       *prometheus.CounterVec
 	budgetExhausted prometheus.Counter
 	shutdownCut     prometheus.Counter
+	streamIdleCuts  *prometheus.CounterVec
 	backends        *backendCollector
 	pools           *poolCollector // nil unless the transport is the gateway's own
 
@@ -131,6 +132,11 @@ func newMetrics(passthrough bool, configured map[string]bool, reg *backend.Regis
 			Name:      "shutdown_cut_connections_total",
 			Help:      "Connections (calls or streams still running) closed because shutdown_grace ran out.",
 		}),
+		streamIdleCuts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "tokenproxy",
+			Name:      "stream_idle_cuts_total",
+			Help:      "Streamed answers cut because the upstream sent nothing of them for timeouts.stream_idle, by upstream.",
+		}, []string{"upstream"}),
 		backends: &backendCollector{reg: reg,
 			state: prometheus.NewDesc("tokenproxy_backend_state",
 				"1 for the backend's current state (healthy, cooldown, open, half_open), else 0.", []string{"backend", "state"}, nil),
@@ -173,7 +179,7 @@ func newMetrics(passthrough bool, configured map[string]bool, reg *backend.Regis
 func (m *metrics) register(reg prometheus.Registerer) error {
 	err := errors.Join(reg.Register(m.requests), reg.Register(m.duration), reg.Register(m.upstreamLatency),
 		reg.Register(m.inflight), reg.Register(m.attempts), reg.Register(m.failovers), reg.Register(m.budgetExhausted),
-		reg.Register(m.shutdownCut), reg.Register(m.backends))
+		reg.Register(m.shutdownCut), reg.Register(m.streamIdleCuts), reg.Register(m.backends))
 	if m.pools != nil {
 		err = errors.Join(err, reg.Register(m.pools))
 	}
@@ -316,5 +322,8 @@ func (h *Handler) observe(c *call, status int, end time.Time) {
 	h.m.durationFor(dep).Observe(end.Sub(c.start).Seconds())
 	if c.upstream != "" && !c.headerAt.IsZero() && !c.proxyStart.IsZero() {
 		h.m.latencyFor(c.upstream).Observe(c.headerAt.Sub(c.proxyStart).Seconds())
+	}
+	if c.aborted && errors.As(c.err, new(transport.StreamIdleError)) {
+		h.m.streamIdleCuts.WithLabelValues(c.upstream).Inc()
 	}
 }

@@ -221,6 +221,7 @@ func NewTransport(cfg *config.Config) *transport.Transport {
 		DialTimeout:           t.Dial,
 		TLSHandshakeTimeout:   t.TLSHandshake,
 		ResponseHeaderTimeout: t.ResponseHeader,
+		StreamIdleTimeout:     t.StreamIdle,
 		IdleTimeout:           t.UpstreamIdle,
 		Spares:                cfg.SpareConnections,
 		Proxy:                 transport.ProxyFromEnvironment,

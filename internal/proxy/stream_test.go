@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -16,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/valyala/fasthttp"
 
 	"github.com/tokenproxy/tokenproxy/internal/config"
@@ -283,6 +285,39 @@ func TestStreamCutByTheUpstream(t *testing.T) {
 	}
 	if line := logLine(t, g, "stream-cut"); line["aborted"] != true || line["error"] == nil {
 		t.Errorf("access log %v: want aborted with the upstream's error", line)
+	}
+}
+
+func TestStreamCutWhenTheUpstreamGoesQuiet(t *testing.T) {
+	// The upstream sends an event and then nothing, its connection open: past
+	// timeouts.stream_idle the caller's stream is cut, and the cut is logged and counted.
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: {\"n\":1}\n\n")
+		w.(http.Flusher).Flush()
+		<-r.Context().Done()
+	}))
+	defer up.Close()
+	g := newGateway(t, func(c *config.Config) {
+		c.Upstreams["eastca"].URL = up.URL
+		c.Timeouts.StreamIdle = 100 * time.Millisecond
+	})
+	head, body := rawCall(t, g, streamRequest("HTTP/1.1", "stream-quiet"))
+	if !strings.HasPrefix(head, "HTTP/1.1 200") {
+		t.Fatalf("got %q", head)
+	}
+	events, err := io.ReadAll(httputil.NewChunkedReader(strings.NewReader(body)))
+	if err == nil || !strings.Contains(string(events), `{"n":1}`) {
+		t.Errorf("got %q, %v; want the first event and then a body cut short (no last chunk)", events, err)
+	}
+	if line := logLine(t, g, "stream-quiet"); line["aborted"] != true || !strings.Contains(fmt.Sprint(line["error"]), "timeouts.stream_idle") {
+		t.Errorf("access log %v: want aborted, with an error naming timeouts.stream_idle", line)
+	}
+	want := "# HELP tokenproxy_stream_idle_cuts_total Streamed answers cut because the upstream sent nothing of them for timeouts.stream_idle, by upstream.\n" +
+		"# TYPE tokenproxy_stream_idle_cuts_total counter\n" +
+		"tokenproxy_stream_idle_cuts_total{upstream=\"eastca\"} 1\n"
+	if err := testutil.GatherAndCompare(g.reg, strings.NewReader(want), "tokenproxy_stream_idle_cuts_total"); err != nil {
+		t.Error(err)
 	}
 }
 

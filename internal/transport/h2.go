@@ -256,7 +256,7 @@ func (c *h2Conn) roundTrip(ctx context.Context, req message, authorization strin
 		end()
 		return nil, nil
 	}
-	if timer != nil && !timer.Stop() { // a stream is not bounded: its events may come minutes apart
+	if timer != nil && !timer.Stop() { // a stream's events may come minutes apart: StreamIdleTimeout bounds it
 		return fail(TimeoutError{})
 	}
 	resp.Header.SetContentLength(max(int(cl), -1)) // unknown: relayed in chunks

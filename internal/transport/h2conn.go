@@ -660,7 +660,7 @@ func (s *h2Stream) Interrupt() {
 }
 
 // timeout fails what waits on the stream's head, or its body read whole: the response-header
-// timeout passed.
+// timeout passed. For a body relayed as it comes, the stream's idle watch cut it.
 func (s *h2Stream) timeout() {
 	s.c.mu.Lock()
 	s.late = true
@@ -714,6 +714,10 @@ func (s *h2Stream) Read(p []byte) (int, error) {
 				err = io.EOF
 			}
 			return 0, err
+		}
+		if s.late { // the stream's idle watch cut it (Stream.lookIdle)
+			c.mu.Unlock()
+			return 0, TimeoutError{}
 		}
 		c.mu.Unlock()
 		<-s.wake

@@ -50,8 +50,12 @@ type Options struct {
 	// ResponseHeaderTimeout bounds the wait for response headers after the request is written,
 	// and for a body read whole (of known length, up to the buffer limit, not an event stream),
 	// the wait for the body too, to within an eighth more (see conn.do); a body relayed as it
-	// comes is not bounded. If zero, there is none.
+	// comes is bounded by StreamIdleTimeout instead. If zero, there is none.
 	ResponseHeaderTimeout time.Duration
+	// StreamIdleTimeout cuts a body relayed as it comes (a Stream) when nothing of it arrives
+	// for this long, to within a quarter more (see Stream.watchIdle): its Read then fails with
+	// StreamIdleError. If zero, there is none.
+	StreamIdleTimeout time.Duration
 	// IdleTimeout closes pooled connections idle for longer. If zero, 90s.
 	IdleTimeout time.Duration
 	// MaxIdlePerHost caps pooled idle connections per origin. If zero, 256.
@@ -280,6 +284,14 @@ func (t *Transport) Send(ctx context.Context, now time.Time, origin Origin, req 
 }
 
 func (t *Transport) send(ctx context.Context, start time.Time, origin Origin, req message, authorization string, resp *fasthttp.Response) (*Stream, error) {
+	s, err := t.sendOnce(ctx, start, origin, req, authorization, resp)
+	if s != nil && t.opts.StreamIdleTimeout > 0 {
+		s.watchIdle(t.opts.StreamIdleTimeout)
+	}
+	return s, err
+}
+
+func (t *Transport) sendOnce(ctx context.Context, start time.Time, origin Origin, req message, authorization string, resp *fasthttp.Response) (*Stream, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err // nobody waits for the answer: the upstream is not asked
 	}
@@ -848,7 +860,7 @@ func (c *conn) do(ctx context.Context, now time.Time, req message, authorization
 		}
 		return nil, c.finish(stop, reusable, now)
 	}
-	// A stream is not bounded: its events may come minutes apart.
+	// A stream's events may come minutes apart: StreamIdleTimeout bounds it, not this deadline.
 	if headerTimeout > 0 {
 		c.nc.SetReadDeadline(time.Time{})
 		c.deadline = time.Time{}
@@ -939,6 +951,71 @@ type Stream struct {
 	reusable bool
 	mu       sync.Mutex
 	done     bool
+
+	// progress counts the reads that brought data, for the idle watch (watchIdle), which
+	// sets idleCut when it cuts the stream; idle is the watch's own state, under mu.
+	progress atomic.Uint32
+	idleCut  atomic.Bool
+	idle     *idleWatch
+}
+
+// StreamIdleError is returned by a Stream's Read when nothing of the body arrived for
+// Options.StreamIdleTimeout. It is a net.Error whose Timeout is true.
+type StreamIdleError struct{ After time.Duration }
+
+func (e StreamIdleError) Error() string {
+	return "the upstream sent nothing of the body for " + e.After.String() + " (timeouts.stream_idle)"
+}
+func (StreamIdleError) Timeout() bool   { return true }
+func (StreamIdleError) Temporary() bool { return true }
+
+// idleWatch is a stream's idle watch: a timer that looks at the stream's progress every
+// quarter of the timeout, and cuts the stream when four looks in a row found none. A stream
+// whose last data came at t is cut between t+timeout and t+timeout+timeout/4, and a stream
+// that goes on costs an atomic add a read and a timer a quarter of the timeout: no clock
+// reading, no deadline moved.
+type idleWatch struct {
+	timeout time.Duration
+	timer   *time.Timer
+	seen    uint32 // progress at the last look
+	quiet   int    // looks in a row that found no progress
+}
+
+const idleLooks = 4
+
+// watchIdle starts the stream's idle watch.
+func (s *Stream) watchIdle(timeout time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done || s.idle != nil {
+		return
+	}
+	s.idle = &idleWatch{timeout: timeout}
+	s.idle.timer = time.AfterFunc(timeout/idleLooks, s.lookIdle)
+}
+
+// lookIdle is the idle watch's look at the stream (on the timer's goroutine).
+func (s *Stream) lookIdle() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done {
+		return
+	}
+	w := s.idle
+	if p := s.progress.Load(); p != w.seen {
+		w.seen, w.quiet = p, 0
+	} else if w.quiet++; w.quiet >= idleLooks {
+		// The stream still holds its connection (not done, under mu): the read blocked on it
+		// fails, and the stream ends, cut, never to give the connection back to the pool.
+		s.idleCut.Store(true)
+		if s.h2 != nil {
+			s.h2.timeout()
+		} else {
+			s.c.nc.SetReadDeadline(aLongTimeAgo)
+		}
+		return
+	}
+	w.timer.Reset(w.timeout / idleLooks)
 }
 
 // Read reads the body. After the context is cancelled it returns the context's error; if the
@@ -951,6 +1028,9 @@ func (s *Stream) Read(p []byte) (int, error) {
 	} else {
 		n, err = s.body.Read(p)
 	}
+	if n > 0 {
+		s.progress.Add(1)
+	}
 	if err == nil {
 		return n, nil
 	}
@@ -959,8 +1039,11 @@ func (s *Stream) Read(p []byte) (int, error) {
 		return n, io.EOF
 	}
 	s.finish(false)
-	if s.ctx.Err() != nil {
+	switch {
+	case s.ctx.Err() != nil:
 		return n, s.ctx.Err()
+	case s.idleCut.Load():
+		return n, StreamIdleError{s.idle.timeout}
 	}
 	return n, err
 }
@@ -994,6 +1077,9 @@ func (s *Stream) finish(eof bool) {
 		return
 	}
 	s.done = true
+	if s.idle != nil {
+		s.idle.timer.Stop()
+	}
 	if s.h2 != nil {
 		s.h2.close()
 		return
@@ -1001,7 +1087,7 @@ func (s *Stream) finish(eof bool) {
 	stopped := s.stop.release()
 	clean := s.br.Buffered() == 0 && len(s.rest.buf) == 0
 	s.releaseReader()
-	if eof && stopped && s.reusable && clean {
+	if eof && stopped && s.reusable && clean && !s.idleCut.Load() {
 		s.c.p.put(s.c, time.Now())
 		return
 	}

@@ -988,3 +988,77 @@ func TestBytesAfterAStreamAreNotReused(t *testing.T) {
 		t.Errorf("got %d connections, want 2: a connection with bytes after the body must not be reused", n)
 	}
 }
+
+// TestStreamIdleTimeout: a body relayed as it comes is cut once nothing of it has arrived for
+// StreamIdleTimeout, over HTTP/1.1 and over HTTP/2, and not before: gaps shorter than the
+// timeout, in a stream that lasts longer than it, go on. A connection so cut is not reused, and
+// an HTTP/2 stream so cut is reset. (The upstream's pacing is the behaviour under test.)
+func TestStreamIdleTimeout(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	const events = 4
+	handler := func(ended chan<- struct{}) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			for i := range events {
+				if i > 0 {
+					<-time.After(timeout / 2)
+				}
+				fmt.Fprintf(w, "data: %d\n\n", i)
+				w.(http.Flusher).Flush()
+			}
+			<-r.Context().Done() // stalls until the gateway gives up on it
+			ended <- struct{}{}
+		}
+	}
+	read := func(t *testing.T, r result, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make(chan error, 1)
+		var body []byte
+		go func() {
+			var err error
+			body, err = io.ReadAll(r.stream)
+			got <- err
+		}()
+		select {
+		case err := <-got:
+			var ie StreamIdleError
+			if !errors.As(err, &ie) || ie.After != timeout || !isTimeout(err) {
+				t.Fatalf("a stalled stream ended with %v, want StreamIdleError", err)
+			}
+			if want := "data: 0\n\ndata: 1\n\ndata: 2\n\ndata: 3\n\n"; string(body) != want {
+				t.Fatalf("got %q before the cut, want %q", body, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("a stalled stream is not cut")
+		}
+	}
+	t.Run("http1", func(t *testing.T) {
+		ended := make(chan struct{}, 1)
+		srv, conns := countingServer(t, handler(ended))
+		tr := newTransport(t, Options{StreamIdleTimeout: timeout})
+		r, err := post(t, tr, t.Context(), srv.URL, "x")
+		read(t, r, err)
+		srv.CloseClientConnections()
+		<-ended
+		r, err = post(t, tr, t.Context(), srv.URL, "x")
+		read(t, r, err)
+		if n := conns.Load(); n != 2 {
+			t.Errorf("%d connections, want 2: a connection cut is not reused", n)
+		}
+	})
+	t.Run("http2", func(t *testing.T) {
+		ended := make(chan struct{}, 1)
+		srv, roots, _ := h2Server(t, false, handler(ended))
+		tr := newTransport(t, Options{StreamIdleTimeout: timeout})
+		r, err := h2Do(t, tr, t.Context(), srv, roots, "POST", "/", "x")
+		read(t, r, err)
+		select {
+		case <-ended: // the stream was reset: the server's handler saw its request end
+		case <-time.After(10 * time.Second):
+			t.Fatal("the upstream's stream is not reset")
+		}
+	})
+}
