@@ -610,6 +610,12 @@ func TestMayBeSecret(t *testing.T) {
 		"https://Contoso-AOAI-01.openai.azure.com", "https://cognitiveservices.azure.com/.default",
 		"api://0f4c2b6e-1d3a-4e5f-8a9b-0c1d2e3f4a5b/.default", "127.0.0.1:8080",
 		"Kp4wR9tZ2mQ7vX1", // 15: too short to tell
+		// Model and deployment names, which deployments are named after.
+		"DeepSeek-R1-0528", "DeepSeek-R1-Distill-Llama-70B", "Phi-3.5-MoE-instruct",
+		"Phi-3-medium-128k-instruct", "Meta-Llama-3.1-405B-Instruct",
+		"Llama-4-Maverick-17B-128E-Instruct-FP8", "Mistral-Large-2411", "Qwen3-235B-A22B",
+		"Cohere-command-r-plus-08-2024", "AI21-Jamba-1.5-Large", "MAI-DS-R1", "gpt-oss-120b",
+		"gpt-4o-realtime-preview", "FinanceBot-Prod-EU2", "svc-InvoiceAutomation-01",
 	} {
 		if mayBeSecret(s) {
 			t.Errorf("mayBeSecret(%q) = true", s)

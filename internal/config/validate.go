@@ -497,8 +497,9 @@ const minSecretRun = 16
 // (whose fourth to sixth characters are a digit, "Q" and "~"), or a random string such as a
 // storage key or a generated password: a run of minSecretRun or more letters, digits and
 // + / = _ ~ - that mixes capitals, small letters and digits, switching between them at least
-// once every three characters. A name such as "ContosoFinanceApp2024Prod" switches too seldom; the
-// GUIDs, domains, scopes and URLs a configuration holds have no such run.
+// once every three characters, not counting a switch across one of those separators. Names such
+// as "ContosoFinanceApp2024Prod" or "DeepSeek-R1-Distill" switch too seldom; the GUIDs, domains,
+// scopes and URLs a configuration holds have no such run.
 func mayBeSecret(s string) bool {
 	if strings.Contains(s, GeneratedKeyPrefix) || strings.Contains(s, "eyJ") || strings.Contains(s, "Q~") {
 		return true
@@ -531,8 +532,8 @@ func mayBeSecret(s string) bool {
 				switches++
 			}
 			classes |= class
-			last = class
 		}
+		last = class // a switch across a separator is a new word's, not randomness
 	}
 	return false
 }
