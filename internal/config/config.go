@@ -107,8 +107,9 @@ type Timeouts struct {
 	// read whole: of known length, up to 1 MiB, not an event stream), up to an eighth of itself
 	// longer; past it the caller gets 504.
 	ResponseHeader time.Duration `yaml:"response_header"`
-	// StreamIdle cuts a body relayed as it comes when the upstream sends nothing of it for
-	// this long, up to a quarter of itself longer: the caller's answer ends short.
+	// StreamIdle cuts a body relayed as it comes when the gateway has waited this long for the
+	// upstream's next bytes of it, up to a quarter of itself longer (time spent writing to a
+	// slow caller does not count): the caller's answer ends short.
 	StreamIdle time.Duration `yaml:"stream_idle"`
 	// UpstreamIdle closes idle pooled connections to upstreams.
 	UpstreamIdle time.Duration `yaml:"upstream_idle"`

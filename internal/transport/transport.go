@@ -952,9 +952,11 @@ type Stream struct {
 	mu       sync.Mutex
 	done     bool
 
-	// progress counts the reads that brought data, for the idle watch (watchIdle), which
-	// sets idleCut when it cuts the stream; idle is the watch's own state, under mu.
+	// progress counts the reads that brought data, and reading is set while a read waits, for
+	// the idle watch (watchIdle), which sets idleCut when it cuts the stream; idle is the
+	// watch's own state, under mu.
 	progress atomic.Uint32
+	reading  atomic.Bool
 	idleCut  atomic.Bool
 	idle     *idleWatch
 }
@@ -970,10 +972,11 @@ func (StreamIdleError) Timeout() bool   { return true }
 func (StreamIdleError) Temporary() bool { return true }
 
 // idleWatch is a stream's idle watch: a timer that looks at the stream's progress every
-// quarter of the timeout, and cuts the stream when four looks in a row found none. A stream
-// whose last data came at t is cut between t+timeout and t+timeout+timeout/4, and a stream
-// that goes on costs an atomic add a read and a timer a quarter of the timeout: no clock
-// reading, no deadline moved.
+// quarter of the timeout, and cuts the stream when four looks in a row found none while a read
+// waited. A stream whose last data came at t is cut between t+timeout and t+timeout+timeout/4,
+// and a stream that goes on costs three atomic operations a read and a timer a quarter of the
+// timeout: no clock reading, no deadline moved. Time the reader spends elsewhere (writing what
+// it read to a slow caller) does not count: it is not the upstream's silence.
 type idleWatch struct {
 	timeout time.Duration
 	timer   *time.Timer
@@ -1002,7 +1005,7 @@ func (s *Stream) lookIdle() {
 		return
 	}
 	w := s.idle
-	if p := s.progress.Load(); p != w.seen {
+	if p := s.progress.Load(); p != w.seen || !s.reading.Load() {
 		w.seen, w.quiet = p, 0
 	} else if w.quiet++; w.quiet >= idleLooks {
 		// The stream still holds its connection (not done, under mu): the read blocked on it
@@ -1023,11 +1026,13 @@ func (s *Stream) lookIdle() {
 func (s *Stream) Read(p []byte) (int, error) {
 	var n int
 	var err error
+	s.reading.Store(true)
 	if s.h2 != nil {
 		n, err = s.h2.Read(p)
 	} else {
 		n, err = s.body.Read(p)
 	}
+	s.reading.Store(false)
 	if n > 0 {
 		s.progress.Add(1)
 	}

@@ -1049,6 +1049,29 @@ func TestStreamIdleTimeout(t *testing.T) {
 			t.Errorf("%d connections, want 2: a connection cut is not reused", n)
 		}
 	})
+	t.Run("a reader away is no silence", func(t *testing.T) {
+		// The reader is away (writing to a slow caller, say) for longer than the timeout,
+		// while the whole body waits for it: the stream is not cut.
+		headed, sent := make(chan struct{}), make(chan struct{})
+		srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			w.(http.Flusher).Flush()
+			<-headed // the event comes after the head, into the socket, not with it
+			io.WriteString(w, "data: 0\n\n")
+			close(sent)
+		})
+		tr := newTransport(t, Options{StreamIdleTimeout: timeout})
+		r, err := post(t, tr, t.Context(), srv.URL, "x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		close(headed)
+		<-sent
+		<-time.After(2 * timeout) // away past the timeout (the wait is the behaviour under test)
+		if body := r.body(t); body != "data: 0\n\n" {
+			t.Fatalf("got %q", body)
+		}
+	})
 	t.Run("http2", func(t *testing.T) {
 		ended := make(chan struct{}, 1)
 		srv, roots, _ := h2Server(t, false, handler(ended))
