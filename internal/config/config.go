@@ -89,8 +89,8 @@ type Config struct {
 // streams are never cut for lasting; ResponseHeader bounds the wait for the upstream's response
 // headers, which for reasoning models can take minutes, and for the rest of a body read whole.
 // A body relayed as it comes (an event stream, or any body of unknown length or over 1 MiB) is
-// cut only when the upstream sends nothing of it for StreamIdle; otherwise it ends with the
-// upstream's end of it, or when the caller goes away or the gateway shuts down.
+// cut only when nothing of it moves for StreamIdle; otherwise it ends with the upstream's end
+// of it, or when the caller goes away or the gateway shuts down.
 type Timeouts struct {
 	// ReadHeader bounds reading a caller's request line and headers (slowloris protection), with
 	// the first 8 KiB of the body the server reads along; a new connection's first byte is also
@@ -107,9 +107,9 @@ type Timeouts struct {
 	// read whole: of known length, up to 1 MiB, not an event stream), up to an eighth of itself
 	// longer; past it the caller gets 504.
 	ResponseHeader time.Duration `yaml:"response_header"`
-	// StreamIdle cuts a body relayed as it comes when the gateway has waited this long for the
-	// upstream's next bytes of it, up to a quarter of itself longer (time spent writing to a
-	// slow caller does not count): the caller's answer ends short.
+	// StreamIdle cuts a body relayed as it comes when nothing of it moves for this long, up to
+	// a quarter of itself longer: when the gateway has waited that long for the upstream's next
+	// bytes, or for the caller to take any of what it writes. The caller's answer ends short.
 	StreamIdle time.Duration `yaml:"stream_idle"`
 	// UpstreamIdle closes idle pooled connections to upstreams.
 	UpstreamIdle time.Duration `yaml:"upstream_idle"`

@@ -135,8 +135,8 @@ func newMetrics(passthrough bool, configured map[string]bool, reg *backend.Regis
 		streamIdleCuts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "tokenproxy",
 			Name:      "stream_idle_cuts_total",
-			Help:      "Streamed answers cut because the upstream sent nothing of them for timeouts.stream_idle, by upstream.",
-		}, []string{"upstream"}),
+			Help:      "Streamed answers cut because nothing of them moved for timeouts.stream_idle, by upstream and by the side that stalled: upstream (sent nothing) or caller (took nothing).",
+		}, []string{"upstream", "side"}),
 		backends: &backendCollector{reg: reg,
 			state: prometheus.NewDesc("tokenproxy_backend_state",
 				"1 for the backend's current state (healthy, cooldown, open, half_open), else 0.", []string{"backend", "state"}, nil),
@@ -323,7 +323,12 @@ func (h *Handler) observe(c *call, status int, end time.Time) {
 	if c.upstream != "" && !c.headerAt.IsZero() && !c.proxyStart.IsZero() {
 		h.m.latencyFor(c.upstream).Observe(c.headerAt.Sub(c.proxyStart).Seconds())
 	}
-	if c.aborted && errors.As(c.err, new(transport.StreamIdleError)) {
-		h.m.streamIdleCuts.WithLabelValues(c.upstream).Inc()
+	if c.aborted {
+		switch {
+		case errors.As(c.err, new(transport.StreamIdleError)):
+			h.m.streamIdleCuts.WithLabelValues(c.upstream, "upstream").Inc()
+		case c.err == errCallerStalled:
+			h.m.streamIdleCuts.WithLabelValues(c.upstream, "caller").Inc()
+		}
 	}
 }

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"net"
 	"strconv"
@@ -19,6 +20,11 @@ import (
 // upstream connection is released or, if the stream was cut, closed.
 func (h *Handler) stream(c *call, s *transport.Stream) {
 	c.streaming = true
+	if conn := c.fc.Conn(); conn != nil {
+		// A caller that takes none of the stream for timeouts.stream_idle has the write that
+		// waits on it fail (errCallerStalled): it holds the upstream's connection meanwhile.
+		s.OnStalledReader(func() { conn.SetWriteDeadline(aLongTimeAgo) })
+	}
 	resp := &c.fc.Response
 	n, events := resp.Header.ContentLength(), bytes.HasPrefix(resp.Header.ContentType(), []byte("text/event-stream"))
 	body := &streamBody{h: h, c: c, s: s}
@@ -217,12 +223,26 @@ func (r *relay) lend(b *[]byte) {
 // caller stopped, if it did.
 func (r *relay) end(werr error) {
 	r.s.Close()
+	werr = stalled(r.s, werr)
 	if !r.eof || werr != nil {
 		r.c.aborted = true
 		if r.c.err == nil && werr != nil {
 			r.c.err = werr
 		}
 	}
+}
+
+// errCallerStalled is why a stream was cut when its caller took none of it for
+// timeouts.stream_idle (transport.Stream.OnStalledReader).
+var errCallerStalled = errors.New("the caller took none of the stream for timeouts.stream_idle")
+
+// stalled is werr, the error writing to the caller failed with, or errCallerStalled if that
+// was the stream's idle watch making it fail.
+func stalled(s *transport.Stream, werr error) error {
+	if werr != nil && s.ReaderStalled() {
+		return errCallerStalled
+	}
+	return werr
 }
 
 // streamBody is the response body of a streamed call that fasthttp writes: one of known length,
@@ -253,6 +273,7 @@ func (b *streamBody) Close() error { return nil }
 func (b *streamBody) CloseWithError(err error) error {
 	b.once.Do(func() {
 		b.s.Close()
+		err = stalled(b.s, err)
 		if !b.eof {
 			b.c.aborted = true
 			if b.c.err == nil && err != nil {

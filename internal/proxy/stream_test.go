@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -313,9 +314,56 @@ func TestStreamCutWhenTheUpstreamGoesQuiet(t *testing.T) {
 	if line := logLine(t, g, "stream-quiet"); line["aborted"] != true || !strings.Contains(fmt.Sprint(line["error"]), "timeouts.stream_idle") {
 		t.Errorf("access log %v: want aborted, with an error naming timeouts.stream_idle", line)
 	}
-	want := "# HELP tokenproxy_stream_idle_cuts_total Streamed answers cut because the upstream sent nothing of them for timeouts.stream_idle, by upstream.\n" +
-		"# TYPE tokenproxy_stream_idle_cuts_total counter\n" +
-		"tokenproxy_stream_idle_cuts_total{upstream=\"eastca\"} 1\n"
+	want := idleCutsHelp + "tokenproxy_stream_idle_cuts_total{side=\"upstream\",upstream=\"eastca\"} 1\n"
+	if err := testutil.GatherAndCompare(g.reg, strings.NewReader(want), "tokenproxy_stream_idle_cuts_total"); err != nil {
+		t.Error(err)
+	}
+}
+
+const idleCutsHelp = "# HELP tokenproxy_stream_idle_cuts_total Streamed answers cut because nothing of them moved for timeouts.stream_idle, by upstream and by the side that stalled: upstream (sent nothing) or caller (took nothing).\n" +
+	"# TYPE tokenproxy_stream_idle_cuts_total counter\n"
+
+func TestStreamCutWhenTheCallerTakesNothing(t *testing.T) {
+	// The caller asks for a stream and reads none of it, while the upstream sends without end:
+	// once the caller's socket is full, past timeouts.stream_idle the stream is cut, and its
+	// upstream connection let go; the cut is logged and counted as the caller's.
+	letGo := make(chan struct{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		event := []byte("data: " + strings.Repeat("x", 64<<10) + "\n\n")
+		for {
+			if _, err := w.Write(event); err != nil {
+				close(letGo) // the gateway let go of the stream: its relay has ended it
+				return
+			}
+		}
+	}))
+	defer up.Close()
+	g := newGateway(t, func(c *config.Config) {
+		c.Upstreams["eastca"].URL = up.URL
+		c.Timeouts.StreamIdle = 200 * time.Millisecond
+	})
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+	}}
+	conn, err := d.Dial("tcp", strings.TrimPrefix(g.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, streamRequest("HTTP/1.1", "stream-untaken")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-letGo:
+	case <-time.After(30 * time.Second): // a bound, not a wait
+		t.Fatal("the stream of a caller that takes nothing is not cut")
+	}
+	<-g.handler.streams.drained() // the call is logged before its stream is done
+	if line := logLine(t, g, "stream-untaken"); line["aborted"] != true || line["error"] != errCallerStalled.Error() {
+		t.Errorf("access log %v: want aborted, with %q", line, errCallerStalled)
+	}
+	want := idleCutsHelp + "tokenproxy_stream_idle_cuts_total{side=\"caller\",upstream=\"eastca\"} 1\n"
 	if err := testutil.GatherAndCompare(g.reg, strings.NewReader(want), "tokenproxy_stream_idle_cuts_total"); err != nil {
 		t.Error(err)
 	}

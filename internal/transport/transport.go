@@ -53,8 +53,9 @@ type Options struct {
 	// comes is bounded by StreamIdleTimeout instead. If zero, there is none.
 	ResponseHeaderTimeout time.Duration
 	// StreamIdleTimeout cuts a body relayed as it comes (a Stream) when nothing of it arrives
-	// for this long, to within a quarter more (see Stream.watchIdle): its Read then fails with
-	// StreamIdleError. If zero, there is none.
+	// for this long while a read waits, to within a quarter more (see Stream.watchIdle): its
+	// Read then fails with StreamIdleError. A reader away from the stream for as long (stuck
+	// writing what it read) is reported to Stream.OnStalledReader's function. If zero, neither.
 	StreamIdleTimeout time.Duration
 	// IdleTimeout closes pooled connections idle for longer. If zero, 90s.
 	IdleTimeout time.Duration
@@ -953,12 +954,13 @@ type Stream struct {
 	done     bool
 
 	// progress counts the reads that brought data, and reading is set while a read waits, for
-	// the idle watch (watchIdle), which sets idleCut when it cuts the stream; idle is the
-	// watch's own state, under mu.
-	progress atomic.Uint32
-	reading  atomic.Bool
-	idleCut  atomic.Bool
-	idle     *idleWatch
+	// the idle watch (watchIdle), which sets idleCut when it cuts the stream, or readerStalled
+	// when it reports the reader stuck elsewhere; idle is the watch's own state, under mu.
+	progress      atomic.Uint32
+	reading       atomic.Bool
+	idleCut       atomic.Bool
+	readerStalled atomic.Bool
+	idle          *idleWatch
 }
 
 // StreamIdleError is returned by a Stream's Read when nothing of the body arrived for
@@ -972,16 +974,19 @@ func (StreamIdleError) Timeout() bool   { return true }
 func (StreamIdleError) Temporary() bool { return true }
 
 // idleWatch is a stream's idle watch: a timer that looks at the stream's progress every
-// quarter of the timeout, and cuts the stream when four looks in a row found none while a read
-// waited. A stream whose last data came at t is cut between t+timeout and t+timeout+timeout/4,
-// and a stream that goes on costs three atomic operations a read and a timer a quarter of the
-// timeout: no clock reading, no deadline moved. Time the reader spends elsewhere (writing what
-// it read to a slow caller) does not count: it is not the upstream's silence.
+// quarter of the timeout. When four looks in a row found none while a read waited, the
+// upstream has gone quiet, and the stream is cut. When four found none and no read waiting,
+// the reader is stuck elsewhere (writing what it read to a caller that takes nothing), which is
+// not the upstream's silence: that is reported to stalled, if set. Either comes between the
+// timeout and a quarter more after the last data. A stream that goes on costs three atomic
+// operations a read and a timer a quarter of the timeout: no clock reading, no deadline moved.
 type idleWatch struct {
 	timeout time.Duration
 	timer   *time.Timer
 	seen    uint32 // progress at the last look
-	quiet   int    // looks in a row that found no progress
+	quiet   int    // looks in a row that found no progress and a read waiting
+	away    int    // looks in a row that found no progress and no read waiting
+	stalled func()
 }
 
 const idleLooks = 4
@@ -1005,21 +1010,47 @@ func (s *Stream) lookIdle() {
 		return
 	}
 	w := s.idle
-	if p := s.progress.Load(); p != w.seen || !s.reading.Load() {
-		w.seen, w.quiet = p, 0
-	} else if w.quiet++; w.quiet >= idleLooks {
-		// The stream still holds its connection (not done, under mu): the read blocked on it
-		// fails, and the stream ends, cut, never to give the connection back to the pool.
-		s.idleCut.Store(true)
-		if s.h2 != nil {
-			s.h2.timeout()
-		} else {
-			s.c.nc.SetReadDeadline(aLongTimeAgo)
+	switch p := s.progress.Load(); {
+	case p != w.seen:
+		w.seen, w.quiet, w.away = p, 0, 0
+	case s.reading.Load():
+		w.away = 0
+		if w.quiet++; w.quiet >= idleLooks {
+			// The stream still holds its connection (not done, under mu): the read blocked
+			// on it fails, and the stream ends, cut, never to give the connection back.
+			s.idleCut.Store(true)
+			if s.h2 != nil {
+				s.h2.timeout()
+			} else {
+				s.c.nc.SetReadDeadline(aLongTimeAgo)
+			}
+			return
 		}
-		return
+	default:
+		w.quiet = 0
+		if w.away++; w.away >= idleLooks && w.stalled != nil {
+			s.readerStalled.Store(true)
+			w.stalled()
+			return
+		}
 	}
 	w.timer.Reset(w.timeout / idleLooks)
 }
+
+// OnStalledReader sets what the idle watch calls, once, from a goroutine of its own, if the
+// stream's reader is away from it for the idle timeout with nothing read: stuck, most likely,
+// writing what it read to someone who takes nothing. f should make that write fail. Nothing
+// is called once the stream is done, nor if there is no idle timeout.
+func (s *Stream) OnStalledReader(f func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.idle != nil {
+		s.idle.stalled = f
+	}
+}
+
+// ReaderStalled reports whether the idle watch found the reader stalled (OnStalledReader).
+func (s *Stream) ReaderStalled() bool { return s.readerStalled.Load() }
 
 // Read reads the body. After the context is cancelled it returns the context's error; if the
 // server hangs up before a framed body's end, it returns io.ErrUnexpectedEOF.

@@ -1051,7 +1051,8 @@ func TestStreamIdleTimeout(t *testing.T) {
 	})
 	t.Run("a reader away is no silence", func(t *testing.T) {
 		// The reader is away (writing to a slow caller, say) for longer than the timeout,
-		// while the whole body waits for it: the stream is not cut.
+		// while the whole body waits for it: the stream is not cut, and the reader is
+		// reported stalled.
 		headed, sent := make(chan struct{}), make(chan struct{})
 		srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "text/event-stream")
@@ -1065,9 +1066,19 @@ func TestStreamIdleTimeout(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		stalled := make(chan struct{})
+		r.stream.OnStalledReader(func() { close(stalled) })
 		close(headed)
 		<-sent
 		<-time.After(2 * timeout) // away past the timeout (the wait is the behaviour under test)
+		select {
+		case <-stalled:
+		case <-time.After(10 * time.Second):
+			t.Fatal("a reader away past the timeout is not reported stalled")
+		}
+		if !r.stream.ReaderStalled() {
+			t.Error("ReaderStalled is false once reported")
+		}
 		if body := r.body(t); body != "data: 0\n\n" {
 			t.Fatalf("got %q", body)
 		}
