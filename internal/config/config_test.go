@@ -573,6 +573,18 @@ upstreams:
 		"the client secret as a log level, its start a variable": "log_level: " + password + "\n" + `credentials:
   app: {type: client_secret, tenant_id: 00000000-0000-0000-0000-000000000000, client_id: "${START}", client_secret: ` + password + `}
 ` + rest + caller,
+		// A key named as a variable: the error about it quotes the name alone.
+		"a key as a variable's name": `credentials:
+  app: {type: client_secret, tenant_id: 00000000-0000-0000-0000-000000000000, client_id: c1, client_secret: "${` + key + `}"}
+` + rest + caller,
+		// Unquoted, a value starting with * is read as an alias, and YAML quotes its name.
+		"a password read as an alias": `credentials:
+  app: {type: client_secret, tenant_id: 00000000-0000-0000-0000-000000000000, client_id: c1, client_secret: *` + storageKey[:20] + `}
+` + rest + caller,
+		// The path is quoted as it is opened: after the directory, "//" made "/".
+		"a storage key as a relative file's path": `credentials:
+  app: {type: client_secret, tenant_id: 00000000-0000-0000-0000-000000000000, client_id: c1, client_secret_file: "` + storageKey[:20] + "//" + storageKey[20:] + `"}
+` + rest + caller,
 		"the client secret pasted as a log level too": "log_level: " + password + "\n" + `credentials:
   app: {type: client_secret, tenant_id: 00000000-0000-0000-0000-000000000000, client_id: c1, client_secret: ` + password + `}
 ` + rest + caller,
@@ -582,7 +594,7 @@ upstreams:
 			t.Errorf("%s: no error", name)
 			continue
 		}
-		for _, s := range []string{secret[:7], key[:7], storageKey[:7], token[:7], password[:7], password[len(password)-7:]} {
+		for _, s := range []string{secret[:7], key[:7], storageKey[:7], storageKey[20:27], token[:7], password[:7], password[len(password)-7:]} {
 			if strings.Contains(err.Error(), s) {
 				t.Errorf("%s: the error quotes a secret or key: %v", name, err)
 			}
@@ -619,6 +631,30 @@ func TestMayBeSecret(t *testing.T) {
 	} {
 		if mayBeSecret(s) {
 			t.Errorf("mayBeSecret(%q) = true", s)
+		}
+	}
+}
+
+func TestNamesAreRefusedOnlyForACredentialsMarks(t *testing.T) {
+	// Names chosen by hand may look random (capitals, digits, acronyms): only a credential's
+	// marks get one refused.
+	names := []string{"AzureOpenAI-EastUS2-Prod", "OpenAI-EastUS2-GPT4oMini", "MyOpenAI-WestUS3",
+		"TeamA-Bot2-EUS2-GPT4o", "SurveyJS-Backend", "MoneyJar-Prod", "AzureOpenAIEastUS2Prod"}
+	for _, n := range names {
+		if isCredential(n) {
+			t.Errorf("isCredential(%q) = true", n)
+		}
+	}
+	y := "credentials:\n  " + names[0] + ": {type: client_secret, tenant_id: 00000000-0000-0000-0000-000000000000, client_id: c1, client_secret: s}\n" +
+		"upstreams:\n  " + names[1] + ": {url: \"https://x.openai.azure.com\", credential: " + names[0] + "}\n" +
+		"deployments:\n  " + names[2] + ": {upstream: " + names[1] + "}\n" +
+		"callers:\n  - {name: " + names[3] + ", key_sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08, deployments: [\"*\"]}\n"
+	if _, err := Parse([]byte(y), t.TempDir(), nil); err != nil {
+		t.Fatalf("names chosen by hand are refused: %v", err)
+	}
+	for _, n := range []string{"tpk_q8Zr0mVh3kP1xY7nL2cB5wD9sF4gJ6tA0eU3iO8yR1", "abc8Q~dEfGhIjKlMnOpQrStUvWxYz0123456789", "eyJhbGciOiJSUzI1NiJ9"} {
+		if !isCredential(n) {
+			t.Errorf("isCredential(%q) = false", n)
 		}
 	}
 }

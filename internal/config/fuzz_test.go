@@ -23,6 +23,8 @@ func FuzzParse(f *testing.F) {
 		"deployments:\n  Kp4wR9tZ2mQ7vX1nKp4w: {upstream: Kp4wR9tZ2mQ7vX1nKp4w}\ncallers:\n  - {name: eyJhbGciOi, key_env: [eyJhbGciOi]}\n",
 		"credentials:\n  app: {type: client_secret, tenant_id: t, client_id: c, client_secret: correcthorsebattery}\nlog_level: correcthorsebattery\n",
 		"a: &x {b: 1}\nc: *x\n",
+		"credentials:\n  app: {certificate_password: *Gx7kP2mQ9vR4tZ8wL3nB}\n",
+		"credentials:\n  app: {client_secret: \"${tpk_q8Zr0mVh3kP1xY7nL2cB5wD9sF4gJ6tA0eU3iO8yR1}\"}\n",
 	} {
 		f.Add([]byte(s))
 	}
@@ -39,6 +41,15 @@ func FuzzParse(f *testing.F) {
 		}
 		var doc yaml.Node
 		if yaml.Unmarshal(data, &doc) != nil {
+			// Not a document: what YAML's error quotes of it (an alias's name, a value's
+			// start) must not be a secret-shaped word of it.
+			for _, w := range strings.FieldsFunc(string(data), func(r rune) bool {
+				return r <= ' ' || strings.ContainsRune("\"'`,:[]{}#&*!|>%@", r)
+			}) {
+				if len(w) >= minEchoedSecret && mayBeSecret(w) && strings.Contains(msg, w) {
+					t.Fatalf("the error quotes %q, which may be a secret: %s", w, msg)
+				}
+			}
 			return
 		}
 		for _, s := range mayBeSecrets(&doc) {

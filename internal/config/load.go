@@ -89,7 +89,13 @@ func parse(data []byte, dir string, getenv Getenv, hidden *[]string) (*Config, e
 		return nil, errors.New("parsing config: the file holds more than one YAML document (a line ---); put everything in one")
 	}
 	root := doc.Content[0]
-	*hidden = append(*hidden, mayBeSecrets(root)...)
+	for _, v := range mayBeSecrets(root) {
+		*hidden = append(*hidden, v)
+		// A path is quoted as it is opened: cleaned ("a//b" is "a/b"), after dir.
+		if c := filepath.Clean(v); c != v && mayBeSecret(c) {
+			*hidden = append(*hidden, c)
+		}
+	}
 
 	var errs []error
 	errs = append(errs, checkKeys(root, reflect.TypeOf(Config{}), "")...)
@@ -382,18 +388,20 @@ func withoutValues(err error, values []string) error {
 	return errors.New(msg)
 }
 
-// backquoted is what yaml.v3's errors quote of a value (its first characters, as in
-// "cannot unmarshal !!str `Xy8Q~ab...` into int").
-var backquoted = regexp.MustCompile("`[^`]*`")
+// yamlQuoted is what yaml.v3's errors quote of the document: the first characters of a value
+// in backquotes ("cannot unmarshal !!str `Xy8Q~ab...` into int"), an alias's name in single
+// quotes ("unknown anchor 'Xy8Q~abc' referenced", where a value starting with * was read as
+// an alias).
+var yamlQuoted = regexp.MustCompile("`[^`]*`|'[^']*'")
 
-// withoutQuotedValues is err without the values yaml.v3 quotes in it: the start of a secret put
-// where a number or a list belongs is a start of a secret all the same.
+// withoutQuotedValues is err without what yaml.v3 quotes in it of the document: the start of a
+// secret put where a number or a list belongs is a start of a secret all the same.
 func withoutQuotedValues(err error) error {
 	msg := err.Error()
-	if !strings.Contains(msg, "`") {
+	if !strings.ContainsAny(msg, "`'") {
 		return err
 	}
-	return errors.New(backquoted.ReplaceAllString(msg, "(a value, not shown)"))
+	return errors.New(yamlQuoted.ReplaceAllString(msg, "(a value, not shown)"))
 }
 
 // maxFileSize bounds what a file the configuration names may hold: a secret, a few keys, a few

@@ -185,7 +185,7 @@ func (c *Config) validateCallers(v *validator) {
 			v.add(p+".name", "is required")
 		case !validLabel(cl.Name):
 			v.add(p+".name", "%s may hold only letters, digits, '.', '-', '_' (at most 64)", shown(cl.Name))
-		case mayBeSecret(cl.Name):
+		case isCredential(cl.Name):
 			v.name(p+".name", cl.Name)
 		default:
 			if j, dup := names[cl.Name]; dup {
@@ -492,18 +492,46 @@ func shown(s string) string {
 // minSecretRun is the shortest run of a secret's characters mayBeSecret takes for one.
 const minSecretRun = 16
 
-// mayBeSecret reports whether s may hold a credential: one of the gateway's keys
-// (GeneratedKeyPrefix), a JWT or other base64-encoded JSON ("eyJ"), an Entra client secret
-// (whose fourth to sixth characters are a digit, "Q" and "~"), or a random string such as a
-// storage key or a generated password: a run of minSecretRun or more letters, digits and
-// + / = _ ~ - that mixes capitals, small letters and digits, switching between them at least
-// once every three characters, not counting a switch across one of those separators. Names such
-// as "ContosoFinanceApp2024Prod" or "DeepSeek-R1-Distill" switch too seldom; the GUIDs, domains,
-// scopes and URLs a configuration holds have no such run.
-func mayBeSecret(s string) bool {
-	if strings.Contains(s, GeneratedKeyPrefix) || strings.Contains(s, "eyJ") || strings.Contains(s, "Q~") {
+// mayBeSecret reports whether s may hold a credential: one with a credential's marks
+// (isCredential), or a random string such as a storage key or a generated password (isRandom).
+// Values are judged by it; names by isCredential alone (validator.name).
+func mayBeSecret(s string) bool { return isCredential(s) || isRandom(s) }
+
+// isCredential reports whether s holds one of the gateway's keys (GeneratedKeyPrefix), an
+// Entra client secret (whose fourth to sixth characters are a digit, "Q" and "~"), or a JWT or
+// other base64-encoded JSON ("eyJ" and at least minSecretRun more base64url characters): marks
+// that no name chosen by hand carries.
+func isCredential(s string) bool {
+	if strings.Contains(s, GeneratedKeyPrefix) || strings.Contains(s, "Q~") {
 		return true
 	}
+	for rest := s; ; {
+		i := strings.Index(rest, "eyJ")
+		if i < 0 {
+			return false
+		}
+		rest = rest[i+3:]
+		n := 0
+		for n < len(rest) && isBase64URL(rest[n]) {
+			n++
+		}
+		if n >= minSecretRun {
+			return true
+		}
+	}
+}
+
+func isBase64URL(c byte) bool {
+	return 'A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_'
+}
+
+// isRandom reports whether s holds a run of minSecretRun or more letters, digits and
+// + / = _ ~ - that mixes capitals, small letters and digits, switching between them at least
+// once every three characters, not counting a switch across one of those separators: what a
+// random string does. Most names do not ("ContosoFinanceApp2024Prod", "DeepSeek-R1-Distill"),
+// but some do ("AzureOpenAI-EastUS2-Prod"), which is why names are not judged by it; nor do
+// the GUIDs, domains, scopes and URLs a configuration holds.
+func isRandom(s string) bool {
 	run, switches, classes, last := 0, 0, 0, 0
 	for i := 0; i <= len(s); i++ {
 		class := -1
@@ -538,11 +566,39 @@ func mayBeSecret(s string) bool {
 	return false
 }
 
-// mayBeSecrets is every scalar below n, key or value, that may be a secret (mayBeSecret).
+// mayBeSecrets is what of the document below n its errors must not show: every scalar value
+// that may be a secret (mayBeSecret), every mapping key that may be a credential
+// (isCredential: keys are names, which errors show), and the names and defaults of ${VAR}
+// references that may be either, since an error about one quotes it alone.
 func mayBeSecrets(n *yaml.Node) []string {
 	var found []string
-	if n.Kind == yaml.ScalarNode && mayBeSecret(n.Value) {
-		found = append(found, n.Value)
+	if n.Kind == yaml.MappingNode {
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			// A random key that no name could be (it holds + / = or ~) is hidden too.
+			if k := n.Content[i]; k.Kind == yaml.ScalarNode && (isCredential(k.Value) || isRandom(k.Value) && strings.ContainsAny(k.Value, "+/=~")) {
+				found = append(found, k.Value)
+			}
+			found = append(found, mayBeSecrets(n.Content[i+1])...)
+		}
+		return found
+	}
+	if n.Kind == yaml.ScalarNode {
+		if mayBeSecret(n.Value) {
+			found = append(found, n.Value)
+		}
+		for rest := n.Value; ; {
+			_, ref, ok := strings.Cut(rest, "${")
+			if !ok {
+				break
+			}
+			ref, rest, _ = strings.Cut(ref, "}")
+			name, def, _ := strings.Cut(ref, ":-")
+			for _, part := range []string{name, def} {
+				if mayBeSecret(part) {
+					found = append(found, part)
+				}
+			}
+		}
 	}
 	for _, c := range n.Content {
 		found = append(found, mayBeSecrets(c)...)
@@ -556,10 +612,10 @@ func (v *validator) add(path, format string, args ...any) {
 	v.errs = append(v.errs, fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...)))
 }
 
-// name refuses a name that may be a secret (mayBeSecret): names are written in logs and in
-// metrics' labels.
+// name refuses a name that holds a credential (isCredential): names are written in logs and
+// in metrics' labels.
 func (v *validator) name(path, name string) {
-	if mayBeSecret(name) {
+	if isCredential(name) {
 		v.add(path, "the name (%d characters) looks like a key or a secret; names are written in logs and metrics, choose another", len(name))
 	}
 }
