@@ -274,7 +274,7 @@ func (b *streamBody) CloseWithError(err error) error {
 	b.once.Do(func() {
 		b.s.Close()
 		err = stalled(b.s, err)
-		if !b.eof {
+		if !b.eof || err != nil { // all read, but not all written: cut all the same
 			b.c.aborted = true
 			if b.c.err == nil && err != nil {
 				b.c.err = err

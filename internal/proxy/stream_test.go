@@ -369,6 +369,50 @@ func TestStreamCutWhenTheCallerTakesNothing(t *testing.T) {
 	}
 }
 
+func TestLargeBodyCutWhenTheCallerTakesNothing(t *testing.T) {
+	// The same for a large body of known length, which fasthttp's copy writes (not a relay).
+	letGo := make(chan struct{})
+	const size = 32 << 20 // more than the sockets on the way hold
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", strconv.Itoa(size))
+		chunk := []byte(strings.Repeat(" ", 64<<10))
+		for sent := 0; sent < size; sent += len(chunk) {
+			if _, err := w.Write(chunk); err != nil {
+				close(letGo)
+				return
+			}
+		}
+	}))
+	defer up.Close()
+	g := newGateway(t, func(c *config.Config) {
+		c.Upstreams["eastca"].URL = up.URL
+		c.Timeouts.StreamIdle = 200 * time.Millisecond
+	})
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+	}}
+	conn, err := d.Dial("tcp", strings.TrimPrefix(g.url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, streamRequest("HTTP/1.1", "body-untaken")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-letGo:
+	case <-time.After(30 * time.Second): // a bound, not a wait
+		t.Fatal("the body of a caller that takes nothing is not cut")
+	}
+	conn.SetReadDeadline(time.Now().Add(30 * time.Second)) // a bound, not a wait
+	// Until the gateway closes it, which it does once the call is logged.
+	io.Copy(io.Discard, conn)
+	if line := logLine(t, g, "body-untaken"); line["aborted"] != true || line["error"] != errCallerStalled.Error() {
+		t.Errorf("access log %v: want aborted, with %q", line, errCallerStalled)
+	}
+}
+
 func TestStreamNeverHandedOver(t *testing.T) {
 	// If the server closes a connection instead of handing it over for its stream (it failed
 	// first), the stream still ends: the upstream call is closed and the call logged, cut.

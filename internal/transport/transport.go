@@ -951,7 +951,8 @@ type Stream struct {
 	ctx      context.Context
 	reusable bool
 	mu       sync.Mutex
-	done     bool
+	done     bool // the body has ended, or the stream was cut or closed
+	closed   bool // Close was called
 
 	// progress counts the reads that brought data, and reading is set while a read waits, for
 	// the idle watch (watchIdle), which sets idleCut when it cuts the stream, or readerStalled
@@ -1002,18 +1003,20 @@ func (s *Stream) watchIdle(timeout time.Duration) {
 	s.idle.timer = time.AfterFunc(timeout/idleLooks, s.lookIdle)
 }
 
-// lookIdle is the idle watch's look at the stream (on the timer's goroutine).
+// lookIdle is the idle watch's look at the stream (on the timer's goroutine). Once the body
+// has ended, the reader may still be writing its last bytes on: until the stream is closed, the
+// watch looks for that write stalling, and for nothing else.
 func (s *Stream) lookIdle() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.done {
+	w := s.idle
+	if s.closed || s.done && w.stalled == nil {
 		return
 	}
-	w := s.idle
 	switch p := s.progress.Load(); {
 	case p != w.seen:
 		w.seen, w.quiet, w.away = p, 0, 0
-	case s.reading.Load():
+	case s.reading.Load() && !s.done:
 		w.away = 0
 		if w.quiet++; w.quiet >= idleLooks {
 			// The stream still holds its connection (not done, under mu): the read blocked
@@ -1039,13 +1042,16 @@ func (s *Stream) lookIdle() {
 
 // OnStalledReader sets what the idle watch calls, once, from a goroutine of its own, if the
 // stream's reader is away from it for the idle timeout with nothing read: stuck, most likely,
-// writing what it read to someone who takes nothing. f should make that write fail. Nothing
-// is called once the stream is done, nor if there is no idle timeout.
+// writing what it read to someone who takes nothing; that includes the last of it, after the
+// body's end, until the stream is closed. f should make that write fail. Nothing is called
+// once the stream is closed, nor if there is no idle timeout. The reader is counted away from
+// the call on.
 func (s *Stream) OnStalledReader(f func()) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.idle != nil {
 		s.idle.stalled = f
+		s.idle.away = 0 // the reader is counted away from here on
 	}
 }
 
@@ -1102,6 +1108,12 @@ func (s *Stream) Buffered() int {
 
 // Close ends the stream; a body not read to EOF takes its connection with it.
 func (s *Stream) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	if s.idle != nil {
+		s.idle.timer.Stop()
+	}
+	s.mu.Unlock()
 	s.finish(false)
 	return nil
 }
@@ -1113,7 +1125,7 @@ func (s *Stream) finish(eof bool) {
 		return
 	}
 	s.done = true
-	if s.idle != nil {
+	if s.idle != nil && !eof { // at the end, the watch goes on until Close (lookIdle)
 		s.idle.timer.Stop()
 	}
 	if s.h2 != nil {

@@ -1083,6 +1083,30 @@ func TestStreamIdleTimeout(t *testing.T) {
 			t.Fatalf("got %q", body)
 		}
 	})
+	t.Run("a reader stuck after the end is reported", func(t *testing.T) {
+		// The body has ended, and the reader, stuck writing its last bytes, has not closed
+		// the stream: it is reported stalled all the same.
+		srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			io.WriteString(w, "data: 0\n\n")
+		})
+		tr := newTransport(t, Options{StreamIdleTimeout: timeout})
+		r, err := post(t, tr, t.Context(), srv.URL, "x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		stalled := make(chan struct{})
+		r.stream.OnStalledReader(func() { close(stalled) })
+		if b, err := io.ReadAll(r.stream); err != nil || string(b) != "data: 0\n\n" {
+			t.Fatalf("got %q, %v", b, err)
+		}
+		select {
+		case <-stalled:
+		case <-time.After(10 * time.Second): // a bound, not a wait
+			t.Fatal("a reader stuck after the body's end is not reported")
+		}
+		r.stream.Close()
+	})
 	t.Run("http2", func(t *testing.T) {
 		ended := make(chan struct{}, 1)
 		srv, roots, _ := h2Server(t, false, handler(ended))
