@@ -327,38 +327,7 @@ func TestStreamCutWhenTheCallerTakesNothing(t *testing.T) {
 	// The caller asks for a stream and reads none of it, while the upstream sends without end:
 	// once the caller's socket is full, past timeouts.stream_idle the stream is cut, and its
 	// upstream connection let go; the cut is logged and counted as the caller's.
-	letGo := make(chan struct{})
-	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/event-stream")
-		event := []byte("data: " + strings.Repeat("x", 64<<10) + "\n\n")
-		for {
-			if _, err := w.Write(event); err != nil {
-				close(letGo) // the gateway let go of the stream: its relay has ended it
-				return
-			}
-		}
-	}))
-	defer up.Close()
-	g := newGateway(t, func(c *config.Config) {
-		c.Upstreams["eastca"].URL = up.URL
-		c.Timeouts.StreamIdle = 200 * time.Millisecond
-	})
-	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
-	}}
-	conn, err := d.Dial("tcp", strings.TrimPrefix(g.url, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	if _, err := io.WriteString(conn, streamRequest("HTTP/1.1", "stream-untaken")); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-letGo:
-	case <-time.After(30 * time.Second): // a bound, not a wait
-		t.Fatal("the stream of a caller that takes nothing is not cut")
-	}
+	g, _ := takeNothing(t, "stream-untaken", "text/event-stream", -1)
 	<-g.handler.streams.drained() // the call is logged before its stream is done
 	if line := logLine(t, g, "stream-untaken"); line["aborted"] != true || line["error"] != errCallerStalled.Error() {
 		t.Errorf("access log %v: want aborted, with %q", line, errCallerStalled)
@@ -371,20 +340,37 @@ func TestStreamCutWhenTheCallerTakesNothing(t *testing.T) {
 
 func TestLargeBodyCutWhenTheCallerTakesNothing(t *testing.T) {
 	// The same for a large body of known length, which fasthttp's copy writes (not a relay).
+	g, conn := takeNothing(t, "body-untaken", "application/json", 32<<20) // more than the sockets on the way hold
+	conn.SetReadDeadline(time.Now().Add(30 * time.Second))                // a bound, not a wait
+	// Until the gateway closes it, which it does once the call is logged.
+	io.Copy(io.Discard, conn)
+	if line := logLine(t, g, "body-untaken"); line["aborted"] != true || line["error"] != errCallerStalled.Error() {
+		t.Errorf("access log %v: want aborted, with %q", line, errCallerStalled)
+	}
+}
+
+// takeNothing has a caller with a 4 KiB receive buffer ask for a stream, call id, and read
+// none of it, while the upstream sends a body of contentType, size bytes long (a multiple of
+// 64 KiB; -1: without end) in 64 KiB writes, through a gateway whose timeouts.stream_idle is
+// 200 ms. It returns
+// once the upstream has seen the gateway let go of the call, with the caller's connection.
+func takeNothing(t *testing.T, id, contentType string, size int) (*gateway, net.Conn) {
+	t.Helper()
 	letGo := make(chan struct{})
-	const size = 32 << 20 // more than the sockets on the way hold
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		w.Header().Set("Content-Length", strconv.Itoa(size))
-		chunk := []byte(strings.Repeat(" ", 64<<10))
-		for sent := 0; sent < size; sent += len(chunk) {
+		w.Header().Set("Content-Type", contentType)
+		if size >= 0 {
+			w.Header().Set("Content-Length", strconv.Itoa(size))
+		}
+		chunk := []byte("data: " + strings.Repeat("x", 64<<10-8) + "\n\n")
+		for sent := 0; size < 0 || sent < size; sent += len(chunk) {
 			if _, err := w.Write(chunk); err != nil {
-				close(letGo)
+				close(letGo) // the gateway let go of the call
 				return
 			}
 		}
 	}))
-	defer up.Close()
+	t.Cleanup(up.Close)
 	g := newGateway(t, func(c *config.Config) {
 		c.Upstreams["eastca"].URL = up.URL
 		c.Timeouts.StreamIdle = 200 * time.Millisecond
@@ -396,21 +382,16 @@ func TestLargeBodyCutWhenTheCallerTakesNothing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
-	if _, err := io.WriteString(conn, streamRequest("HTTP/1.1", "body-untaken")); err != nil {
+	t.Cleanup(func() { conn.Close() })
+	if _, err := io.WriteString(conn, streamRequest("HTTP/1.1", id)); err != nil {
 		t.Fatal(err)
 	}
 	select {
 	case <-letGo:
 	case <-time.After(30 * time.Second): // a bound, not a wait
-		t.Fatal("the body of a caller that takes nothing is not cut")
+		t.Fatalf("%s: the gateway holds on to a call whose caller takes nothing", id)
 	}
-	conn.SetReadDeadline(time.Now().Add(30 * time.Second)) // a bound, not a wait
-	// Until the gateway closes it, which it does once the call is logged.
-	io.Copy(io.Discard, conn)
-	if line := logLine(t, g, "body-untaken"); line["aborted"] != true || line["error"] != errCallerStalled.Error() {
-		t.Errorf("access log %v: want aborted, with %q", line, errCallerStalled)
-	}
+	return g, conn
 }
 
 func TestStreamNeverHandedOver(t *testing.T) {
