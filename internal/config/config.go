@@ -96,8 +96,9 @@ type Timeouts struct {
 	// the first 8 KiB of the body the server reads along; a new connection's first byte is also
 	// awaited this long.
 	ReadHeader time.Duration `yaml:"read_header"`
-	// Idle closes idle keep-alive connections from callers, and bounds reading the rest of a
-	// request body.
+	// Idle closes idle keep-alive connections from callers, bounds reading the rest of a
+	// request body, and bounds the caller taking an answer the server writes once the call has
+	// ended (read whole, an error, or the last of a large body).
 	Idle time.Duration `yaml:"idle"`
 	// Dial bounds the TCP connect to an upstream.
 	Dial time.Duration `yaml:"dial"`

@@ -8,15 +8,19 @@ import (
 	"time"
 )
 
-// deadlines keeps the read timeouts on callers' connections:
+// deadlines keeps the timeouts on callers' connections:
 //   - a new connection's first byte within read_header;
 //   - a request's line and headers within read_header of their first byte (with the first
 //     8 KiB of the body, which the server reads along);
 //   - the rest of the body within idle of the handler starting (it reads the body once the
-//     caller is known), and whatever of it a call leaves unread, which the server drops;
+//     caller is known);
+//   - an answer the server writes (read whole, an error, or the last of a large body of known
+//     length) taken by the caller within idle of the call's end, with whatever of the body the
+//     call left unread, which the server reads and drops after the answer;
 //   - a keep-alive connection's next request within idle of the last answer.
 //
 // Nothing is read from a caller while its call is with the upstream, so no timeout runs then.
+// A stream relayed as it comes is bounded by its own idle watch (timeouts.stream_idle).
 //
 // fasthttp can keep these itself, but it sets three socket deadlines on every call for them,
 // and each reads the clock five times and moves a runtime timer: about 2-4% of the gateway's
@@ -26,7 +30,8 @@ import (
 // as a deadline of its own would have: a request that did not arrive in time is answered 408,
 // an idle keep-alive connection (or a new one that sent nothing) is closed, a stalled body is
 // answered 400. The read deadline stays in the past, so a connection that was cut, if anything
-// was still to be read from it, is closed.
+// was still to be read from it, is closed. An answer not taken in time has its connection's
+// write deadline put in the past as well: the blocked write fails and the connection is closed.
 //
 // A timeout takes effect between its length and its length plus two ticks (later if the
 // process is starved of CPU); a tick is an eighth of the shorter of the two timeouts, between
@@ -36,6 +41,9 @@ type deadlines struct {
 	tick             time.Duration
 	epoch            time.Time
 	now              atomic.Int64 // nanoseconds since epoch as of the last tick
+	// answerCut, if set, is called for each connection cut because its caller did not take an
+	// answer in time.
+	answerCut func()
 	// The connections being served, net.Conn → *connWait: what the clock's goroutine goes
 	// through. A connection from a servedListener carries its wait along (servedConn), so the
 	// three times a call looks it up are a type switch; others are looked up here.
@@ -52,7 +60,9 @@ type connWait struct {
 	d *deadlines
 	c net.Conn
 	// until is when the wait times out, on the deadlines' clock; 0 when the connection is not
-	// being waited for (a call is being handled, or the connection is poisoned already).
+	// being waited for (a call is being handled, or the connection is poisoned already). Its
+	// lowest bit is set for a wait for the caller to take an answer (waitAnswer), so that the
+	// kind of a wait changes with its time, in one store.
 	until atomic.Int64
 }
 
@@ -187,12 +197,20 @@ func (l servedListener) Accept() (net.Conn, error) {
 // forget stops keeping c's timeouts: it was closed or handed over.
 func (d *deadlines) forget(c net.Conn) { d.conns.Delete(c) }
 
-// await has w time out after timeout. The clock's reading can be a tick old, so a tick is added
-// for the wait to last at least timeout.
+// await has w time out after timeout, cutting reads. The clock's reading can be a tick old, so
+// a tick is added for the wait to last at least timeout.
 func (w *connWait) await(timeout time.Duration) {
 	if w != nil {
-		w.until.Store(w.d.now.Load() + int64(timeout+w.d.tick))
+		w.until.Store(w.d.until(timeout) &^ writing)
 	}
+}
+
+// writing marks a wait for the caller to take an answer in connWait.until.
+const writing = 1
+
+// until is when a wait of timeout begun now ends, on d's clock.
+func (d *deadlines) until(timeout time.Duration) int64 {
+	return d.now.Load() + int64(timeout+d.tick)
 }
 
 // waitHeaders has w wait for a request's headers, within read_header.
@@ -206,6 +224,17 @@ func (w *connWait) waitHeaders() {
 func (w *connWait) waitIdle() {
 	if w != nil {
 		w.await(w.d.idle)
+	}
+}
+
+// waitAnswer has w wait within idle for the caller to take the answer the server is about to
+// write, and for the rest of the body the call left, which the server reads and drops after it.
+// Past it, the connection's reads and writes fail, and it is closed: a caller that takes
+// nothing does not hold the connection, its goroutine and the answer's buffers for ever. The
+// server's next wait (the next request's) replaces it once the answer is written.
+func (w *connWait) waitAnswer() {
+	if w != nil {
+		w.until.Store(w.d.until(w.d.idle) | writing)
 	}
 }
 
@@ -258,8 +287,17 @@ func (d *deadlines) cut() {
 	d.now.Store(now)
 	d.conns.Range(func(_, v any) bool {
 		w := v.(*connWait)
-		if u := w.until.Load(); u != 0 && u <= now && w.until.CompareAndSwap(u, 0) {
+		u := w.until.Load()
+		if u == 0 || u > now || !w.until.CompareAndSwap(u, 0) {
+			return true
+		}
+		if u&writing == 0 {
 			w.c.SetReadDeadline(aLongTimeAgo)
+			return true
+		}
+		w.c.SetDeadline(aLongTimeAgo)
+		if d.answerCut != nil {
+			d.answerCut()
 		}
 		return true
 	})

@@ -4,14 +4,20 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/valyala/fasthttp"
 
 	"github.com/tokenproxy/tokenproxy/internal/config"
 	"github.com/tokenproxy/tokenproxy/internal/emulator"
@@ -179,6 +185,92 @@ func TestCallLongerThanTheTimeoutsKeepsItsConnection(t *testing.T) {
 	}
 }
 
+// An answer the server writes, which the caller does not take, is cut within idle of the call's
+// end: its write fails, the connection is closed, and tokenproxy_answer_timeouts_total counts
+// it. Before, a caller that read nothing held the connection, its goroutine and the answer (up
+// to 1 MiB) for ever.
+func TestAnswerNotTakenIsCutAfterIdle(t *testing.T) {
+	const idle, size = 300 * time.Millisecond, 900 << 10 // read whole (up to 1 MiB), then written
+	answer := `{"pad":"` + strings.Repeat("x", size-10) + `"}`
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", strconv.Itoa(len(answer)))
+		io.WriteString(w, answer)
+	}))
+	t.Cleanup(up.Close)
+	g := newGateway(t, func(c *config.Config) {
+		c.Upstreams["eastca"].URL = up.URL
+		c.Timeouts.ReadHeader = time.Minute
+		c.Timeouts.Idle = idle
+	})
+	srv := g.handler.NewServer(g.cfg)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { srv.Serve(smallSendBuffers{ln}); close(done) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+		<-done
+	})
+	c := dialSmallWindow(t, ln.Addr().String())
+	fmt.Fprintf(c, "POST %s HTTP/1.1\r\nHost: gw\r\nApi-Key: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+		chatPath, keyProd, len(chatBody), chatBody)
+	// The caller takes nothing until the gateway has given up on it.
+	for deadline := time.Now().Add(10 * time.Second); testutil.ToFloat64(g.handler.m.answerCuts) == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the gateway still writes an answer its caller has taken none of")
+		}
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	n, err := io.Copy(io.Discard, c)
+	if isTimeout(err) {
+		t.Fatal("the connection of an answer not taken is still open")
+	}
+	if n >= size {
+		t.Errorf("the caller got %d bytes of an answer cut short", n)
+	}
+	if got := testutil.ToFloat64(g.handler.m.answerCuts); got != 1 {
+		t.Errorf("tokenproxy_answer_timeouts_total = %v, want 1", got)
+	}
+}
+
+// The server's answers to requests it could not read (400, 408, 431) are bounded the same way:
+// a caller that takes none of them does not hold its connection.
+func TestErrorAnswerIsBounded(t *testing.T) {
+	g := newGateway(t)
+	s := g.handler.NewServer(g.cfg)
+	server, client := net.Pipe()
+	defer client.Close()
+	conn := &deadlineConn{Conn: server}
+	s.conns.open(conn)
+	var fc fasthttp.RequestCtx
+	fc.Init2(conn, nil, true)
+	s.srv.ErrorHandler(&fc, errors.New("malformed"))
+	if fc.Response.StatusCode() != http.StatusBadRequest {
+		t.Fatalf("answered %d", fc.Response.StatusCode())
+	}
+	if u := s.conns.of(conn).until.Load(); u&writing == 0 {
+		t.Errorf("the connection does not wait for the caller to take the answer (until %d)", u)
+	}
+}
+
+// smallSendBuffers gives the connections it accepts a 4 KiB send buffer: an answer its caller
+// does not take then fills the kernel's buffers soon, as on a network, where loopback's could
+// hold all of it.
+type smallSendBuffers struct{ net.Listener }
+
+func (l smallSendBuffers) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetWriteBuffer(4096)
+	}
+	return c, err
+}
+
 func TestIdleKeepAliveClosedAfterIdle(t *testing.T) {
 	const idle = 300 * time.Millisecond
 	g := newGateway(t, func(c *config.Config) {
@@ -241,11 +333,11 @@ func TestDeadlinesForgetHandedOverAndClosedConnections(t *testing.T) {
 	}
 }
 
-// deadlineConn records the read deadlines it is given.
+// deadlineConn records the deadlines it is given.
 type deadlineConn struct {
 	net.Conn
-	mu       sync.Mutex
-	deadline time.Time
+	mu              sync.Mutex
+	deadline, write time.Time
 }
 
 func (c *deadlineConn) SetReadDeadline(t time.Time) error {
@@ -255,25 +347,54 @@ func (c *deadlineConn) SetReadDeadline(t time.Time) error {
 	return nil
 }
 
+func (c *deadlineConn) SetWriteDeadline(t time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.write = t
+	return nil
+}
+
+func (c *deadlineConn) SetDeadline(t time.Time) error {
+	c.SetReadDeadline(t)
+	return c.SetWriteDeadline(t)
+}
+
+// poisoned reports whether c's reads are cut.
 func (c *deadlineConn) poisoned() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return !c.deadline.IsZero() && c.deadline.Before(time.Now())
 }
 
+// writesCut reports whether c's writes are cut.
+func (c *deadlineConn) writesCut() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return !c.write.IsZero() && c.write.Before(time.Now())
+}
+
 func TestDeadlinesCut(t *testing.T) {
 	d := newDeadlines(time.Minute, time.Minute)
 	d.epoch = d.epoch.Add(-time.Hour) // the server was made an hour before it served
 	defer d.start()()
+	answerCuts := 0
+	d.answerCut = func() { answerCuts++ }
 	waiting, handled, past := &deadlineConn{}, &deadlineConn{}, &deadlineConn{}
-	for _, c := range []*deadlineConn{waiting, handled, past} {
+	answering, unanswered := &deadlineConn{}, &deadlineConn{}
+	for _, c := range []*deadlineConn{waiting, handled, past, answering, unanswered} {
 		d.open(c)
 	}
 	d.of(handled).done()
-	d.of(past).until.Store(1) // its wait ended long ago
+	d.of(past).until.Store(2) // its wait for a request ended long ago
+	d.of(answering).waitAnswer()
+	d.of(unanswered).waitAnswer()
+	if u := d.of(unanswered).until.Load(); u&writing == 0 {
+		t.Fatalf("an answer's wait is not marked (until %d)", u)
+	}
+	d.of(unanswered).until.Store(2 | writing) // its caller took nothing, long ago
 	d.cut()
-	if waiting.poisoned() {
-		t.Error("a connection that has just opened timed out")
+	if waiting.poisoned() || answering.poisoned() || answering.writesCut() {
+		t.Error("a connection that has just begun to wait timed out")
 	}
 	if handled.poisoned() {
 		t.Error("a connection with no wait timed out")
@@ -281,8 +402,23 @@ func TestDeadlinesCut(t *testing.T) {
 	if !past.poisoned() {
 		t.Error("a connection whose wait is over was not cut")
 	}
-	if u := d.of(past).until.Load(); u != 0 {
-		t.Errorf("a cut connection still waits (until %d)", u)
+	if past.writesCut() {
+		t.Error("a connection that did not send a request in time can no longer be answered")
+	}
+	if !unanswered.writesCut() || !unanswered.poisoned() {
+		t.Error("a connection whose answer was not taken in time was not cut")
+	}
+	if answerCuts != 1 {
+		t.Errorf("%d answers counted as not taken, want 1", answerCuts)
+	}
+	for _, c := range []*deadlineConn{past, unanswered} {
+		if u := d.of(c).until.Load(); u != 0 {
+			t.Errorf("a cut connection still waits (until %d)", u)
+		}
+	}
+	d.of(answering).waitIdle() // the answer is written: the next request is waited for
+	if u := d.of(answering).until.Load(); u&writing != 0 {
+		t.Errorf("the wait for the next request is marked as an answer's (until %d)", u)
 	}
 	d.forget(past)
 	if d.of(past) != nil {

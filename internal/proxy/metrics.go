@@ -30,6 +30,7 @@ type metrics struct {
 	budgetExhausted prometheus.Counter
 	shutdownCut     prometheus.Counter
 	streamIdleCuts  *prometheus.CounterVec
+	answerCuts      prometheus.Counter
 	backends        *backendCollector
 	pools           *poolCollector // nil unless the transport is the gateway's own
 
@@ -137,6 +138,11 @@ func newMetrics(passthrough bool, configured map[string]bool, reg *backend.Regis
 			Name:      "stream_idle_cuts_total",
 			Help:      "Streamed answers cut because nothing of them moved for timeouts.stream_idle, by upstream and by the side that stalled: upstream (sent nothing) or caller (took nothing).",
 		}, []string{"upstream", "side"}),
+		answerCuts: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "tokenproxy",
+			Name:      "answer_timeouts_total",
+			Help:      "Caller connections closed because the caller did not take an answer the server writes (read whole, an error, or the end of a large body) within timeouts.idle of the call's end.",
+		}),
 		backends: &backendCollector{reg: reg,
 			state: prometheus.NewDesc("tokenproxy_backend_state",
 				"1 for the backend's current state (healthy, cooldown, open, half_open), else 0.", []string{"backend", "state"}, nil),
@@ -179,7 +185,7 @@ func newMetrics(passthrough bool, configured map[string]bool, reg *backend.Regis
 func (m *metrics) register(reg prometheus.Registerer) error {
 	err := errors.Join(reg.Register(m.requests), reg.Register(m.duration), reg.Register(m.upstreamLatency),
 		reg.Register(m.inflight), reg.Register(m.attempts), reg.Register(m.failovers), reg.Register(m.budgetExhausted),
-		reg.Register(m.shutdownCut), reg.Register(m.streamIdleCuts), reg.Register(m.backends))
+		reg.Register(m.shutdownCut), reg.Register(m.streamIdleCuts), reg.Register(m.answerCuts), reg.Register(m.backends))
 	if m.pools != nil {
 		err = errors.Join(err, reg.Register(m.pools))
 	}

@@ -269,6 +269,7 @@ func (h *Handler) serve(fc *fasthttp.RequestCtx, w *connWait) {
 		if c.streaming {
 			return // the stream writer finishes the call
 		}
+		w.waitAnswer()
 		h.finish(c, recover())
 	}()
 

@@ -44,6 +44,7 @@ func (h *Handler) NewServer(cfg *config.Config) *Server {
 		h.streams = newStreamSet()
 	}
 	s := &Server{log: h.log, m: h.m, streams: h.streams, conns: newDeadlines(cfg.Timeouts.ReadHeader, cfg.Timeouts.Idle)}
+	s.conns.answerCut = h.m.answerCuts.Inc
 	s.srv = &fasthttp.Server{
 		// The request line and headers must arrive within read_header; the body is read by the
 		// handler once the caller is authenticated (StreamRequestBody), within idle; a
@@ -52,7 +53,10 @@ func (h *Handler) NewServer(cfg *config.Config) *Server {
 		Handler: func(fc *fasthttp.RequestCtx) {
 			h.serve(fc, s.conns.of(fc.Conn()))
 		},
-		ErrorHandler:                 h.serverError,
+		ErrorHandler: func(fc *fasthttp.RequestCtx, err error) {
+			h.serverError(fc, err)
+			s.conns.of(fc.Conn()).waitAnswer()
+		},
 		ReadBufferSize:               MaxHeaderBytes,
 		MaxRequestBodySize:           int(cfg.MaxRequestBytes),
 		StreamRequestBody:            true,

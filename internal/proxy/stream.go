@@ -272,6 +272,7 @@ func (b *streamBody) Close() error { return nil }
 // CloseWithError ends the call; err is why writing to the caller stopped, if it did.
 func (b *streamBody) CloseWithError(err error) error {
 	b.once.Do(func() {
+		b.c.wait.waitAnswer() // for the server's last flush: the stream's watch ends here
 		b.s.Close()
 		err = stalled(b.s, err)
 		if !b.eof || err != nil { // all read, but not all written: cut all the same

@@ -14,7 +14,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -375,14 +374,7 @@ func takeNothing(t *testing.T, id, contentType string, size int) (*gateway, net.
 		c.Upstreams["eastca"].URL = up.URL
 		c.Timeouts.StreamIdle = 200 * time.Millisecond
 	})
-	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
-		return c.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
-	}}
-	conn, err := d.Dial("tcp", strings.TrimPrefix(g.url, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
+	conn := dialSmallWindow(t, strings.TrimPrefix(g.url, "http://"))
 	if _, err := io.WriteString(conn, streamRequest("HTTP/1.1", id)); err != nil {
 		t.Fatal(err)
 	}
@@ -445,6 +437,46 @@ func TestStreamNeverHandedOver(t *testing.T) {
 	case <-gone:
 	case <-time.After(10 * time.Second):
 		t.Error("the upstream connection was not closed")
+	}
+}
+
+// The server writes a large body of known length through streamBody and flushes the last of it
+// once it has closed it, which ends the stream's idle watch: from there the caller's connection
+// has idle to take the rest (connWait.waitAnswer), as for an answer read whole.
+func TestLargeBodysLastFlushIsBounded(t *testing.T) {
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, `{"done":true}`)
+	}))
+	defer up.Close()
+	g := newGateway(t)
+	origin, err := transport.NewOrigin(up.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := transport.New(transport.Options{BufferLimit: 1}) // every body a stream
+	defer tr.Close()
+	req, resp := newUpstreamCall(up.URL)
+	defer fasthttp.ReleaseResponse(resp)
+	s, err := tr.Do(t.Context(), origin, req, "", resp)
+	if err != nil || s == nil {
+		t.Fatalf("got stream %v, %v", s, err)
+	}
+	d := newDeadlines(time.Minute, time.Minute)
+	conn := &deadlineConn{}
+	d.open(conn)
+	d.of(conn).done() // the call is with the upstream
+	c := &call{id: "last-flush", status: 200, streaming: true, wait: d.of(conn)}
+	g.handler.m.inflight.Inc() // as ServeFastHTTP does; finish takes it back
+	b := &streamBody{h: g.handler, c: c, s: s}
+	if _, err := io.Copy(io.Discard, b); err != nil {
+		t.Fatal(err)
+	}
+	b.CloseWithError(nil)
+	if u := d.of(conn).until.Load(); u&writing == 0 {
+		t.Errorf("the connection does not wait for the caller to take the rest (until %d)", u)
+	}
+	if line := logLine(t, g, "last-flush"); line["aborted"] == true {
+		t.Errorf("access log %v: a whole body is logged cut", line)
 	}
 }
 
