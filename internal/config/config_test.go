@@ -744,6 +744,38 @@ callers:
 	}
 }
 
+// A file that says it is regular but whose reads wait (/proc/kmsg, tracefs's trace_pipe) is read
+// within readFileTimeout, not waited on for ever: a named pipe with a writer that sends nothing
+// stands in for one.
+func TestNamedFileThatWaitsIsReadWithinATimeout(t *testing.T) {
+	defer func(d time.Duration) { readFileTimeout = d }(readFileTimeout)
+	readFileTimeout = 100 * time.Millisecond
+	pipe := filepath.Join(t.TempDir(), "pipe")
+	if err := syscall.Mkfifo(pipe, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w, err := os.OpenFile(pipe, os.O_RDWR, 0) // a writer, so that reads wait rather than end
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	f, err := os.OpenFile(pipe, os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	done := make(chan error, 1)
+	go func() { _, err := readLimited(f, pipe); done <- err }()
+	select {
+	case err := <-done:
+		if want := "read " + pipe + ": nothing to read after 100ms"; err == nil || err.Error() != want {
+			t.Errorf("got %v, want %q", err, want)
+		}
+	case <-time.After(10 * time.Second): // a bound, not a wait
+		t.Fatal("the read still waits")
+	}
+}
+
 func TestASecondDocumentIsRefused(t *testing.T) {
 	_, err := Parse([]byte(`
 upstreams:

@@ -15,6 +15,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -410,7 +412,9 @@ const maxFileSize = 4 << 20
 
 // readFile is os.ReadFile for the files a configuration names: regular files only (a symbolic
 // link to one, as Kubernetes mounts secrets, included), so that neither a device nor a named
-// pipe is waited on, of at most maxFileSize bytes.
+// pipe is waited on, of at most maxFileSize bytes. The path is checked before it is opened (a
+// device is not opened at all) and the file once open, which is opened without waiting (a named
+// pipe put in its place meanwhile is not waited on either).
 func readFile(path string) ([]byte, error) {
 	if fi, err := os.Stat(path); err != nil {
 		if pe, ok := err.(*fs.PathError); ok {
@@ -418,15 +422,40 @@ func readFile(path string) ([]byte, error) {
 		}
 		return nil, err
 	} else if !fi.Mode().IsRegular() {
-		return nil, &fs.PathError{Op: "read", Path: path, Err: errors.New("not a regular file")}
+		return nil, notRegular(path)
 	}
-	f, err := os.Open(path)
+	f, err := os.OpenFile(path, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
+	if fi, err := f.Stat(); err != nil {
+		return nil, err
+	} else if !fi.Mode().IsRegular() {
+		return nil, notRegular(path)
+	}
+	return readLimited(f, path)
+}
+
+func notRegular(path string) error {
+	return &fs.PathError{Op: "read", Path: path, Err: errors.New("not a regular file")}
+}
+
+// readFileTimeout bounds reading a named file that can be waited on: a few kernel files that
+// say they are regular (/proc/kmsg, tracefs's trace_pipe) wait for data that may never come.
+var readFileTimeout = 10 * time.Second
+
+// readLimited reads f whole, if it holds at most maxFileSize bytes, within readFileTimeout if
+// it is a file whose reads can wait (reads of a file on disk do not).
+func readLimited(f *os.File, path string) ([]byte, error) {
+	if err := f.SetReadDeadline(time.Now().Add(readFileTimeout)); err != nil && !errors.Is(err, os.ErrNoDeadline) {
+		return nil, err
+	}
 	b, err := io.ReadAll(io.LimitReader(f, maxFileSize+1))
 	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return nil, &fs.PathError{Op: "read", Path: path, Err: fmt.Errorf("nothing to read after %v", readFileTimeout)}
+		}
 		return nil, err
 	}
 	if len(b) > maxFileSize {
