@@ -1,7 +1,7 @@
 // Package callertoken verifies the Entra ID access tokens callers present (an Automation 360
 // custom model in OAUTH2 mode, an application with its own identity). A token is accepted only
 // if it is signed by one of its tenant's current keys, was issued by that tenant (v1 or v2
-// format), is within its validity (30 s of clock skew on exp, 5 min on nbf) and uses RS256:
+// format), is within its validity (30 s of clock skew on exp, 4½ min on nbf) and uses RS256:
 // "none", HMAC and any other algorithm are refused before a key is looked at.
 //
 // go-oidc does the OpenID discovery and the claim checks. Its remote key set, though, refetches
@@ -22,6 +22,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/coreos/go-oidc/v3/oidc"
 	"github.com/go-jose/go-jose/v4"
@@ -59,6 +60,24 @@ const expirySkew = 30 * time.Second
 
 // discoveryRetry is the least time between failed discovery attempts for a tenant.
 const discoveryRetry = 10 * time.Second
+
+// maxErrorText bounds the text of an error about a token or a tenant's keys: parts of it are
+// the token's (an algorithm, a number, a key ID), which its bearer chooses, or a failed
+// response's body, and it goes into the caller's answer and the access log.
+const maxErrorText = 200
+
+// bounded is err's text cut to maxErrorText bytes (on a character's boundary).
+func bounded(err error) string {
+	s := err.Error()
+	if len(s) <= maxErrorText {
+		return s
+	}
+	cut := maxErrorText
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + "…"
+}
 
 // ErrUnavailable is wrapped by errors that come from not reaching the tenant's keys, as
 // opposed to a bad token: the caller may try again.
@@ -158,7 +177,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (Claims, error) {
 		return Claims{}, fetchErr
 	}
 	if err != nil {
-		return Claims{}, err
+		return Claims{}, errors.New(bounded(err))
 	}
 	var c struct {
 		TenantID string   `json:"tid"`
@@ -168,7 +187,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (Claims, error) {
 		Roles    []string `json:"roles"`
 	}
 	if err := tok.Claims(&c); err != nil {
-		return Claims{}, err
+		return Claims{}, errors.New(bounded(err))
 	}
 	if !strings.EqualFold(c.TenantID, v.tenant) {
 		return Claims{}, fmt.Errorf("the token's tid is not tenant %s", v.tenant)
@@ -181,7 +200,8 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (Claims, error) {
 }
 
 // verifiers discovers the tenant on first use (and again after a failure, at most every
-// discoveryRetry).
+// discoveryRetry). A call waits for the discovery no longer than ctx allows; the discovery goes
+// on without it.
 func (v *Verifier) verifiers(ctx context.Context) (*oidc.IDTokenVerifier, *oidc.IDTokenVerifier, error) {
 	v.mu.Lock()
 	v1, v2, failed, retryAt := v.v1, v.v2, v.failed, v.retryAt
@@ -192,9 +212,13 @@ func (v *Verifier) verifiers(ctx context.Context) (*oidc.IDTokenVerifier, *oidc.
 	if failed != nil && v.opts.now().Before(retryAt) {
 		return nil, nil, failed
 	}
-	_, err, _ := v.init.Do("", func() (any, error) { return nil, v.discover() })
-	if err != nil {
-		return nil, nil, err
+	select {
+	case r := <-v.init.DoChan("", func() (any, error) { return nil, v.discover() }):
+		if r.Err != nil {
+			return nil, nil, r.Err
+		}
+	case <-ctx.Done():
+		return nil, nil, fmt.Errorf("%w: discovering tenant %s: %v", ErrUnavailable, v.tenant, ctx.Err())
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -216,7 +240,7 @@ func (v *Verifier) discover() error {
 		err = errors.New("the discovery document has no jwks_uri")
 	}
 	if err != nil {
-		err = fmt.Errorf("%w: discovering tenant %s: %v", ErrUnavailable, v.tenant, err)
+		err = fmt.Errorf("%w: discovering tenant %s: %s", ErrUnavailable, v.tenant, bounded(err))
 		v.mu.Lock()
 		v.failed, v.retryAt = err, v.opts.now().Add(discoveryRetry)
 		v.mu.Unlock()
@@ -320,7 +344,7 @@ func (k *keySet) VerifySignature(ctx context.Context, raw string) ([]byte, error
 	stale := k.keys == nil || now.Sub(k.fetched) > k.refreshEvery()
 	k.mu.Unlock()
 	if stale {
-		if err := k.refresh(); err != nil && k.lookup(kid) == nil {
+		if err := k.refresh(ctx); err != nil && k.lookup(kid) == nil {
 			return nil, fetchFailed(ctx, err)
 		}
 	}
@@ -330,7 +354,7 @@ func (k *keySet) VerifySignature(ctx context.Context, raw string) ([]byte, error
 		may := now.Sub(k.tried) >= k.minRefresh()
 		k.mu.Unlock()
 		if may {
-			if err := k.refresh(); err != nil {
+			if err := k.refresh(ctx); err != nil {
 				return nil, fetchFailed(ctx, err)
 			}
 			key = k.lookup(kid)
@@ -359,10 +383,11 @@ func (k *keySet) lookup(kid string) *jose.JSONWebKey {
 	return nil
 }
 
-// refresh fetches the keys; concurrent calls share one fetch. Within retryFailed of a failed
-// fetch it fetches nothing and returns that fetch's error.
-func (k *keySet) refresh() error {
-	_, err, _ := k.fetch.Do("", func() (any, error) {
+// refresh fetches the keys; concurrent calls share one fetch, which each waits for no longer
+// than its ctx allows (the fetch goes on). Within retryFailed of a failed fetch it fetches
+// nothing and returns that fetch's error.
+func (k *keySet) refresh(ctx context.Context) error {
+	ch := k.fetch.DoChan("", func() (any, error) {
 		k.mu.Lock()
 		now := k.opts.now()
 		if k.failed != nil && now.Sub(k.tried) < k.retryFailed() {
@@ -378,7 +403,12 @@ func (k *keySet) refresh() error {
 		k.mu.Unlock()
 		return nil, err
 	})
-	return err
+	select {
+	case r := <-ch:
+		return r.Err
+	case <-ctx.Done():
+		return fmt.Errorf("%w: fetching %s: %v", ErrUnavailable, k.url, ctx.Err())
+	}
 }
 
 // fetchKeys fetches the tenant's keys into k.
@@ -391,7 +421,7 @@ func (k *keySet) fetchKeys() error {
 	}
 	resp, err := k.opts.client().Do(req)
 	if err != nil {
-		return fmt.Errorf("%w: fetching %s: %v", ErrUnavailable, k.url, err)
+		return fmt.Errorf("%w: fetching %s: %s", ErrUnavailable, k.url, bounded(err))
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
@@ -399,7 +429,11 @@ func (k *keySet) fetchKeys() error {
 	}
 	var set jose.JSONWebKeySet
 	if err := json.NewDecoder(http.MaxBytesReader(nil, resp.Body, 1<<20)).Decode(&set); err != nil {
-		return fmt.Errorf("%w: decoding %s: %v", ErrUnavailable, k.url, err)
+		return fmt.Errorf("%w: decoding %s: %s", ErrUnavailable, k.url, bounded(err))
+	}
+	if len(set.Keys) == 0 {
+		// Counted as a failure, so that it is not fetched again for every token meanwhile.
+		return fmt.Errorf("%w: %s holds no keys", ErrUnavailable, k.url)
 	}
 	k.mu.Lock()
 	k.keys, k.fetched = set.Keys, k.opts.now()

@@ -1,6 +1,7 @@
 package callertoken
 
 import (
+	"context"
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/rsa"
@@ -8,7 +9,9 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -290,5 +293,116 @@ func TestAuthorityUnreachable(t *testing.T) {
 	raw, _ := tok.SignedString(jwt.UnsafeAllowNoneSignatureType)
 	if _, err := v.Verify(t.Context(), raw); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("got %v, want ErrUnavailable", err)
+	}
+}
+
+// fakeAuthority serves a tenant's discovery document and keys on plain HTTP, through the
+// handlers given (nil: a working discovery document, and a key set with the one key pub).
+func fakeAuthority(t *testing.T, discovery, keys http.HandlerFunc) (base string) {
+	t.Helper()
+	mux := http.NewServeMux()
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	base = srv.URL + "/"
+	if discovery == nil {
+		discovery = func(w http.ResponseWriter, r *http.Request) {
+			json.NewEncoder(w).Encode(map[string]string{"issuer": base + tenant + "/v2.0", "jwks_uri": base + "keys"})
+		}
+	}
+	mux.HandleFunc("/"+tenant+"/v2.0/.well-known/openid-configuration", discovery)
+	if keys != nil {
+		mux.HandleFunc("/keys", keys)
+	}
+	return base
+}
+
+func forgedFor(t *testing.T, base string, header map[string]any, extra jwt.MapClaims) string {
+	t.Helper()
+	attacker, _ := rsa.GenerateKey(rand.Reader, 2048)
+	claims := jwt.MapClaims{"iss": base + tenant + "/v2.0", "tid": tenant, "aud": gateway, "exp": time.Now().Add(time.Hour).Unix()}
+	for k, v := range extra {
+		claims[k] = v
+	}
+	return forge(t, jwt.SigningMethodRS256, attacker, header, claims)
+}
+
+func TestErrorsAreBounded(t *testing.T) {
+	// What a refused token's error quotes of it (an algorithm, a key ID that is not a string), or
+	// of a failed response, is cut: the error goes to the caller and to the log.
+	long := strings.Repeat("A", 20000)
+	base := fakeAuthority(t, nil, nil) // each is refused before a key is looked for
+	v := NewRegistry(Options{}).Verifier(base, tenant)
+	claims, _ := json.Marshal(map[string]any{"iss": base + tenant + "/v2.0", "exp": time.Now().Add(time.Hour).Unix()})
+	enc := base64.RawURLEncoding.EncodeToString
+	for name, raw := range map[string]string{
+		"a long algorithm":        enc([]byte(`{"alg":"`+long+`"}`)) + "." + enc(claims) + ".c2ln",
+		"a key ID that is a list": forgedFor(t, base, map[string]any{"kid": []string{long}}, nil),
+	} {
+		_, err := v.Verify(t.Context(), raw)
+		if err == nil || len(err.Error()) > maxErrorText+len("…") {
+			t.Errorf("%s: error of %d bytes, want at most %d", name, len(fmt.Sprint(err)), maxErrorText)
+		}
+	}
+
+	// A failed discovery's error page is not quoted whole either.
+	base = fakeAuthority(t, func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "upstream 10.0.0.7 "+long, http.StatusBadGateway)
+	}, nil)
+	_, err := NewRegistry(Options{}).Verifier(base, tenant).Verify(t.Context(), forgedFor(t, base, nil, nil))
+	if !errors.Is(err, ErrUnavailable) || len(err.Error()) > 2*maxErrorText+len(base)+100 {
+		t.Errorf("a failed discovery: %d bytes: %.300v", len(fmt.Sprint(err)), err)
+	}
+}
+
+func TestAnEmptyKeySetIsAFailedFetch(t *testing.T) {
+	// A tenant's keys answered with no key at all are not fetched again for every token.
+	fetches := atomic.Int64{}
+	base := fakeAuthority(t, nil, func(w http.ResponseWriter, r *http.Request) {
+		fetches.Add(1)
+		w.Write([]byte(`{}`))
+	})
+	v := NewRegistry(Options{}).Verifier(base, tenant)
+	for range 20 {
+		if _, err := v.Verify(t.Context(), forgedFor(t, base, map[string]any{"kid": uuid.NewString()}, nil)); !errors.Is(err, ErrUnavailable) {
+			t.Fatalf("got %v, want ErrUnavailable", err)
+		}
+	}
+	if n := fetches.Load(); n != 1 {
+		t.Errorf("20 tokens made %d fetches of an empty key set, want 1", n)
+	}
+}
+
+func TestVerifyWaitsNoLongerThanItsContext(t *testing.T) {
+	// A slow authority holds a token's check only as long as its context allows; the discovery
+	// (or the key fetch) goes on for the tokens after it.
+	for _, slow := range []string{"discovery", "keys"} {
+		t.Run(slow, func(t *testing.T) {
+			release := make(chan struct{})
+			hang := func(w http.ResponseWriter, r *http.Request) {
+				select {
+				case <-release:
+				case <-r.Context().Done():
+				}
+			}
+			var discovery, keys http.HandlerFunc = nil, hang
+			if slow == "discovery" {
+				discovery = hang
+			}
+			base := fakeAuthority(t, discovery, keys)
+			t.Cleanup(func() { close(release) }) // before the server's close, which waits for it
+			v := NewRegistry(Options{}).Verifier(base, tenant)
+			ctx, cancel := context.WithTimeout(t.Context(), 100*time.Millisecond)
+			defer cancel()
+			done := make(chan error, 1)
+			go func() { _, err := v.Verify(ctx, forgedFor(t, base, map[string]any{"kid": "k"}, nil)); done <- err }()
+			select {
+			case err := <-done:
+				if !errors.Is(err, ErrUnavailable) {
+					t.Errorf("got %v, want ErrUnavailable", err)
+				}
+			case <-time.After(5 * time.Second): // a bound, not a wait
+				t.Fatal("Verify still waits for the authority past its context")
+			}
+		})
 	}
 }

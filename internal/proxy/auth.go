@@ -246,7 +246,11 @@ func (k *callers) verifyToken(sum [sha256.Size]byte, raw string) (*caller, *apiE
 	claims, err := v.Verify(ctx, raw)
 	switch {
 	case errors.Is(err, callertoken.ErrUnavailable):
-		return nil, errorf(http.StatusServiceUnavailable, CodeCallerAuthUnavailable, "the caller's token cannot be checked now: %v", err)
+		// What went wrong (an address, an error page's text) is for the log, not for a caller
+		// that is not authenticated.
+		e := errorf(http.StatusServiceUnavailable, CodeCallerAuthUnavailable, "the caller's token cannot be checked now: the tenant's signing keys cannot be fetched")
+		e.detail = err.Error()
+		return nil, e
 	case err != nil:
 		return nil, errorf(http.StatusUnauthorized, CodeUnauthorized, "the Entra token is not valid: %s", k.unlessKey(err.Error()))
 	case !anyIn(claims.Audience, k.audiences[v]):

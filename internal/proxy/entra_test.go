@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"encoding/base64"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -177,5 +178,14 @@ func TestEntraUnreachableAtFirstUse(t *testing.T) {
 	}
 	if len(g.emu.OpenAI.Requests()) != 0 {
 		t.Error("an unverified call reached the upstream")
+	}
+	// Why is logged; the caller, not authenticated, is not told where the keys are or what the
+	// authority answered.
+	host := strings.TrimSuffix(strings.TrimPrefix(g.emu.URL(), "https://"), "/")
+	if strings.Contains(body, host) || strings.Contains(body, "discovering") {
+		t.Errorf("the caller is told the detail: %s", body)
+	}
+	if line := logLine(t, g, resp.Header.Get("X-Ms-Client-Request-Id")); !strings.Contains(fmt.Sprint(line["error"]), "discovering tenant") {
+		t.Errorf("the log does not say why: %v", line["error"])
 	}
 }

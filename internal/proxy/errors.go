@@ -47,9 +47,16 @@ type apiError struct {
 	code       string
 	message    string
 	retryAfter time.Duration // if set, sent as Retry-After
+	// detail, if set, is logged with the error (Error) but not sent to the caller.
+	detail string
 }
 
-func (e *apiError) Error() string { return e.code + ": " + e.message }
+func (e *apiError) Error() string {
+	if e.detail != "" {
+		return e.code + ": " + e.message + " (" + e.detail + ")"
+	}
+	return e.code + ": " + e.message
+}
 
 func errorf(status int, code, format string, args ...any) *apiError {
 	return &apiError{status: status, code: code, message: fmt.Sprintf(format, args...)}
