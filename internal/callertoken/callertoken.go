@@ -125,11 +125,14 @@ func v1Issuer(authorityHost, tenant string) string {
 
 // Claims are what a verified token says about its bearer.
 type Claims struct {
-	TenantID  string
-	ObjectID  string
-	AppID     string // azp (v2) or appid (v1)
-	Audience  []string
-	Roles     []string
+	TenantID string
+	ObjectID string
+	AppID    string // azp (v2) or appid (v1)
+	Audience []string
+	Roles    []string
+	// Delegated: the token was issued to a user, through the application AppID (it carries
+	// scopes, scp); otherwise to the application itself (client credentials).
+	Delegated bool
 	ExpiresOn time.Time
 }
 
@@ -185,6 +188,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (Claims, error) {
 		AZP      string   `json:"azp"`
 		AppID    string   `json:"appid"`
 		Roles    []string `json:"roles"`
+		Scopes   string   `json:"scp"`
 	}
 	if err := tok.Claims(&c); err != nil {
 		return Claims{}, errors.New(bounded(err))
@@ -196,7 +200,7 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (Claims, error) {
 	if appID == "" {
 		appID = c.AppID
 	}
-	return Claims{TenantID: c.TenantID, ObjectID: c.ObjectID, AppID: appID, Audience: tok.Audience, Roles: c.Roles, ExpiresOn: tok.Expiry}, nil
+	return Claims{TenantID: c.TenantID, ObjectID: c.ObjectID, AppID: appID, Audience: tok.Audience, Roles: c.Roles, Delegated: c.Scopes != "", ExpiresOn: tok.Expiry}, nil
 }
 
 // verifiers discovers the tenant on first use (and again after a failure, at most every

@@ -377,10 +377,21 @@ type EntraCaller struct {
 	ObjectIDs []string `yaml:"object_ids"`
 	// Roles are app roles of which the token must carry one (the roles claim).
 	Roles []string `yaml:"roles"`
+	// Principal is whose tokens are accepted: PrincipalApp (an application's own, from the
+	// client credentials flow: no scp claim), PrincipalUser (a user's, obtained through an
+	// application: an scp claim) or PrincipalAny. If empty, any.
+	Principal string `yaml:"principal"`
 	// AuthorityHost is the tenant's cloud, e.g. https://login.microsoftonline.us/. If empty, the
 	// public cloud.
 	AuthorityHost string `yaml:"authority_host"`
 }
+
+// Principals an Entra caller's token may be issued to (EntraCaller.Principal).
+const (
+	PrincipalAny  = "any"
+	PrincipalApp  = "app"
+	PrincipalUser = "user"
+)
 
 // MTLSCaller says which client certificates identify a caller: one whose subject is Subject,
 // or whose SANs include one of DNSNames or URIs. The certificate must chain to the listener's

@@ -272,6 +272,11 @@ func (e *EntraCaller) validate(v *validator, p string) {
 	if len(e.AppIDs) == 0 && len(e.ObjectIDs) == 0 && len(e.Roles) == 0 {
 		v.add(p, "set app_ids, object_ids or roles: without one, any application in the tenant could call")
 	}
+	switch e.Principal {
+	case "", PrincipalAny, PrincipalApp, PrincipalUser:
+	default:
+		v.add(p+".principal", "%s is not app, user or any", shown(e.Principal))
+	}
 	if e.AuthorityHost != "" {
 		u, err := url.Parse(e.AuthorityHost)
 		if err != nil || u.Scheme != "https" || u.Host == "" {

@@ -689,6 +689,24 @@ func (a *Authority) IssueToken(clientID, resourceURI string) (string, error) {
 	return tok, err
 }
 
+// IssueUserToken signs a delegated access token, as if the user objectID had signed in to the
+// app and it had requested the resource on their behalf: the user's oid, the scopes granted
+// (scp), and no roles of the app's.
+func (a *Authority) IssueUserToken(clientID, resourceURI, objectID, scope string) (string, error) {
+	app, ok := a.App(clientID)
+	if !ok {
+		return "", fmt.Errorf("unknown app %q", clientID)
+	}
+	a.mu.Lock()
+	res, ok := a.resources[strings.TrimSuffix(resourceURI, "/")]
+	a.mu.Unlock()
+	if !ok {
+		return "", fmt.Errorf("unknown resource %q", resourceURI)
+	}
+	tok, _, _, err := a.issue(app.TenantID, app.ClientID, objectID, nil, "1", res, jwt.MapClaims{"scp": scope, "idtyp": "user"})
+	return tok, err
+}
+
 // Claims are the verified claims of an access token.
 type Claims struct {
 	Audience, Issuer, TenantID, ObjectID, AppID string

@@ -81,11 +81,14 @@ type entraCaller struct {
 	*caller
 	verifier                           *callertoken.Verifier
 	audiences, apps, principals, roles map[string]bool
+	// delegated: whether a user's tokens (true) or an application's own (false) are accepted;
+	// either if nil.
+	delegated *bool
 }
 
 // matches reports whether the token's claims identify this caller.
 func (e *entraCaller) matches(v *callertoken.Verifier, c callertoken.Claims) bool {
-	if v != e.verifier || !anyIn(c.Audience, e.audiences) {
+	if v != e.verifier || !anyIn(c.Audience, e.audiences) || (e.delegated != nil && *e.delegated != c.Delegated) {
 		return false
 	}
 	return (len(e.apps) == 0 || e.apps[strings.ToLower(c.AppID)]) &&
@@ -160,8 +163,16 @@ func newCallers(cfg *config.Config, l *loads, tokens *callertoken.Registry) (*ca
 			for a := range lowerSet(e.Audiences) {
 				k.audiences[v][a] = true
 			}
-			k.entra = append(k.entra, &entraCaller{caller: cl, verifier: v, audiences: lowerSet(e.Audiences),
-				apps: lowerSet(e.AppIDs), principals: lowerSet(e.ObjectIDs), roles: lowerSet(e.Roles)})
+			ec := &entraCaller{caller: cl, verifier: v, audiences: lowerSet(e.Audiences),
+				apps: lowerSet(e.AppIDs), principals: lowerSet(e.ObjectIDs), roles: lowerSet(e.Roles)}
+			switch e.Principal {
+			case config.PrincipalApp:
+				ec.delegated = new(bool)
+			case config.PrincipalUser:
+				ec.delegated = new(bool)
+				*ec.delegated = true
+			}
+			k.entra = append(k.entra, ec)
 		}
 	}
 	// Path segments that are route words or deployments' names are not checked for being keys.
@@ -266,8 +277,12 @@ func (k *callers) verifyToken(sum [sha256.Size]byte, raw string) (*caller, *apiE
 			return e.caller, nil
 		}
 	}
+	issuedTo := "the application itself"
+	if claims.Delegated {
+		issuedTo = "a user, through the application"
+	}
 	return nil, errorf(http.StatusForbidden, CodeForbidden,
-		"the Entra token (application %s, principal %s) is valid but names no caller of this gateway", claims.AppID, claims.ObjectID)
+		"the Entra token (application %s, principal %s, issued to %s) is valid but names no caller of this gateway", claims.AppID, claims.ObjectID, issuedTo)
 }
 
 // tokenCache remembers verified tokens (by hash) until a deadline.

@@ -107,6 +107,42 @@ func TestEntraCallers(t *testing.T) {
 	}
 }
 
+func TestEntraCallersByPrincipal(t *testing.T) {
+	// principal: app admits only an application's own tokens; user, only a user's, obtained
+	// through the application. Unset, either (a360-oauth above). Each refusal says which the
+	// token was.
+	const user = "77777777-7777-7777-7777-777777777777"
+	for _, tt := range []struct{ principal, app, user string }{
+		{config.PrincipalApp, "", "issued to a user, through the application"},
+		{config.PrincipalUser, "issued to the application itself", ""},
+		{config.PrincipalAny, "", ""},
+	} {
+		t.Run(tt.principal, func(t *testing.T) {
+			g := newGateway(t, func(c *config.Config) {
+				c.Callers = append(c.Callers, &config.Caller{Name: "a360-oauth", Deployments: []string{"gpt-4.1-mini"}, Entra: &config.EntraCaller{
+					TenantID: emulator.DefaultTenantID, Audiences: []string{gatewayAppID}, AppIDs: []string{a360AppID},
+					Principal: tt.principal, AuthorityHost: authorityOf(c),
+				}})
+			})
+			g.emu.AddResource(emulator.Resource{URI: "api://tokenproxy", AppID: gatewayAppID, Version: 2})
+			g.emu.AddApp(emulator.App{TenantID: emulator.DefaultTenantID, ClientID: a360AppID})
+			delegated, err := g.emu.IssueUserToken(a360AppID, "api://tokenproxy", user, "user_impersonation")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for token, refusal := range map[string]string{g.entraToken(a360AppID, "api://tokenproxy"): tt.app, delegated: tt.user} {
+				resp, body := g.do("POST", chatPath, map[string]string{"Authorization": "Bearer " + token}, chatBody)
+				switch {
+				case refusal == "" && resp.StatusCode != 200:
+					t.Errorf("got %d %s, want 200", resp.StatusCode, body)
+				case refusal != "" && (resp.StatusCode != 403 || !strings.Contains(body, refusal)):
+					t.Errorf("got %d %s, want 403 saying %q", resp.StatusCode, body, refusal)
+				}
+			}
+		})
+	}
+}
+
 func TestEntraTokenRefusalsQuoteNoKey(t *testing.T) {
 	// Why a token is refused may quote what its header says (its key ID, its algorithm), which the
 	// caller chooses. Where that holds a caller's key, the answer and the log say less; otherwise
