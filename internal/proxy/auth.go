@@ -155,6 +155,11 @@ func newCallers(cfg *config.Config, l *loads, tokens *callertoken.Registry) (*ca
 		if e := c.Entra; e != nil {
 			v := tokens.Verifier(e.AuthorityHost, e.TenantID)
 			for _, iss := range v.Issuers() {
+				if w := k.byIssuer[iss]; w != nil && w != v {
+					// Two authorities' keys for one issuer: its tokens would be checked against
+					// whichever was named last.
+					return nil, fmt.Errorf("caller %q: tenant %s is named at two authority hosts, whose tokens share the issuer %s", c.Name, e.TenantID, iss)
+				}
 				k.byIssuer[iss] = v
 			}
 			if k.audiences[v] == nil {

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tokenproxy/tokenproxy/internal/callertoken"
 	"github.com/tokenproxy/tokenproxy/internal/config"
 	"github.com/tokenproxy/tokenproxy/internal/emulator"
 )
@@ -140,6 +141,21 @@ func TestEntraCallersByPrincipal(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestATenantAtTwoAuthoritiesIsRefused(t *testing.T) {
+	// Tenants' v1 tokens are issued by sts.windows.net whatever the authority host named: one
+	// tenant named at two hosts would have its v1 tokens checked against either's keys.
+	cfg := config.Default()
+	for i, host := range []string{"", "https://login.example.test/", ""} {
+		cfg.Callers = append(cfg.Callers, &config.Caller{Name: fmt.Sprint("c", i), Entra: &config.EntraCaller{
+			TenantID: emulator.DefaultTenantID, Audiences: []string{gatewayAppID}, AppIDs: []string{a360AppID}, AuthorityHost: host,
+		}})
+		_, err := newCallers(cfg, &loads{}, callertoken.NewRegistry(callertoken.Options{}))
+		if want := `caller "c1": tenant ` + emulator.DefaultTenantID + " is named at two authority hosts"; i == 0 && err != nil || i > 0 && (err == nil || !strings.Contains(err.Error(), want)) {
+			t.Errorf("with %d callers: got %v", i+1, err)
+		}
 	}
 }
 
