@@ -675,33 +675,36 @@ func (a *Authority) issue(tid, clientID, oid string, roles []string, acr string,
 // IssueToken signs an access token directly (no HTTP), as if the app had requested one for the
 // resource; tests use it to make caller tokens.
 func (a *Authority) IssueToken(clientID, resourceURI string) (string, error) {
+	app, res, err := a.appAndResource(clientID, resourceURI)
+	if err != nil {
+		return "", err
+	}
+	tok, _, _, err := a.issue(app.TenantID, app.ClientID, app.ObjectID, app.Roles, "1", res, nil)
+	return tok, err
+}
+
+// appAndResource looks up a registered app and resource, for the Issue methods.
+func (a *Authority) appAndResource(clientID, resourceURI string) (App, Resource, error) {
 	app, ok := a.App(clientID)
 	if !ok {
-		return "", fmt.Errorf("unknown app %q", clientID)
+		return App{}, Resource{}, fmt.Errorf("unknown app %q", clientID)
 	}
 	a.mu.Lock()
 	res, ok := a.resources[strings.TrimSuffix(resourceURI, "/")]
 	a.mu.Unlock()
 	if !ok {
-		return "", fmt.Errorf("unknown resource %q", resourceURI)
+		return App{}, Resource{}, fmt.Errorf("unknown resource %q", resourceURI)
 	}
-	tok, _, _, err := a.issue(app.TenantID, app.ClientID, app.ObjectID, app.Roles, "1", res, nil)
-	return tok, err
+	return app, res, nil
 }
 
 // IssueUserToken signs a delegated access token, as if the user objectID had signed in to the
 // app and it had requested the resource on their behalf: the user's oid, the scopes granted
 // (scp), and no roles of the app's.
 func (a *Authority) IssueUserToken(clientID, resourceURI, objectID, scope string) (string, error) {
-	app, ok := a.App(clientID)
-	if !ok {
-		return "", fmt.Errorf("unknown app %q", clientID)
-	}
-	a.mu.Lock()
-	res, ok := a.resources[strings.TrimSuffix(resourceURI, "/")]
-	a.mu.Unlock()
-	if !ok {
-		return "", fmt.Errorf("unknown resource %q", resourceURI)
+	app, res, err := a.appAndResource(clientID, resourceURI)
+	if err != nil {
+		return "", err
 	}
 	tok, _, _, err := a.issue(app.TenantID, app.ClientID, objectID, nil, "1", res, jwt.MapClaims{"scp": scope, "idtyp": "user"})
 	return tok, err
