@@ -403,7 +403,7 @@ callers:
     entra: {tenant_id: t, audiences: [], app_ids: [a]}
     deployments: ["*"]
   - name: open-tenant
-    entra: {tenant_id: contoso.onmicrosoft.com, audiences: [api://tp], principal: service}
+    entra: {tenant_id: contoso.onmicrosoft.com, audiences: [api://tp, "https://cognitiveservices.azure.com/"], principal: service}
     deployments: ["*"]
   - {name: short, key_files: [short], key_env: [UNSET], deployments: ["*"]}
   - {name: cert, mtls: {}, deployments: ["*"]}
@@ -415,6 +415,7 @@ callers:
 		"callers[2].entra.tenant_id: must be the tenant's ID (a GUID)",
 		"callers[2].entra: set app_ids, object_ids or roles",
 		`callers[2].entra.principal: "service" is not app, user or any`,
+		`callers[2].entra.audiences[1]: "https://cognitiveservices.azure.com/" is a Microsoft service's`,
 		"callers[3].key_files[0]: the key is shorter than 16 characters",
 		"callers[3].key_env[0]: holds no key",
 		"callers[4].mtls: set subject, dns_names or uris",

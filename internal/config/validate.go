@@ -269,6 +269,11 @@ func (e *EntraCaller) validate(v *validator, p string) {
 	if len(e.Audiences) == 0 {
 		v.add(p+".audiences", "is required: the gateway's app ID URI (api://…) and/or its client ID")
 	}
+	for i, a := range e.Audiences {
+		if microsoftResources[strings.ToLower(strings.TrimSuffix(a, "/"))] {
+			v.add(fmt.Sprintf("%s.audiences[%d]", p, i), "%s is a Microsoft service's: its tokens are for that service, and any held for it would be let in; use the gateway's own app ID URI or client ID", shown(a))
+		}
+	}
 	if len(e.AppIDs) == 0 && len(e.ObjectIDs) == 0 && len(e.Roles) == 0 {
 		v.add(p, "set app_ids, object_ids or roles: without one, any application in the tenant could call")
 	}
@@ -283,6 +288,15 @@ func (e *EntraCaller) validate(v *validator, p string) {
 			v.add(p+".authority_host", "%s is not an https URL such as https://login.microsoftonline.us/", shown(e.AuthorityHost))
 		}
 	}
+}
+
+// microsoftResources are the audiences of tokens for Microsoft's own services (lower case, no
+// trailing slash), which are never the gateway's.
+var microsoftResources = map[string]bool{
+	"https://cognitiveservices.azure.com": true, "https://ai.azure.com": true,
+	"https://management.azure.com": true, "https://management.core.windows.net": true,
+	"https://graph.microsoft.com": true, "00000003-0000-0000-c000-000000000000": true,
+	"https://storage.azure.com": true, "https://vault.azure.net": true, "https://database.windows.net": true,
 }
 
 func isGUID(s string) bool {
