@@ -62,8 +62,8 @@ const expirySkew = 30 * time.Second
 const discoveryRetry = 10 * time.Second
 
 // maxErrorText bounds the text of an error about a token or a tenant's keys: parts of it are
-// the token's (an algorithm, a number, a key ID), which its bearer chooses, or a failed
-// response's body, and it goes into the caller's answer and the access log.
+// the token's (its algorithm, a key ID that is not a string), which its bearer chooses, or a
+// failed response's body, and it goes into the caller's answer and the access log.
 const maxErrorText = 200
 
 // bounded is err's text cut to maxErrorText bytes (on a character's boundary).
