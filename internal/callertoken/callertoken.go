@@ -268,7 +268,7 @@ func (v *Verifier) discover() error {
 // unverifiedIssuer reads iss from a JWT without verifying it, to pick the verifier.
 func unverifiedIssuer(raw string) (string, error) {
 	parts := strings.Split(raw, ".")
-	if len(parts) != 3 {
+	if len(parts) != 3 || !canonical(parts[0]) || !canonical(parts[1]) || !canonical(parts[2]) {
 		return "", errors.New("the token is not a JWT")
 	}
 	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
@@ -282,6 +282,47 @@ func unverifiedIssuer(raw string) (string, error) {
 		return "", errors.New("the token is not a JWT")
 	}
 	return c.Issuer, nil
+}
+
+// canonical reports whether seg is a non-empty segment of a compact JWT in the one spelling its
+// bytes have: base64url without padding, and the last character's unused bits zero. go-jose
+// removes whitespace anywhere in a token before it checks the signature, and Go's base64 ignores
+// line breaks and, unless strict, the unused bits; without this check one valid token would have
+// endless spellings, each a verification and an entry of its own in the caller's cache of
+// verified tokens (whose hash is of the spelling), which its bearer could fill and so empty.
+func canonical(seg string) bool {
+	if seg == "" || len(seg)%4 == 1 {
+		return false
+	}
+	for i := 0; i < len(seg); i++ {
+		if b64Value(seg[i]) < 0 {
+			return false
+		}
+	}
+	switch last := b64Value(seg[len(seg)-1]); len(seg) % 4 {
+	case 2: // 12 bits for one byte: the last character's low 4 bits are unused
+		return last&0x0f == 0
+	case 3: // 18 bits for two bytes: its low 2 bits are unused
+		return last&0x03 == 0
+	}
+	return true
+}
+
+// b64Value is c's value in the base64url alphabet, or -1.
+func b64Value(c byte) int {
+	switch {
+	case 'A' <= c && c <= 'Z':
+		return int(c - 'A')
+	case 'a' <= c && c <= 'z':
+		return int(c-'a') + 26
+	case '0' <= c && c <= '9':
+		return int(c-'0') + 52
+	case c == '-':
+		return 62
+	case c == '_':
+		return 63
+	}
+	return -1
 }
 
 // keySet is a tenant's signing keys (JWKS), refetched when they are old, or when a token names

@@ -288,9 +288,7 @@ func TestFailedKeyFetchesAreNotRetriedPerToken(t *testing.T) {
 func TestAuthorityUnreachable(t *testing.T) {
 	reg := NewRegistry(Options{})
 	v := reg.Verifier("https://127.0.0.1:1/", tenant)
-	claims := jwt.MapClaims{"iss": "https://127.0.0.1:1/" + tenant + "/v2.0", "exp": time.Now().Add(time.Hour).Unix()}
-	tok := jwt.NewWithClaims(jwt.SigningMethodNone, claims)
-	raw, _ := tok.SignedString(jwt.UnsafeAllowNoneSignatureType)
+	raw := forgedFor(t, "https://127.0.0.1:1/", nil, nil)
 	if _, err := v.Verify(t.Context(), raw); !errors.Is(err, ErrUnavailable) {
 		t.Errorf("got %v, want ErrUnavailable", err)
 	}
@@ -402,6 +400,42 @@ func TestVerifyWaitsNoLongerThanItsContext(t *testing.T) {
 				}
 			case <-time.After(5 * time.Second): // a bound, not a wait
 				t.Fatal("Verify still waits for the authority past its context")
+			}
+		})
+	}
+}
+
+// TestOneSpellingPerToken: a valid token respelled (whitespace, a line break, a signature's
+// unused bits set, padding) is refused, so its bearer cannot make endless distinct tokens of it.
+func TestOneSpellingPerToken(t *testing.T) {
+	f := setup(t)
+	tok := f.token(t, "api://tokenproxy")
+	if _, err := f.v.Verify(t.Context(), tok); err != nil {
+		t.Fatalf("the token itself was refused: %v", err)
+	}
+	header, rest, _ := strings.Cut(tok, ".")
+	payload, sig, _ := strings.Cut(rest, ".")
+	if len(sig)%4 != 2 {
+		t.Fatalf("a 2048-bit RS256 signature is 342 characters, got %d", len(sig))
+	}
+	last := strings.IndexByte("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", sig[len(sig)-1])
+	unusedBitSet := sig[:len(sig)-1] + string("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"[last|1])
+	for _, tt := range []struct{ name, token string }{
+		{"a space in the header", header[:5] + " " + header[5:] + "." + payload + "." + sig},
+		{"a tab in the signature", header + "." + payload + "." + sig[:9] + "\t" + sig[9:]},
+		{"a line break in the payload", header + "." + payload[:20] + "\n" + payload[20:] + "." + sig},
+		{"the signature's unused bits set", header + "." + payload + "." + unusedBitSet},
+		{"padding", tok + "=="},
+		{"an empty signature", header + "." + payload + "."},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			if tt.token == tok {
+				t.Fatal("the respelling is the token itself")
+			}
+			if _, err := f.v.Verify(t.Context(), tt.token); err == nil {
+				t.Error("accepted")
+			} else if err.Error() != "the token is not a JWT" {
+				t.Errorf("refused as %q, not for its spelling", err)
 			}
 		})
 	}
