@@ -778,6 +778,27 @@ func TestNamedFileThatWaitsIsReadWithinATimeout(t *testing.T) {
 	}
 }
 
+func TestAFileSwappedAfterItsCheckIsCheckedAgain(t *testing.T) {
+	// The path names a regular file when it is checked, and a named pipe when it is opened.
+	path := filepath.Join(t.TempDir(), "key")
+	if err := os.WriteFile(path, []byte("secret"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	defer func(f func(string)) { betweenStatAndOpen = f }(betweenStatAndOpen)
+	betweenStatAndOpen = func(p string) {
+		if err := os.Remove(p); err != nil {
+			t.Error(err)
+		}
+		if err := syscall.Mkfifo(p, 0o600); err != nil {
+			t.Error(err)
+		}
+	}
+	b, err := readFile(path)
+	if want := "read " + path + ": not a regular file"; err == nil || err.Error() != want {
+		t.Errorf("got %q, %v; want %q", b, err, want)
+	}
+}
+
 func TestASecondDocumentIsRefused(t *testing.T) {
 	_, err := Parse([]byte(`
 upstreams:
