@@ -13,6 +13,8 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/go-cmp/cmp/cmpopts"
+
+	"github.com/tokenproxy/tokenproxy/internal/emulator"
 )
 
 func env(m map[string]string) Getenv {
@@ -453,6 +455,89 @@ admin_key_sha256: not-a-hash
 	} {
 		if err == nil || !strings.Contains(err.Error(), w) {
 			t.Errorf("error lacks %q: %v", w, err)
+		}
+	}
+}
+
+func TestTLSFilesAreReadAsNamedFilesAre(t *testing.T) {
+	// A listener's certificate and key, and the client CAs, are read as any file the
+	// configuration names: a named pipe, which would hold start-up or a reload, is refused.
+	dir := t.TempDir()
+	ca, err := emulator.NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	certPEM, keyPEM, err := ca.IssuePEM(emulator.Leaf{CommonName: "gateway"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, b := range map[string][]byte{"cert.pem": certPEM, "key.pem": keyPEM, "ca.pem": ca.CertPEM()} {
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := syscall.Mkfifo(filepath.Join(dir, "pipe"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w, err := os.OpenFile(filepath.Join(dir, "pipe"), os.O_RDWR, 0) // a writer: reads would wait
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	for _, files := range []string{
+		"cert_file: pipe, key_file: key.pem",
+		"cert_file: cert.pem, key_file: pipe",
+		"cert_file: cert.pem, key_file: key.pem, client_ca_file: pipe",
+	} {
+		done := make(chan error, 1)
+		go func() {
+			_, err := Parse([]byte(`
+credentials: {app: {type: managed_identity}}
+upstreams: {u: {url: "https://a.openai.azure.com", credential: app}}
+allow_unauthenticated: true
+tls: {`+files+`}
+`), dir, env(nil))
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			if err == nil || !strings.Contains(err.Error(), "pipe: not a regular file") {
+				t.Errorf("%s: got %v, want the pipe refused", files, err)
+			}
+		case <-time.After(10 * time.Second): // a bound, not a wait
+			t.Fatalf("%s: Parse still waits", files)
+		}
+	}
+}
+
+func TestCABundlesAreReadWhole(t *testing.T) {
+	// Every PEM block of a CA bundle must be a certificate that parses: one skipped unseen could
+	// be the CA meant to be trusted, or a sign of a bundle cut short.
+	ca, err := emulator.NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := ca.CertPEM()
+	_, key, err := ca.IssuePEM(emulator.Leaf{CommonName: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	broken := []byte("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+	undecodable := []byte("-----BEGIN CERTIFICATE-----\nMIIB*broken\n-----END CERTIFICATE-----\n")
+	for name, tt := range map[string]struct {
+		bundle []byte
+		want   string
+	}{
+		"one CA":                                      {good, ""},
+		"with text between blocks":                    {append(append([]byte("# corp root\n"), good...), good...), ""},
+		"a block that does not parse":                 {append(append([]byte{}, good...), broken...), "PEM block 2: x509:"},
+		"a block that cannot be decoded, between two": {append(append(append([]byte{}, good...), undecodable...), good...), "1 of its 3 PEM blocks cannot be decoded"},
+		"a key":   {append(append([]byte{}, good...), key...), `PEM block 2 is a "EC PRIVATE KEY", not a CERTIFICATE`},
+		"nothing": {[]byte("not PEM"), "no PEM certificate found"},
+	} {
+		_, err := parsePool(tt.bundle)
+		if tt.want == "" && err != nil || tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)) {
+			t.Errorf("%s: got %v, want %q", name, err, tt.want)
 		}
 	}
 }

@@ -1,16 +1,27 @@
 package config
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 )
 
 // Certificate reads the certificate and key files. The files are read anew on each call, so a
-// listener can pick up a renewed certificate.
+// listener can pick up a renewed certificate. They are read as every file the configuration
+// names is (readFile): regular files of bounded size, read within a time.
 func (t *TLS) Certificate() (tls.Certificate, error) {
-	cert, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
+	certPEM, err := readFile(t.CertFile)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("loading %s and %s: %w", t.CertFile, t.KeyFile, err)
+	}
+	keyPEM, err := readFile(t.KeyFile)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("loading %s and %s: %w", t.CertFile, t.KeyFile, err)
+	}
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
 	if err != nil {
 		return tls.Certificate{}, fmt.Errorf("loading %s and %s: %w", t.CertFile, t.KeyFile, err)
 	}
@@ -35,11 +46,7 @@ func (u *Upstream) Pool() (*x509.CertPool, error) {
 	if len(u.CA) == 0 {
 		return nil, nil
 	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(u.CA) {
-		return nil, errors.New("no PEM certificate found")
-	}
-	return pool, nil
+	return parsePool(u.CA)
 }
 
 func readPool(path string) (*x509.CertPool, error) {
@@ -47,9 +54,42 @@ func readPool(path string) (*x509.CertPool, error) {
 	if err != nil {
 		return nil, err
 	}
+	pool, err := parsePool(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return pool, nil
+}
+
+// parsePool reads a bundle of PEM certificates. Every block must be a certificate that parses:
+// one that does not is an error, not skipped (as x509.CertPool.AppendCertsFromPEM and
+// pem.Decode skip it), so that a CA meant to be trusted, or a bundle cut short, is not left out
+// unseen. Text between blocks (comments, openssl's subject lines) is ignored.
+func parsePool(b []byte) (*x509.CertPool, error) {
+	begun := bytes.Count(b, []byte("-----BEGIN "))
 	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(b) {
-		return nil, fmt.Errorf("%s: no PEM certificate found", path)
+	n := 0
+	for {
+		var block *pem.Block
+		block, b = pem.Decode(b)
+		if block == nil {
+			break
+		}
+		n++
+		if block.Type != "CERTIFICATE" {
+			return nil, fmt.Errorf("PEM block %d is a %s, not a CERTIFICATE", n, shown(block.Type))
+		}
+		cert, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("PEM block %d: %w", n, err)
+		}
+		pool.AddCert(cert)
+	}
+	if n < begun {
+		return nil, fmt.Errorf("%d of its %d PEM blocks cannot be decoded", begun-n, begun)
+	}
+	if n == 0 {
+		return nil, errors.New("no PEM certificate found")
 	}
 	return pool, nil
 }
