@@ -651,6 +651,20 @@ callers:
 		t.Errorf("after renewal the listener presents %q, want gateway-v2", cn)
 	}
 	conn.Close()
+
+	// A client CA withdrawn applies at once to connections made before, at their next call.
+	kept := client(&batch, 0)
+	if code, body, err := call(kept, ""); err != nil || code != 200 {
+		t.Fatalf("batch-job before its CA is withdrawn: got %d %s %v, want 200", code, body, err)
+	}
+	// The API listener's reload names client-ca.pem among its files (the admin listener's does not).
+	apiReloaded := `client-ca.pem"]`
+	before := strings.Count(logs.String(), apiReloaded)
+	writePEM("client-ca.pem", rogueCA.CertPEM())
+	logs.await(t, apiReloaded, before+1)
+	if code, body, err := call(kept, ""); code != 401 || !strings.Contains(body, "no longer chains") {
+		t.Errorf("batch-job's kept connection once its CA is withdrawn: got %d %s %v, want 401", code, body, err)
+	}
 	if err := stop(); err != nil {
 		t.Errorf("serve returned %v", err)
 	}

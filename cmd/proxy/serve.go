@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -209,18 +210,14 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 			return err
 		}
 	}
-	api, err := proxy.New(proxy.Options{
-		Config: cfg, Sources: sources, Logger: log.Named("access"), AccessLog: o.access, Registerer: reg, EntraHTTPClient: o.entra.HTTPClient,
-	})
-	if err != nil {
-		return err
-	}
-	defer api.Close()
-	adm := admin.New(admin.Options{Gatherer: reg, Registerer: reg, Tokens: b, Pprof: cfg.AdminPprof, KeySHA256: cfg.AdminKeySHA256})
 	var apiCerts, adminCerts *certs.Source
+	var clientCAs func() *x509.CertPool
 	if cfg.TLS != nil {
 		if apiCerts, err = certs.New(cfg.TLS); err != nil {
 			return fmt.Errorf("tls: %w", err)
+		}
+		if cfg.TLS.ClientCAFile != "" {
+			clientCAs = apiCerts.ClientCAs
 		}
 	}
 	if cfg.AdminTLS != nil {
@@ -228,6 +225,15 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 			return fmt.Errorf("admin_tls: %w", err)
 		}
 	}
+	api, err := proxy.New(proxy.Options{
+		Config: cfg, Sources: sources, Logger: log.Named("access"), AccessLog: o.access, Registerer: reg, EntraHTTPClient: o.entra.HTTPClient,
+		ClientCAs: clientCAs,
+	})
+	if err != nil {
+		return err
+	}
+	defer api.Close()
+	adm := admin.New(admin.Options{Gatherer: reg, Registerer: reg, Tokens: b, Pprof: cfg.AdminPprof, KeySHA256: cfg.AdminKeySHA256})
 
 	apiLn, err := listen(cfg.Listen, o.fallbackPorts)
 	if err != nil {

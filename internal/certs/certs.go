@@ -47,6 +47,11 @@ func (s *Source) Reload() error {
 	return nil
 }
 
+// ClientCAs returns the client CAs as they are now (nil without client_ca_file). A reload
+// that reads them replaces the pool, so a pool other than the one a connection's certificate
+// was verified against means they have been read again.
+func (s *Source) ClientCAs() *x509.CertPool { return s.cas.Load() }
+
 // Files are the files Reload reads.
 func (s *Source) Files() []string {
 	files := []string{s.cfg.CertFile, s.cfg.KeyFile}
@@ -56,11 +61,23 @@ func (s *Source) Files() []string {
 	return files
 }
 
+// tls12Suites are the cipher suites offered to TLS 1.2 clients: forward-secret key exchange
+// and authenticated encryption only (Go's defaults add ECDHE with CBC and SHA-1). TLS 1.3's
+// suites are not configurable, and are all of this kind.
+var tls12Suites = []uint16{
+	tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+	tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+}
+
 // ServerConfig returns the listener's TLS configuration. Each handshake takes the current
 // certificate and CAs. With client CAs, a client may present a certificate, which must then
 // chain to them; presenting none is allowed (mtls callers are one kind among others).
 func (s *Source) ServerConfig() *tls.Config {
-	base := &tls.Config{MinVersion: s.cfg.Version(), NextProtos: []string{"http/1.1"}}
+	base := &tls.Config{MinVersion: s.cfg.Version(), NextProtos: []string{"http/1.1"}, CipherSuites: tls12Suites}
 	return &tls.Config{
 		MinVersion: base.MinVersion,
 		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {

@@ -397,7 +397,9 @@ const (
 // or whose SANs include one of DNSNames or URIs. The certificate must chain to the listener's
 // client_ca_file.
 type MTLSCaller struct {
-	// Subject as written by Go's pkix.Name.String, e.g. "CN=batch-job,O=Contoso".
+	// Subject as the certificate writes it, every attribute in its order, in RFC 4514's form
+	// (last first), e.g. "CN=batch-job,O=Contoso"; as Go's pkix.Name.String writes an ordinary
+	// subject.
 	Subject  string   `yaml:"subject"`
 	DNSNames []string `yaml:"dns_names"`
 	URIs     []string `yaml:"uris"`

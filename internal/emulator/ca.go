@@ -107,6 +107,8 @@ type Leaf struct {
 	URIs       []*url.URL
 	// Client makes a client-authentication certificate; otherwise a server one.
 	Client bool
+	// Subject, if set, is the certificate's subject in place of CommonName, O=Contoso.
+	Subject *pkix.Name
 }
 
 // IssuePEM signs a certificate for leaf and returns it and its private key in PEM.
@@ -129,6 +131,9 @@ func (ca *CA) IssuePEM(leaf Leaf) (certPEM, keyPEM []byte, err error) {
 		NotAfter:     time.Now().Add(24 * time.Hour),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{usage},
+	}
+	if leaf.Subject != nil {
+		tmpl.Subject = *leaf.Subject
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
 	if err != nil {

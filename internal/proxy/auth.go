@@ -5,6 +5,8 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -16,6 +18,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/valyala/fasthttp"
 
@@ -59,8 +62,8 @@ type mtlsCaller struct {
 	dnsNames, uris map[string]bool
 }
 
-func (m *mtlsCaller) matches(leaf *x509.Certificate) bool {
-	if m.subject != "" && leaf.Subject.String() == m.subject {
+func (m *mtlsCaller) matches(leaf *x509.Certificate, subject string) bool {
+	if m.subject != "" && subject == m.subject {
 		return true
 	}
 	for _, n := range leaf.DNSNames {
@@ -74,6 +77,34 @@ func (m *mtlsCaller) matches(leaf *x509.Certificate) bool {
 		}
 	}
 	return false
+}
+
+// subjectOf is leaf's subject as its issuer wrote it: every attribute, in the certificate's
+// order (RFC 4514, last first, as Go's pkix.Name.String writes an ordinary subject). Not
+// pkix.Name's, which keeps only the last of a repeated attribute (two CNs, say) and puts the
+// others in an order of its own, so that subjects a CA signed as different would read the same.
+// "" if the subject cannot be read (it matches no rule).
+func subjectOf(leaf *x509.Certificate) string {
+	var rdns pkix.RDNSequence
+	if rest, err := asn1.Unmarshal(leaf.RawSubject, &rdns); err != nil || len(rest) > 0 {
+		return ""
+	}
+	return rdns.String()
+}
+
+// maxShownSubject bounds the subject a 403 quotes: a certificate's subject can be as long as
+// its handshake message allows.
+const maxShownSubject = 200
+
+// clip is s cut to at most n bytes, on a character's boundary, marked with "…" if cut.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
 }
 
 // entraCaller is a caller identified by an Entra access token.
@@ -195,7 +226,8 @@ func newCallers(cfg *config.Config, l *loads, tokens *callertoken.Registry) (*ca
 // Automation 360's CUSTOM_KEYS sends) or Authorization: Bearer (the OpenAI SDK convention).
 // Exactly one key may be presented: two different ones are refused rather than guessed at.
 // A caller presenting no key may be identified by its TLS client certificate (peer, verified
-// against the listener's client CAs; nil without one). The credential presented (a key or a
+// against the listener's client CAs; nil without one). A certificate that names a caller and a
+// key sent with it are two credentials, and refused too. The credential presented (a key or a
 // token) is returned too, so the request can be scrubbed of it wherever else it appears.
 func (k *callers) authenticate(h *fasthttp.RequestHeader, peer *x509.Certificate) (*caller, []byte, *apiError) {
 	key, err := presentedKey(h)
@@ -207,13 +239,24 @@ func (k *callers) authenticate(h *fasthttp.RequestHeader, peer *x509.Certificate
 }
 
 func (k *callers) identify(key []byte, peer *x509.Certificate) (*caller, *apiError) {
-	if len(key) == 0 && peer != nil && len(k.mtls) > 0 {
+	if peer != nil && (len(k.mtls) > 0 || len(key) == 0 && !k.unauthenticated) {
+		subject := subjectOf(peer)
+		var named *mtlsCaller
 		for _, m := range k.mtls {
-			if m.matches(peer) {
-				return m.caller, nil
+			if m.matches(peer, subject) {
+				named = m
+				break
 			}
 		}
-		return nil, errorf(http.StatusForbidden, CodeForbidden, "the client certificate (%s) names no caller of this gateway", peer.Subject)
+		switch {
+		case named != nil && len(key) > 0:
+			return nil, errorf(http.StatusUnauthorized, CodeUnauthorized,
+				"the client certificate names caller %s, and a key or token was sent as well: send one credential", named.name)
+		case named != nil:
+			return named.caller, nil
+		case len(key) == 0:
+			return nil, errorf(http.StatusForbidden, CodeForbidden, "the client certificate (%s) names no caller of this gateway", clip(subject, maxShownSubject))
+		}
 	}
 	if len(key) == 0 {
 		if k.unauthenticated {

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -131,6 +132,9 @@ type (
 		*tls.Conn
 		w       connWait
 		relayed atomic.Bool
+		// checkedUnder is the client CAs the connection's certificate was last verified
+		// against, after its handshake (Handler.peerOf).
+		checkedUnder atomic.Pointer[x509.CertPool]
 	}
 )
 

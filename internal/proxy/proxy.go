@@ -57,8 +57,14 @@ type Options struct {
 	// Transport carries requests to upstreams. If nil, one with Config's timeouts and the
 	// environment's proxy settings is made, and Close releases it.
 	Transport *transport.Transport
-	// Now is the clock for backend health. If nil, time.Now.
+	// Now is the clock for backend health and for client certificates' expiry. If nil,
+	// time.Now.
 	Now func() time.Time
+	// ClientCAs, if set, returns the CAs the API listener's client certificates must chain to,
+	// as they are now. A connection's certificate, verified at its handshake, is verified again
+	// against them at its next call whenever they have changed since (a CA withdrawn by a
+	// reload). Without it, certificates are checked only for their expiry after the handshake.
+	ClientCAs func() *x509.CertPool
 	// EntraHTTPClient fetches Entra's discovery documents and signing keys, to verify callers'
 	// tokens. If nil, a client with the system roots.
 	EntraHTTPClient *http.Client
@@ -94,6 +100,9 @@ type Handler struct {
 	backends *backend.Registry
 	budget   *backend.Budget
 	res      config.Resilience
+
+	now       func() time.Time      // Options.Now, or time.Now
+	clientCAs func() *x509.CertPool // Options.ClientCAs
 }
 
 // upstream is one configured resource.
@@ -126,7 +135,12 @@ func New(opts Options) (*Handler, error) {
 			BreakerFailures: cfg.Resilience.BreakerFailures, BreakerOpen: cfg.Resilience.BreakerOpen,
 			DefaultCooldown: cfg.Resilience.DefaultCooldown, MaxCooldown: cfg.Resilience.MaxCooldown, Now: opts.Now,
 		}),
-		budget: backend.NewBudget(cfg.Resilience.RetryBudget, cfg.Resilience.MinRetriesPerSecond, opts.Now),
+		budget:    backend.NewBudget(cfg.Resilience.RetryBudget, cfg.Resilience.MinRetriesPerSecond, opts.Now),
+		now:       opts.Now,
+		clientCAs: opts.ClientCAs,
+	}
+	if h.now == nil {
+		h.now = time.Now
 	}
 	if opts.Transport != nil {
 		h.transport = opts.Transport
@@ -389,15 +403,64 @@ func (h *Handler) serveBodyRouted(c *call, apiVersionRequired bool) {
 	h.forward(c, d, &plan{path: c.path, body: body, ref: ref})
 }
 
+// peerOf is the client certificate the call's connection presented (nil if none), checked
+// again for this call: the handshake verified it, but a connection outlives its certificate,
+// and the client CAs can change under it.
+func (h *Handler) peerOf(c *call) (*x509.Certificate, *apiError) {
+	st := c.fc.TLSConnectionState()
+	if st == nil || len(st.VerifiedChains) == 0 {
+		return nil, nil
+	}
+	now := h.now()
+	for _, cert := range st.VerifiedChains[0] {
+		if now.After(cert.NotAfter) {
+			return nil, errorf(http.StatusUnauthorized, CodeUnauthorized,
+				"the client certificate, or one that signed it, has expired since the connection was made: connect again with a current one")
+		}
+	}
+	leaf := st.VerifiedChains[0][0]
+	if h.clientCAs == nil {
+		return leaf, nil
+	}
+	cas := h.clientCAs()
+	sc, _ := c.fc.Conn().(*servedTLSConn)
+	if cas != nil && sc != nil && sc.checkedUnder.Load() == cas {
+		return leaf, nil
+	}
+	if cas == nil || !chainsTo(st.PeerCertificates, cas, now) {
+		return nil, errorf(http.StatusUnauthorized, CodeUnauthorized,
+			"the client certificate no longer chains to the gateway's client CAs, which have changed since the connection was made")
+	}
+	if sc != nil {
+		sc.checkedUnder.Store(cas)
+	}
+	return leaf, nil
+}
+
+// chainsTo reports whether certs (a leaf, then the intermediates its peer sent) verify to one
+// of roots for client authentication at now, as the TLS handshake verifies them.
+func chainsTo(certs []*x509.Certificate, roots *x509.CertPool, now time.Time) bool {
+	if len(certs) == 0 {
+		return false
+	}
+	inter := x509.NewCertPool()
+	for _, c := range certs[1:] {
+		inter.AddCert(c)
+	}
+	_, err := certs[0].Verify(x509.VerifyOptions{
+		Roots: roots, Intermediates: inter, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	})
+	return err == nil
+}
+
 // admit authenticates the caller and takes its places in the concurrency limits (given back by
 // finish): the caller's own max_concurrent, then the gateway's.
 func (h *Handler) admit(c *call) (*caller, *apiError) {
-	var peer *x509.Certificate
-	if st := c.fc.TLSConnectionState(); st != nil && len(st.VerifiedChains) > 0 {
-		peer = st.VerifiedChains[0][0]
+	peer, e := h.peerOf(c)
+	if e != nil {
+		return nil, e
 	}
 	var cl *caller
-	var e *apiError
 	if c.credential != nil {
 		cl, e = c.keys.identify(c.credential, peer)
 	} else {
