@@ -166,7 +166,7 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 	out := upstreamRequests.Get().(*transport.Request)
 	defer upstreamRequests.Put(out)
 	var pathBuf [256]byte
-	rewrite(out, &c.fc.Request.Header, up, p.appendPath(pathBuf[:0], name), c.query, p.bodyFor(c.deployment, name), c.id, c.credential, c.credStr, h.callers.Load())
+	rewrite(out, &c.fc.Request.Header, up, p.appendPath(pathBuf[:0], name), c.query, p.bodyFor(c.deployment, name), c.id, c.credential, c.credStr, c.keys)
 
 	c.proxyStart = c.now()
 	// The answer is read straight into the caller's response; one whose attempt fails over is
