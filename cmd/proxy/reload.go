@@ -14,7 +14,6 @@ import (
 
 	"github.com/tokenproxy/tokenproxy/internal/certs"
 	"github.com/tokenproxy/tokenproxy/internal/config"
-	"github.com/tokenproxy/tokenproxy/internal/proxy"
 	"github.com/tokenproxy/tokenproxy/internal/watch"
 )
 
@@ -26,38 +25,38 @@ type reloader struct {
 	path   string
 	getenv func(string) string
 	log    *zap.Logger
-	api    *proxy.Handler
+	api    callerSetter
 	certs  []*certs.Source // listener certificates, reloaded when their files change
+
+	// reloading makes reloads one at a time, SIGHUP's and the file watches' alike: otherwise a
+	// reload that read the files before an edit could finish after one that read them after it,
+	// and put the older callers (a key since removed) back in force.
+	reloading sync.Mutex
 
 	mu      sync.Mutex
 	current *config.Config
 	stopW   context.CancelFunc // ends the file watch of the current configuration
+	hup     chan os.Signal     // SIGHUP, caught until stop
 
 	reloads *prometheus.CounterVec
 	last    prometheus.Gauge
 }
 
-func (r *reloader) start(ctx context.Context, reg prometheus.Registerer) error {
-	r.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Namespace: "tokenproxy", Name: "config_reloads_total",
-		Help: "Configuration reloads (SIGHUP or a file change), by result (success, error).",
-	}, []string{"result"})
-	r.last = prometheus.NewGauge(prometheus.GaugeOpts{
-		Namespace: "tokenproxy", Name: "config_last_reload_success_timestamp_seconds",
-		Help: "When the configuration was last loaded successfully (unix seconds).",
-	})
-	reg.MustRegister(r.reloads, r.last)
-	r.last.SetToCurrentTime()
+// callerSetter puts callers in force: the API's handler (*proxy.Handler).
+type callerSetter interface {
+	SetCallers(*config.Config) error
+}
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
+func (r *reloader) start(ctx context.Context, reg prometheus.Registerer) error {
+	r.register(reg)
+	r.hup = make(chan os.Signal, 1)
+	signal.Notify(r.hup, syscall.SIGHUP)
 	go func() {
-		defer signal.Stop(hup)
 		for {
 			select {
 			case <-ctx.Done():
 				return
-			case <-hup:
+			case <-r.hup:
 				r.reload(ctx, "SIGHUP")
 				r.reloadCerts("SIGHUP")
 			}
@@ -71,9 +70,35 @@ func (r *reloader) start(ctx context.Context, reg prometheus.Registerer) error {
 	return r.watch(ctx)
 }
 
+// register makes the reload metrics, in reg.
+func (r *reloader) register(reg prometheus.Registerer) {
+	r.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "tokenproxy", Name: "config_reloads_total",
+		Help: "Configuration reloads (SIGHUP or a file change), by result (success, error).",
+	}, []string{"result"})
+	r.last = prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: "tokenproxy", Name: "config_last_reload_success_timestamp_seconds",
+		Help: "When the configuration was last loaded successfully (unix seconds).",
+	})
+	reg.MustRegister(r.reloads, r.last)
+	r.last.SetToCurrentTime()
+}
+
+// stop lets SIGHUP go back to its default action, which ends the process. It is called once
+// the gateway has stopped, not when reloads stop (as shutdown begins): a SIGHUP during
+// shutdown_delay or shutdown_grace would otherwise end the process and cut the calls in flight.
+// A SIGHUP meanwhile is caught and ignored.
+func (r *reloader) stop() {
+	if r.hup != nil {
+		signal.Stop(r.hup)
+	}
+}
+
 // reloadCerts reads the listeners' certificates and client CAs again; a broken file is refused
 // and the certificates in use stay.
 func (r *reloader) reloadCerts(why string) {
+	r.reloading.Lock()
+	defer r.reloading.Unlock()
 	for _, c := range r.certs {
 		if err := c.Reload(); err != nil {
 			r.reloads.WithLabelValues("error").Inc()
@@ -84,23 +109,30 @@ func (r *reloader) reloadCerts(why string) {
 	}
 }
 
-// watch (re)starts the file watch for the current configuration's files.
+// watch (re)starts the file watch for the current configuration's files. The watch in force
+// stays if the new one cannot be set up.
 func (r *reloader) watch(ctx context.Context) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.stopW != nil {
-		r.stopW()
-	}
-	wctx, cancel := context.WithCancel(ctx)
-	r.stopW = cancel
 	files := []string{r.path}
 	for _, c := range r.current.Callers {
 		files = append(files, c.KeyFiles...)
 	}
-	return watch.Files(wctx, files, 250*time.Millisecond, func() { r.reload(ctx, "file change") })
+	wctx, cancel := context.WithCancel(ctx)
+	if err := watch.Files(wctx, files, 250*time.Millisecond, func() { r.reload(ctx, "file change") }); err != nil {
+		cancel()
+		return err
+	}
+	if r.stopW != nil {
+		r.stopW()
+	}
+	r.stopW = cancel
+	return nil
 }
 
 func (r *reloader) reload(ctx context.Context, why string) {
+	r.reloading.Lock()
+	defer r.reloading.Unlock()
 	cfg, err := config.Load(r.path, r.getenv)
 	if err != nil {
 		r.reloads.WithLabelValues("error").Inc()
@@ -119,6 +151,9 @@ func (r *reloader) reload(ctx context.Context, why string) {
 	r.reloads.WithLabelValues("success").Inc()
 	r.last.SetToCurrentTime()
 	r.log.Info("callers reloaded", zap.String("trigger", why), zap.Int("callers", len(cfg.Callers)))
+	if cfg.AllowUnauthenticated && !old.AllowUnauthenticated {
+		r.log.Warn("allow_unauthenticated is on: callers without a key are let in and may use every deployment")
+	}
 	if !sameOutsideCallers(old, cfg) {
 		r.log.Warn("the configuration changed beyond callers; those changes take effect at the next restart")
 	}

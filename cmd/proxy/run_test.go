@@ -504,6 +504,38 @@ callers:
 		t.Error("after SIGHUP: want the environment's new key in and the old one out")
 	}
 
+	// A key file named relative to the configuration's directory, in a directory of its own, is
+	// read and watched there (not from the working directory): a key rotated in it is reloaded.
+	keyE, keyF := newKey(), newKey()
+	writeKey := func(key string) {
+		t.Helper()
+		tmp := filepath.Join(dir, "keys", "app.txt.tmp")
+		if err := os.WriteFile(tmp, []byte(key+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, filepath.Join(dir, "keys", "app.txt")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Mkdir(filepath.Join(dir, "keys"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	writeKey(keyE)
+	write("  - {name: app, key_files: [keys/app.txt], deployments: [\"*\"]}\n")
+	awaitLog("callers reloaded", 4)
+	if status(keyE) != 200 || status(keyD) != 401 {
+		t.Error("after moving to a key file: want its key in, the environment's out")
+	}
+	writeKey(keyF)
+	awaitLog("callers reloaded", 5)
+	if status(keyF) != 200 || status(keyE) != 401 {
+		t.Error("after the key file's key was rotated: want the new key in, the old one out")
+	}
+
+	// Letting callers in without a key, by a reload, is warned of as at start.
+	write("  - {name: app, key_files: [keys/app.txt], deployments: [\"*\"]}\nallow_unauthenticated: true\n")
+	awaitLog("allow_unauthenticated is on", 1)
+
 	b, err := io.ReadAll(stream.Body)
 	if err != nil || !strings.HasSuffix(strings.TrimSpace(string(b)), "data: [DONE]") {
 		t.Errorf("the stream across the reloads ended with %v after %q", err, tail(string(b)))

@@ -245,8 +245,11 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 		return fmt.Errorf("listening for the admin endpoints: %w", err)
 	}
 	apiSrv := api.NewServer(cfg)
+	// The admin endpoints read no body: a request, body included, must be in within read_header,
+	// and an answer (a pprof profile's included) taken within idle, or the connection is closed.
 	adminSrv := &http.Server{
-		Handler: adm, ReadHeaderTimeout: cfg.Timeouts.ReadHeader, IdleTimeout: cfg.Timeouts.Idle,
+		Handler: adm, ReadHeaderTimeout: cfg.Timeouts.ReadHeader, ReadTimeout: cfg.Timeouts.ReadHeader,
+		WriteTimeout: cfg.Timeouts.Idle, IdleTimeout: cfg.Timeouts.Idle,
 		ErrorLog: zap.NewStdLog(log.Named("admin")),
 	}
 
@@ -280,8 +283,13 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 				r.certs = append(r.certs, c)
 			}
 		}
-		if err := r.start(gctx, reg); err != nil {
-			return err
+		rctx, stopReloads := context.WithCancel(gctx)
+		defer stopReloads()
+		defer r.stop()
+		if err := r.start(rctx, reg); err != nil {
+			apiLn.Close()
+			adminLn.Close()
+			return fmt.Errorf("watching the configuration's files: %w", err)
 		}
 	}
 	g.Go(func() error { return b.Run(brokerCtx) })

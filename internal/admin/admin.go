@@ -70,10 +70,18 @@ func New(opts Options) *Handler {
 }
 
 // keyGuard requires Authorization: Bearer with the key whose SHA-256 is keyHex ("" lets all in).
+// A keyHex that is not a SHA-256 in hex lets nobody in: a key meant is never dropped unseen.
 func keyGuard(keyHex string) func(http.Handler) http.Handler {
-	want, err := hex.DecodeString(strings.ToLower(keyHex))
-	if keyHex == "" || err != nil || len(want) != sha256.Size {
+	if keyHex == "" {
 		return func(h http.Handler) http.Handler { return h }
+	}
+	want, err := hex.DecodeString(strings.ToLower(keyHex))
+	if err != nil || len(want) != sha256.Size {
+		return func(http.Handler) http.Handler {
+			return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				writeJSON(w, http.StatusInternalServerError, map[string]string{"error": "the admin key's hash is not a SHA-256 in hex: this endpoint is closed"})
+			})
+		}
 	}
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

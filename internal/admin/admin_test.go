@@ -94,4 +94,16 @@ func TestAdminKey(t *testing.T) {
 			t.Errorf("%s must stay open for probes: got %d", path, code)
 		}
 	}
+
+	// A key's hash that is not one closes what it guards, rather than opening it to all.
+	h = New(Options{Gatherer: reg, Tokens: statuses{}, Pprof: true, KeySHA256: "admin-key-0123456789"})
+	for _, path := range []string{"/metrics", "/debug/pprof/"} {
+		req := httptest.NewRequest("GET", path, nil)
+		req.Header.Set("Authorization", "Bearer admin-key-0123456789")
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		if rec.Code != 500 || strings.Contains(rec.Body.String(), "admin-key") {
+			t.Errorf("%s behind a malformed hash: got %d %s, want 500 not quoting it", path, rec.Code, rec.Body)
+		}
+	}
 }

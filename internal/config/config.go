@@ -46,8 +46,9 @@ type Config struct {
 	Listen string `yaml:"listen"`
 	// AdminListen serves /metrics, /healthz and /readyz, apart from the API.
 	AdminListen string `yaml:"admin_listen"`
-	// AdminPprof adds Go's profiling endpoints (/debug/pprof/) to the admin listener. Off by
-	// default: profiles show memory, which can hold tokens.
+	// AdminPprof adds Go's profiling endpoints (/debug/pprof/) to the admin listener, behind
+	// AdminKeySHA256, which it requires. Off by default: profiles show the process's inner
+	// workings, and a CPU profile or trace loads it for as long as it is asked to run.
 	AdminPprof bool `yaml:"admin_pprof"`
 	// AdminKeySHA256, when set, is the SHA-256 of a key /metrics and /debug/pprof/ require
 	// (Authorization: Bearer); /healthz and /readyz stay open for probes.

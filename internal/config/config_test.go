@@ -444,6 +444,15 @@ tls: {cert_file: cert.pem, min_version: "1.1"}
 admin_tls: {cert_file: a.pem, key_file: a.key, client_ca_file: ca.pem}
 admin_key_sha256: not-a-hash
 `), t.TempDir(), env(nil))
+	_, pprofErr := Parse([]byte(`
+credentials: {app: {type: managed_identity}}
+upstreams: {u: {url: "https://a.openai.azure.com", credential: app}}
+allow_unauthenticated: true
+admin_pprof: true
+`), t.TempDir(), env(nil))
+	if pprofErr == nil || !strings.Contains(pprofErr.Error(), "admin_pprof: needs admin_key_sha256") {
+		t.Errorf("admin_pprof without an admin key: got %v, want it refused", pprofErr)
+	}
 	for _, w := range []string{
 		"upstreams.u.ca_file: open",
 		"upstreams.local.http2: needs an https url",
@@ -881,6 +890,28 @@ func TestAFileSwappedAfterItsCheckIsCheckedAgain(t *testing.T) {
 	b, err := readFile(path)
 	if want := "read " + path + ": not a regular file"; err == nil || err.Error() != want {
 		t.Errorf("got %q, %v; want %q", b, err, want)
+	}
+}
+
+func TestTheConfigurationFileIsReadAsNamedFilesAre(t *testing.T) {
+	pipe := filepath.Join(t.TempDir(), "proxy.yaml")
+	if err := syscall.Mkfifo(pipe, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w, err := os.OpenFile(pipe, os.O_RDWR, 0) // a writer: reads would wait
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	done := make(chan error, 1)
+	go func() { _, err := Load(pipe, env(nil)); done <- err }()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "not a regular file") {
+			t.Errorf("got %v, want the pipe refused", err)
+		}
+	case <-time.After(10 * time.Second): // a bound, not a wait
+		t.Fatal("Load still waits")
 	}
 }
 

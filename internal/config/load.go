@@ -28,7 +28,7 @@ type Getenv func(key string) string
 // *_file paths are resolved against the file's directory. The error joins every problem found:
 // unknown keys, unset variables, unreadable files and validation failures.
 func Load(path string, getenv Getenv) (*Config, error) {
-	data, err := os.ReadFile(path)
+	data, err := readFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("reading config: %w", err)
 	}
@@ -242,6 +242,7 @@ func (c *Config) hashKeys(dir string, getenv Getenv) []error {
 			where := fmt.Sprintf("%s.key_files[%d]", p, j)
 			if !filepath.IsAbs(f) {
 				f = filepath.Join(dir, f)
+				cl.KeyFiles[j] = f // as the file is read, so it is watched: not from the working directory
 			}
 			b, err := readFile(f)
 			if err != nil {

@@ -45,6 +45,9 @@ func (c *Config) Validate() error {
 	if c.AdminKeySHA256 != "" && !isSHA256Hex(c.AdminKeySHA256) {
 		v.add("admin_key_sha256", "is not a SHA-256 in hex; store the hash from `proxy hash-key`, never the key")
 	}
+	if c.AdminPprof && c.AdminKeySHA256 == "" {
+		v.add("admin_pprof", "needs admin_key_sha256: the profiling endpoints are never open to all")
+	}
 
 	for _, name := range sortedKeys(c.Credentials) {
 		v.name("credentials."+name, name)
