@@ -6,6 +6,7 @@ package watch
 
 import (
 	"context"
+	"errors"
 	"path/filepath"
 	"time"
 
@@ -38,36 +39,48 @@ func Files(ctx context.Context, paths []string, debounce time.Duration, onChange
 	}
 	go func() {
 		defer w.Close()
-		var timer *time.Timer
-		var fire <-chan time.Time
-		for {
-			select {
-			case <-ctx.Done():
-				if timer != nil {
-					timer.Stop()
-				}
-				return
-			case ev, ok := <-w.Events:
-				if !ok {
-					return
-				}
-				// A Kubernetes volume update renames ..data; any change in a watched
-				// directory whose name starts with ".." concerns its files.
-				if !want[ev.Name] && !isKubernetesSwap(ev.Name) {
-					continue
-				}
-				if timer == nil {
-					timer = time.NewTimer(debounce)
-					fire = timer.C
-				}
-			case <-w.Errors:
-			case <-fire:
-				timer, fire = nil, nil
-				onChange()
-			}
-		}
+		watchLoop(ctx, w.Events, w.Errors, want, debounce, onChange)
 	}()
 	return nil
+}
+
+// watchLoop calls onChange, debounced, for events on the wanted files, and for an overflow of
+// the kernel's event queue (the events lost could be theirs), until ctx is done or events closes.
+// Other errors are dropped: the watch goes on.
+func watchLoop(ctx context.Context, events <-chan fsnotify.Event, errs <-chan error, want map[string]bool, debounce time.Duration, onChange func()) {
+	var timer *time.Timer
+	var fire <-chan time.Time
+	changed := func() {
+		if timer == nil {
+			timer = time.NewTimer(debounce)
+			fire = timer.C
+		}
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			if timer != nil {
+				timer.Stop()
+			}
+			return
+		case ev, ok := <-events:
+			if !ok {
+				return
+			}
+			// A Kubernetes volume update renames ..data; any change in a watched
+			// directory whose name starts with ".." concerns its files.
+			if want[ev.Name] || isKubernetesSwap(ev.Name) {
+				changed()
+			}
+		case err, ok := <-errs:
+			if ok && errors.Is(err, fsnotify.ErrEventOverflow) {
+				changed()
+			}
+		case <-fire:
+			timer, fire = nil, nil
+			onChange()
+		}
+	}
 }
 
 func isKubernetesSwap(name string) bool {

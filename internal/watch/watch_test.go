@@ -1,10 +1,13 @@
 package watch
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/fsnotify/fsnotify"
 )
 
 func TestFiles(t *testing.T) {
@@ -66,4 +69,18 @@ func TestFiles(t *testing.T) {
 	os.Symlink("..2026_02", filepath.Join(kdir, "..data_tmp"))
 	os.Rename(filepath.Join(kdir, "..data_tmp"), filepath.Join(kdir, "..data"))
 	expect("a Kubernetes symlink swap")
+}
+
+func TestAnOverflowIsTakenForAChange(t *testing.T) {
+	// When the kernel's queue overflows, the events lost may be the wanted files': reload.
+	events, errs := make(chan fsnotify.Event), make(chan error)
+	changes := make(chan struct{}, 1)
+	go watchLoop(t.Context(), events, errs, map[string]bool{"/etc/proxy.yaml": true}, time.Millisecond, func() { changes <- struct{}{} })
+	errs <- errors.New("some other error")
+	errs <- fsnotify.ErrEventOverflow
+	select {
+	case <-changes:
+	case <-time.After(10 * time.Second): // a bound, not a wait
+		t.Fatal("no callback after an overflow")
+	}
 }
