@@ -62,8 +62,9 @@ type Options struct {
 	Now func() time.Time
 	// ClientCAs, if set, returns the CAs the API listener's client certificates must chain to,
 	// as they are now. A connection's certificate, verified at its handshake, is verified again
-	// against them at its next call whenever they have changed since (a CA withdrawn by a
-	// reload). Without it, certificates are checked only for their expiry after the handshake.
+	// against them at its first call, and at its next call whenever they change (a CA withdrawn
+	// by a reload): one verification per connection and set of CAs. Without it, certificates
+	// are checked only for their expiry after the handshake.
 	ClientCAs func() *x509.CertPool
 	// EntraHTTPClient fetches Entra's discovery documents and signing keys, to verify callers'
 	// tokens. If nil, a client with the system roots.
