@@ -3,7 +3,11 @@ package proxy
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
+	"io"
 	"net"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -144,6 +148,39 @@ func (c *servedConn) Close() error {
 		return nil
 	}
 	return c.TCPConn.Close()
+}
+
+// Read reads from the TLS connection. A caller that speaks plain HTTP to it (an http:// URL
+// for an https:// gateway) fails the handshake; it is told so in plain HTTP, as Go's own
+// server tells it, rather than left with a connection closed on it unanswered.
+func (c *servedTLSConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err != nil {
+		var re tls.RecordHeaderError
+		if errors.As(err, &re) && re.Conn != nil && looksLikeHTTP(re.RecordHeader[:]) {
+			re.Conn.SetWriteDeadline(time.Now().Add(time.Second))
+			io.WriteString(re.Conn, plainHTTPToTLS)
+		}
+	}
+	return n, err
+}
+
+// plainHTTPToTLS is the answer to a plain HTTP request on a TLS listener.
+var plainHTTPToTLS = func() string {
+	body := `{"error":{"code":"` + CodeInvalidRequest + `","message":"this gateway speaks HTTPS on this port: call it with an https:// URL, not http://"}}`
+	return "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: " +
+		strconv.Itoa(len(body)) + "\r\n\r\n" + body
+}()
+
+// looksLikeHTTP reports whether a connection's first bytes, taken for a TLS record's header,
+// are the start of a plain HTTP request.
+func looksLikeHTTP(hdr []byte) bool {
+	for _, m := range []string{"GET ", "POST ", "PUT ", "HEAD ", "DELETE ", "OPTIONS ", "PATCH "} {
+		if strings.HasPrefix(m, string(hdr)) || strings.HasPrefix(string(hdr), m) {
+			return true
+		}
+	}
+	return false
 }
 
 // Close closes c, unless it has been handed over to a relay: then the relay closes it.

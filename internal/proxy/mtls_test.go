@@ -286,3 +286,16 @@ func TestTLSHandshakeWithinReadHeader(t *testing.T) {
 		}
 	}
 }
+
+func TestPlainHTTPOnTheTLSListenerIsToldSo(t *testing.T) {
+	g := newMTLSGateway(t)
+	resp, err := http.Post("http://"+g.addr+"/openai/deployments/gpt-4.1-mini/chat/completions?api-version=2024-10-21", "application/json", strings.NewReader(chatBody))
+	if err != nil {
+		t.Fatalf("no answer: %v", err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 400 || !strings.Contains(string(b), "call it with an https:// URL") || resp.Header.Get("Content-Type") != "application/json" {
+		t.Errorf("got %d %s %q, want 400 saying to use https", resp.StatusCode, resp.Header.Get("Content-Type"), b)
+	}
+}
