@@ -241,3 +241,17 @@ func TestEntraUnreachableAtFirstUse(t *testing.T) {
 		t.Errorf("the log does not say why: %v", line["error"])
 	}
 }
+
+func TestAReloadKeepsTheTokenWait(t *testing.T) {
+	// Timeouts take effect at a restart, as the reload's log says: the wait for a caller's
+	// token keys (timeouts.token_acquire) too, though it is kept with the callers.
+	g := newGateway(t)
+	cfg := *g.cfg
+	cfg.Timeouts.TokenAcquire += time.Hour
+	if err := g.handler.SetCallers(&cfg); err != nil {
+		t.Fatal(err)
+	}
+	if got := g.handler.callers.Load().tokenWait; got != g.cfg.Timeouts.TokenAcquire {
+		t.Errorf("after a reload the wait is %v, want the start's %v", got, g.cfg.Timeouts.TokenAcquire)
+	}
+}

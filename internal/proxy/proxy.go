@@ -104,6 +104,7 @@ type Handler struct {
 
 	now       func() time.Time      // Options.Now, or time.Now
 	clientCAs func() *x509.CertPool // Options.ClientCAs
+	tokenWait time.Duration         // timeouts.token_acquire, for callers' Entra tokens
 }
 
 // upstream is one configured resource.
@@ -139,6 +140,7 @@ func New(opts Options) (*Handler, error) {
 		budget:    backend.NewBudget(cfg.Resilience.RetryBudget, cfg.Resilience.MinRetriesPerSecond, opts.Now),
 		now:       opts.Now,
 		clientCAs: opts.ClientCAs,
+		tokenWait: cfg.Timeouts.TokenAcquire,
 	}
 	if h.now == nil {
 		h.now = time.Now
@@ -223,6 +225,7 @@ func (h *Handler) SetCallers(cfg *config.Config) error {
 	if err != nil {
 		return err
 	}
+	k.tokenWait = h.tokenWait // a timeout: the start's stays until a restart, as the others do
 	h.callers.Store(k)
 	h.maxAll.Store(int64(cfg.MaxConcurrent))
 	return nil
