@@ -233,8 +233,11 @@ func (c *h2Conn) roundTrip(ctx context.Context, req message, authorization strin
 	// The head is s's own from here: the connection does not touch it once it has come.
 	resp.SetStatusCode(s.status)
 	for _, hf := range s.fields {
-		if hf.Name == "content-length" || notForH2(hf.Name) {
-			continue // the length is set below, from what was checked
+		// The length is set below, from what was checked. Connection, which no HTTP/2 answer
+		// should hold, is kept: the headers it names go with it where the answer is cleaned, as
+		// over HTTP/1.1.
+		if hf.Name == "content-length" || hf.Name != "connection" && notForH2(hf.Name) {
+			continue
 		}
 		resp.Header.Add(hf.Name, hf.Value)
 	}

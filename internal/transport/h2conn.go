@@ -118,6 +118,10 @@ func newH2Conn(nc net.Conn, idleTimeout, timeout time.Duration) (*h2Conn, error)
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.fr.MaxHeaderListSize = h2MaxHeaderBytes
 	c.fr.SetReuseFrames()
+	// Frames no larger than this side allows (SETTINGS_MAX_FRAME_SIZE, left at its default): the
+	// framer's own bound is 16 MiB, and it keeps a buffer the size of the largest frame read for
+	// the connection's life.
+	c.fr.SetMaxReadFrameSize(h2MaxFrameSize)
 	c.henc = hpack.NewEncoder(&c.hbuf)
 
 	nc.SetDeadline(time.Now().Add(timeout))
@@ -318,6 +322,10 @@ func (c *h2Conn) updateWindows(id, conn, stream uint32) {
 
 // forgetLocked takes s off the connection: it is done on the wire. mu is held. It reports
 // whether the connection, closing, has no call left and should be closed.
+// h2MaxFrameSize is the largest frame this side reads: SETTINGS_MAX_FRAME_SIZE's default, which
+// it does not change.
+const h2MaxFrameSize = 16 << 10
+
 func (c *h2Conn) forgetLocked(s *h2Stream) bool {
 	if c.streams[s.id] != s {
 		return false
@@ -608,6 +616,9 @@ func (c *h2Conn) onGoAway(f *http2.GoAwayFrame) {
 	for id, s := range c.streams {
 		if id > f.LastStreamID {
 			s.err = errH2Refused
+			if s.head { // answered already: the server did take it, and it must not go again
+				s.err = errH2Lost
+			}
 			s.signal()
 			c.forgetLocked(s)
 		}
@@ -621,7 +632,13 @@ func (c *h2Conn) onGoAway(f *http2.GoAwayFrame) {
 
 func (c *h2Conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	done := false
+	defer func() {
+		c.mu.Unlock()
+		if done { // the last stream of a connection told to close when idle
+			c.close()
+		}
+	}()
 	if f.StreamID == 0 {
 		if int64(c.sendWin)+int64(f.Increment) > 1<<31-1 {
 			return http2.ConnectionError(http2.ErrCodeFlowControl)
@@ -631,7 +648,7 @@ func (c *h2Conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 		if int64(s.sendWin)+int64(f.Increment) > 1<<31-1 {
 			s.err = errors.New("transport: the upstream overflowed an HTTP/2 send window")
 			s.signal()
-			c.forgetLocked(s)
+			done = c.forgetLocked(s)
 			id := s.id
 			go c.writeControl(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, http2.ErrCodeFlowControl) })
 			return nil
@@ -779,6 +796,8 @@ func (s *h2Stream) close() {
 		return
 	}
 	s.closed = true
+	s.stopped = true // a Read blocked on the stream, in another goroutine, returns
+	s.signal()
 	s.hook.release()
 	open := c.streams[s.id] == s
 	s.rest = nil

@@ -31,6 +31,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"runtime"
 	"slices"
 	"sync"
@@ -646,6 +647,8 @@ type conn struct {
 	h2        bool // the server chose HTTP/2 in the handshake: the connection goes to p.h2
 	// deadline is the read deadline set on nc for response headers (zero: none); see do.
 	deadline time.Time
+	// wdeadline is the write deadline set on nc for writing requests (zero: none); see do.
+	wdeadline time.Time
 }
 
 // readers buffer responses on their way in. A connection borrows one for a call's headers (and
@@ -816,7 +819,18 @@ func (c *conn) do(ctx context.Context, now time.Time, req message, authorization
 		}
 		return nil, err
 	}
+	// Writing the request is bounded as the wait for the answer's head is, from the call's
+	// start: an upstream that takes the head and stops reading the body (or answers early and
+	// never reads it) must not hold the call. The deadline is moved as the read deadline is,
+	// below.
+	if want := now.Add(headerTimeout); headerTimeout > 0 && c.wdeadline.Before(want) {
+		c.wdeadline = want.Add(headerTimeout / 8)
+		c.nc.SetWriteDeadline(c.wdeadline)
+	}
 	if err := c.write(req, authorization); err != nil {
+		if isTimeout(err) {
+			return fail(err) // the upstream took the connection and stopped reading: not stale
+		}
 		return fail(&staleConnError{err})
 	}
 	// The answer is hardly ever in yet: a read now would find nothing, a system call (≈ 1.8 µs
@@ -909,17 +923,45 @@ func (r *rest) Read(p []byte) (int, error) {
 }
 
 // readHeader reads the final response header, skipping informational ones (100 Continue,
-// 103 Early Hints).
+// 103 Early Hints). A 101 is refused: the gateway never asks to switch protocols (it drops
+// Upgrade), and what followed would be taken for the answer's body.
 func readHeader(br *bufio.Reader, h *fasthttp.ResponseHeader) error {
 	for range 100 {
 		if err := h.Read(br); err != nil {
-			return err
+			return headError(err)
 		}
-		if s := h.StatusCode(); s < 100 || s > 199 || s == fasthttp.StatusSwitchingProtocols {
+		switch s := h.StatusCode(); {
+		case s == fasthttp.StatusSwitchingProtocols:
+			return errSwitchingProtocols
+		case s < 100 || s > 199:
 			return nil
 		}
 	}
 	return errors.New("transport: too many informational responses")
+}
+
+var (
+	errSwitchingProtocols = errors.New("transport: the upstream answered 101 Switching Protocols, which was not asked for")
+	errMalformedHead      = errors.New("transport: the upstream's response head is malformed")
+	errHeadTooLarge       = errors.New("transport: the upstream's response head is too large")
+	errHeadCut            = errors.New("transport: the upstream's response head was cut short")
+)
+
+// headError is what the gateway says of a failed read of a response head. fasthttp's errors
+// quote what was read (a header's value, up to 400 bytes of the head): an upstream, or a box in
+// front of it, that echoes the request's Authorization header into a malformed head would put
+// the bearer token into the error, and so into the access log. Timeouts stay timeouts.
+func headError(err error) error {
+	var small *fasthttp.ErrSmallBuffer
+	switch {
+	case isTimeout(err):
+		return os.ErrDeadlineExceeded
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, syscall.ECONNRESET):
+		return errHeadCut
+	case errors.As(err, &small):
+		return errHeadTooLarge
+	}
+	return errMalformedHead
 }
 
 // finish ends a call whose body is fully read: the connection goes back to the pool if it can.
