@@ -134,13 +134,7 @@ func TestHTTP2StreamCloseWakesRead(t *testing.T) {
 	})
 	t.Cleanup(func() { close(release) }) // before frameServer's cleanup, which waits for the script
 	tr := newTransport(t, Options{})
-	req := &fasthttp.Request{}
-	req.Header.SetRequestURI("/")
-	req.Header.SetHost(o.Host())
-	s, err := tr.Do(t.Context(), o, req, "", &fasthttp.Response{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := getStream(t, tr, o)
 	done := make(chan error, 1)
 	go func() { _, err := s.Read(make([]byte, 10)); done <- err }()
 	s.Close() // before or while the Read waits: either way it must return
@@ -171,13 +165,7 @@ func TestHTTP2WindowOverflowClosesAClosingConnection(t *testing.T) {
 		close(closed) // the gateway closed the connection
 	})
 	tr := New(Options{})
-	req := &fasthttp.Request{}
-	req.Header.SetRequestURI("/")
-	req.Header.SetHost(o.Host())
-	s, err := tr.Do(t.Context(), o, req, "", &fasthttp.Response{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := getStream(t, tr, o)
 	cc := s.h2.c
 	tr.Close() // the connection carries a call: it is to close when that ends
 	close(overflow)
@@ -214,4 +202,20 @@ func TestHTTP2ConnectionHeaderKeptWithWhatItNames(t *testing.T) {
 	if string(resp.Header.Peek("Connection")) != "x-hop" {
 		t.Errorf("Connection %q beside X-Hop %q, want it kept, naming x-hop", resp.Header.Peek("Connection"), resp.Header.Peek("X-Hop"))
 	}
+}
+
+// getStream makes a GET to o through tr, whose answer is to be an event stream.
+func getStream(t *testing.T, tr *Transport, o Origin) *Stream {
+	t.Helper()
+	req := &fasthttp.Request{}
+	req.Header.SetRequestURI("/")
+	req.Header.SetHost(o.Host())
+	s, err := tr.Do(t.Context(), o, req, "", &fasthttp.Response{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s == nil {
+		t.Fatal("the answer was not streamed")
+	}
+	return s
 }
