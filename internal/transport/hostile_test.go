@@ -4,10 +4,13 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -218,4 +221,103 @@ func getStream(t *testing.T, tr *Transport, o Origin) *Stream {
 		t.Fatal("the answer was not streamed")
 	}
 	return s
+}
+
+// An answer framed by both Content-Length and Transfer-Encoding, in either order and however
+// the name is spelt, is refused and its connection closed: readers that pick differently would
+// split the connection's bytes into different answers. A Content-Length in an informational
+// head before a chunked answer is no such thing.
+func TestBothLengthsAreRefused(t *testing.T) {
+	const chunked = "\r\n5\r\nhello\r\n0\r\n\r\n"
+	for _, tc := range []struct {
+		name, head string
+		refused    bool
+	}{
+		{"length first", "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n", true},
+		{"chunked first", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n", true},
+		{"any case, space before the colon", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\ncontent-LENGTH : 5\r\n", true},
+		{"length only in an informational head", "HTTP/1.1 103 Early Hints\r\nContent-Length: 5\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n", false},
+		{"chunked only", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Content-Length: 5\r\n", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			url, conns := rawServer(t, tc.head+chunked, true)
+			tr := newTransport(t, Options{})
+			for range 2 {
+				r, err := post(t, tr, t.Context(), url, "x")
+				if tc.refused {
+					if !errors.Is(err, errTwoLengths) {
+						if err == nil && r.stream != nil {
+							r.stream.Close()
+						}
+						t.Fatalf("got %v, want errTwoLengths", err)
+					}
+					continue
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				if b := r.body(t); b != "hello" {
+					t.Fatalf("body %q, want hello", b)
+				}
+			}
+			want := int32(1)
+			if tc.refused {
+				want = 2
+			}
+			if n := conns.Load(); n != want {
+				t.Errorf("%d connections for two calls, want %d", n, want)
+			}
+		})
+	}
+}
+
+// A chunked answer whose head came in more than one read cannot be checked for a second
+// length where it lay whole: it is read as chunked, and its connection is not used again.
+func TestHeadInPiecesIsNotTrustedAgain(t *testing.T) {
+	cert := httptest.NewUnstartedServer(nil)
+	cert.StartTLS() // only for its certificate
+	cfg := cert.TLS.Clone()
+	roots := x509.NewCertPool()
+	roots.AddCert(cert.Certificate())
+	cert.Close()
+	cfg.NextProtos = nil
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns atomic.Int32
+	acceptAll(t, ln, func(c net.Conn, _ func(net.Conn)) {
+		conns.Add(1)
+		br := bufio.NewReader(c)
+		for {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			io.Copy(io.Discard, req.Body)
+			// Two writes are two TLS records, and a read of the connection returns one.
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n")
+			io.WriteString(c, "Content-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+		}
+	})
+	o, err := NewOrigin("https://" + ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	o = o.WithRoots(roots, "pieces")
+	tr := newTransport(t, Options{})
+	for range 2 {
+		_, req := request(t, "POST", "https://"+ln.Addr().String()+"/x", "x")
+		resp := &fasthttp.Response{}
+		s, err := tr.Do(t.Context(), o, req, "", resp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if b := (result{resp, s}).body(t); b != "hello" {
+			t.Fatalf("body %q, want hello", b)
+		}
+	}
+	if n := conns.Load(); n != 2 {
+		t.Errorf("%d connections for two calls, want 2", n)
+	}
 }

@@ -642,7 +642,8 @@ func connectTunnel(ctx context.Context, nc net.Conn, proxy *url.URL, addr string
 type conn struct {
 	p         *pool
 	nc        net.Conn
-	br        *bufio.Reader // borrowed from readers while a response's headers and buffered body are read
+	br        *bufio.Reader  // borrowed from readers while a response's headers and buffered body are read
+	src       countingReader // what br reads: nc, its reads counted (see do)
 	idleSince time.Time
 	h2        bool // the server chose HTTP/2 in the handshake: the connection goes to p.h2
 	// deadline is the read deadline set on nc for response headers (zero: none); see do.
@@ -663,7 +664,19 @@ var streamReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 
 
 func (c *conn) borrowReader() {
 	c.br = readers.Get().(*bufio.Reader)
-	c.br.Reset(c.nc)
+	c.src.r = c.nc
+	c.br.Reset(&c.src)
+}
+
+// countingReader counts the reads made of r.
+type countingReader struct {
+	r     io.Reader
+	reads uint32
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	c.reads++
+	return c.r.Read(p)
 }
 
 // returnReader gives the borrowed reader back; what it still held is dropped.
@@ -856,6 +869,10 @@ func (c *conn) do(ctx context.Context, now time.Time, req message, authorization
 		}
 		return fail(err)
 	}
+	// What the reader holds now, and whether it has to read again for the head, tells what
+	// the head was (see below).
+	held, _ := c.br.Peek(c.br.Buffered())
+	reads := c.src.reads
 	if err := readHeader(c.br, &resp.Header); err != nil {
 		return fail(err)
 	}
@@ -869,6 +886,19 @@ func (c *conn) do(ctx context.Context, now time.Time, req message, authorization
 		return nil, c.finish(stop, reusable, now)
 	}
 	cl := resp.Header.ContentLength()
+	if cl == -1 {
+		// An answer framed both by Content-Length and as chunked is how a response is
+		// smuggled past one reader of it into another (RFC 9112, section 6.3: "ought to be
+		// handled as an error"); fasthttp keeps one of the two and says nothing. The head is
+		// checked where it still lies whole in the reader's buffer. One that came in pieces
+		// cannot be, and its connection is not trusted with another call.
+		switch {
+		case c.src.reads != reads:
+			reusable = false
+		case hasContentLength(held[:len(held)-c.br.Buffered()]):
+			return fail(errTwoLengths)
+		}
+	}
 	if cl >= 0 && cl <= bufferLimit && !bytes.HasPrefix(resp.Header.ContentType(), eventStream) {
 		if err := resp.ReadBody(c.br, bufferLimit); err != nil {
 			return fail(err)
@@ -945,7 +975,26 @@ var (
 	errMalformedHead      = errors.New("transport: the upstream's response head is malformed")
 	errHeadTooLarge       = errors.New("transport: the upstream's response head is too large")
 	errHeadCut            = errors.New("transport: the upstream's response head was cut short")
+	errTwoLengths         = errors.New("transport: the upstream's response has both Content-Length and Transfer-Encoding")
 )
+
+// hasContentLength reports whether the last of the response heads in heads, each ended by an
+// empty line, has a Content-Length field.
+func hasContentLength(heads []byte) bool {
+	found := false
+	for len(heads) > 0 {
+		line, rest, _ := bytes.Cut(heads, []byte("\n"))
+		heads = rest
+		line = bytes.TrimSuffix(line, []byte("\r"))
+		if len(line) == 0 { // the end of a head; another may follow
+			found = found && len(heads) == 0
+			continue
+		}
+		name, _, ok := bytes.Cut(line, []byte(":"))
+		found = found || ok && bytes.EqualFold(bytes.TrimRight(name, " \t"), []byte("Content-Length"))
+	}
+	return found
+}
 
 // headError is what the gateway says of a failed read of a response head. fasthttp's errors
 // quote what was read (a header's value, up to 400 bytes of the head): an upstream, or a box in
