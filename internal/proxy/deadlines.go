@@ -137,7 +137,7 @@ type (
 		w       connWait
 		relayed atomic.Bool
 		// checkedUnder is the client CAs the connection's certificate was last verified
-		// against, after its handshake (Handler.peerOf).
+		// against: at first, those in force when it was accepted (servedListener.Accept).
 		checkedUnder atomic.Pointer[x509.CertPool]
 	}
 )
@@ -214,7 +214,8 @@ func handOver(c net.Conn) (conn net.Conn, relayed bool) {
 // (not made by Listen or tls.NewListener) are served as they are, their waits looked up.
 type servedListener struct {
 	net.Listener
-	d *deadlines
+	d   *deadlines
+	cas func() *x509.CertPool // Server.clientCAs
 }
 
 func (l servedListener) Accept() (net.Conn, error) {
@@ -230,6 +231,12 @@ func (l servedListener) Accept() (net.Conn, error) {
 	case *tls.Conn:
 		sc := &servedTLSConn{Conn: t}
 		sc.w.d, sc.w.c = l.d, sc
+		if l.cas != nil {
+			// The handshake comes later and takes the CAs then in force. Pools are replaced,
+			// never changed, and this one is kept alive here: if it is still the one in force
+			// at a call, the handshake verified against it too (see Handler.peerOf).
+			sc.checkedUnder.Store(l.cas())
+		}
 		return sc, nil
 	}
 	return c, nil

@@ -437,7 +437,7 @@ func TestServedListenerCarriesWaits(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			ln := servedListener{tc.wrap(raw), d}
+			ln := servedListener{Listener: tc.wrap(raw), d: d}
 			defer ln.Close()
 			dialed := make(chan net.Conn, 1)
 			go func() {

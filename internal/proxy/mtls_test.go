@@ -189,6 +189,30 @@ func TestClientCertificateCheckedAgainOnAKeptConnection(t *testing.T) {
 	})
 }
 
+// A certificate is verified by its connection's handshake, and not again at its calls while the
+// client CAs stay those in force when the connection was accepted. The probe: the gateway's
+// clock is set back before the certificate's start, which a verification at a call refuses and
+// the handshake, on the real clock, does not.
+func TestClientCertificateVerifiedOnceUnderTheSameCAs(t *testing.T) {
+	g := newMTLSGateway(t)
+	batch := g.clientCert(emulator.Leaf{CommonName: "batch-job"})
+	g.clock.advance(-48 * time.Hour)
+	kept := g.tlsClient(&batch)
+	for i := range 2 {
+		if code, body, err := g.chat(kept, nil); code != 200 {
+			t.Fatalf("call %d: %d %s %v", i, code, body, err)
+		}
+	}
+	// Read again, the CAs are a new set: the next call verifies the certificate, on the
+	// gateway's clock.
+	if err := g.src.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if code, body, err := g.chat(kept, nil); code != 401 {
+		t.Errorf("after the CAs were read again: got %d %s %v, want 401 from a verification before the certificate's start", code, body, err)
+	}
+}
+
 func TestClientCertificateSubjectAsIssued(t *testing.T) {
 	g := newMTLSGateway(t)
 	cn, o := asn1.ObjectIdentifier{2, 5, 4, 3}, asn1.ObjectIdentifier{2, 5, 4, 10}

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"io"
 	"net"
@@ -29,6 +30,9 @@ type Server struct {
 
 	// The connections being served (not handed over to a stream), with their read timeouts.
 	conns *deadlines
+	// clientCAs is Options.ClientCAs: a TLS connection records the CAs in force when it is
+	// accepted, which its handshake, coming after, verifies against unless they change.
+	clientCAs func() *x509.CertPool
 
 	// The listeners Serve was given, and whether Shutdown has begun: fasthttp closes only the
 	// listeners its Serve has taken, so one whose Serve had not got that far would be served
@@ -43,7 +47,7 @@ func (h *Handler) NewServer(cfg *config.Config) *Server {
 	if h.streams == nil {
 		h.streams = newStreamSet()
 	}
-	s := &Server{log: h.log, m: h.m, streams: h.streams, conns: newDeadlines(cfg.Timeouts.ReadHeader, cfg.Timeouts.Idle)}
+	s := &Server{log: h.log, m: h.m, streams: h.streams, conns: newDeadlines(cfg.Timeouts.ReadHeader, cfg.Timeouts.Idle), clientCAs: h.clientCAs}
 	s.conns.answerCut = h.m.answerCuts.Inc
 	s.srv = &fasthttp.Server{
 		// The request line and headers must arrive within read_header; the body is read by the
@@ -132,7 +136,7 @@ func (s *Server) Serve(ln net.Listener) error {
 	s.lns = append(s.lns, ln)
 	s.lmu.Unlock()
 	defer s.conns.start()()
-	return s.srv.Serve(servedListener{ln, s.conns})
+	return s.srv.Serve(servedListener{ln, s.conns, s.clientCAs})
 }
 
 // closeListeners closes the listeners of Serve calls fasthttp's Shutdown may not have known
