@@ -218,6 +218,7 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 		c.heldBackend = b
 		return reason
 	}
+	c.discardHeld() // an earlier attempt's answer, whose connection a stream would keep open
 	h.deliver(c, upResp, stream)
 	return ""
 }

@@ -8,6 +8,7 @@ import (
 	"mime"
 	"mime/multipart"
 	"net/http"
+	"strings"
 )
 
 // modelRef is where the deployment name was found in a request body.
@@ -18,7 +19,16 @@ type modelRef struct {
 	start, end int
 }
 
-var errDuplicateModel = errors.New("the body names model more than once")
+var (
+	errDuplicateModel     = errors.New("the body names model more than once")
+	errModelInAnotherCase = errors.New(`the body has a member named "model" in another case`)
+	errModelTooLong       = errors.New("the model is too long to be a deployment name")
+)
+
+// maxModelToken bounds a JSON body's model token, escapes and quotes included: a deployment
+// name has at most 64 characters, each at most six bytes escaped. A longer one is refused
+// before it is decoded, and never quoted.
+const maxModelToken = 64*6 + 2
 
 // errMalformedPart stands for mime/multipart's errors, which quote the line they could not read:
 // a caller's key in it would go to the log.
@@ -66,7 +76,8 @@ func jsonModel(b []byte) (modelRef, error) {
 		i = skipSpace(b, keyEnd) + 1 // past ':'
 		i = skipSpace(b, i)
 		valEnd := skipValue(b, i)
-		if isKey(key, "model") {
+		switch keyIs(key, "model") {
+		case exactly:
 			if found {
 				return ref, errDuplicateModel
 			}
@@ -74,8 +85,15 @@ func jsonModel(b []byte) (modelRef, error) {
 			if b[i] != '"' {
 				return ref, errors.New("model must be a string")
 			}
+			if valEnd-i > maxModelToken {
+				return ref, errModelTooLong
+			}
 			ref.name = unquote(b[i:valEnd])
 			ref.start, ref.end = i, valEnd
+		case butForCase:
+			// A parser that matches names without regard to case (ASP.NET's web defaults do)
+			// could take this one for the model.
+			return ref, errModelInAnotherCase
 		}
 		i = skipSpace(b, valEnd)
 		if b[i] == ',' {
@@ -134,12 +152,31 @@ func skipValue(b []byte, i int) int {
 	}
 }
 
-// isKey reports whether the string token tok decodes to want.
-func isKey(tok []byte, want string) bool {
+// How a member's name compares with a wanted one.
+const (
+	other = iota
+	exactly
+	butForCase // equal without regard to case, and not with it
+)
+
+// keyIs compares the string token tok, decoded, with want (lower-case ASCII).
+func keyIs(tok []byte, want string) int {
+	var k string
 	if plain(tok) {
-		return string(tok[1:len(tok)-1]) == want
+		if len(tok) != len(want)+2 {
+			return other
+		}
+		k = string(tok[1 : len(tok)-1])
+	} else {
+		k = unquote(tok)
 	}
-	return unquote(tok) == want
+	switch {
+	case k == want:
+		return exactly
+	case strings.EqualFold(k, want):
+		return butForCase
+	}
+	return other
 }
 
 // unquote decodes a string token exactly as encoding/json does (escapes, and invalid UTF-8
@@ -202,7 +239,11 @@ func multipartModel(body []byte, boundary string) (string, error) {
 		if err != nil {
 			return "", errMalformedPart
 		}
-		if p.FormName() != "model" {
+		switch n := p.FormName(); {
+		case n == "model":
+		case strings.EqualFold(n, "model"):
+			return "", errModelInAnotherCase
+		default:
 			continue
 		}
 		if found {
@@ -214,7 +255,7 @@ func multipartModel(body []byte, boundary string) (string, error) {
 			return "", errMalformedPart
 		}
 		if len(v) > 256 {
-			return "", errors.New("the model field is too long")
+			return "", errModelTooLong
 		}
 		name = string(v)
 	}

@@ -42,7 +42,9 @@ type call struct {
 	attempts                     int    // backends tried
 	backend                      string // the last one, "upstream/deployment"
 
-	// A failed attempt's answer, kept in case no other backend does better.
+	// A failed attempt's answer, kept in case no other backend does better. heldStream is its
+	// body, if streamed; or, from the delivery of an answer with a streamed body until its
+	// hand-over (handedOver), that body, so that a panic on the way leaves it to be closed.
 	heldResp    *fasthttp.Response
 	heldStream  *transport.Stream
 	heldErr     error
@@ -136,10 +138,11 @@ func (h *Handler) finish(c *call, p any) {
 	c.watch.stop()
 	c.ctx.cancel()
 	if p != nil {
-		// The panic value, scrubbed, and the stack are logged; request headers are not.
-		h.log.Error("panic serving request", zap.String("request_id", c.id), zap.String("panic", redactPanic(p, c.credStr)), zap.Stack("stack"))
-		c.code, c.err = CodeInternal, errors.New("internal error")
+		h.logPanic(c, p)
+		c.code, c.err = CodeInternal, errInternal
 		if c.fc != nil {
+			// Part of a stream may have gone out before the panic: nothing follows the error.
+			c.fc.SetConnectionClose()
 			clearResponse(&c.fc.Response)
 			c.kept.apimID, c.kept.region = nil, nil
 			c.status = http.StatusInternalServerError
@@ -155,6 +158,13 @@ func (h *Handler) finish(c *call, p any) {
 	end := c.now()
 	h.observe(c, status, end)
 	h.accessLog(c, status, end)
+}
+
+var errInternal = errors.New("internal error")
+
+// logPanic logs a panic serving c: its value, scrubbed, and the stack; request headers are not.
+func (h *Handler) logPanic(c *call, p any) {
+	h.log.Error("panic serving request", zap.String("request_id", c.id), zap.String("panic", redactPanic(p, c.credStr)), zap.Stack("stack"))
 }
 
 // scrub removes the caller's credential from text that echoes what the caller sent (a path, a

@@ -26,6 +26,7 @@ const (
 	CodeUnauthorized          = "Unauthorized"
 	CodeForbidden             = "PermissionDenied"
 	CodeNotFound              = "NotFound"
+	CodeMethodNotAllowed      = "MethodNotAllowed"
 	CodeDeploymentNotFound    = "DeploymentNotFound"
 	CodeRequestTooLarge       = "RequestTooLarge"
 	CodeUpstreamUnreachable   = "UpstreamUnreachable"

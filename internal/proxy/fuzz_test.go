@@ -15,28 +15,30 @@ import (
 	"github.com/valyala/fasthttp"
 )
 
-// topLevelModels counts the top-level "model" keys with encoding/json, as the oracle.
-func topLevelModels(b []byte) (int, error) {
+// topLevelModels counts the top-level "model" keys with encoding/json, as the oracle, and the
+// keys that are "model" but for case.
+func topLevelModels(b []byte) (n, folded int, err error) {
 	dec := json.NewDecoder(bytes.NewReader(b))
 	tok, err := dec.Token()
 	if err != nil || tok != json.Delim('{') {
-		return 0, errors.New("not an object")
+		return 0, 0, errors.New("not an object")
 	}
-	n := 0
 	for dec.More() {
 		k, err := dec.Token()
 		if err != nil {
-			return 0, err
+			return 0, 0, err
 		}
 		if k == "model" {
 			n++
+		} else if strings.EqualFold(k.(string), "model") {
+			folded++
 		}
 		var skip json.RawMessage
 		if err := dec.Decode(&skip); err != nil {
-			return 0, err
+			return 0, 0, err
 		}
 	}
-	return n, nil
+	return n, folded, nil
 }
 
 func FuzzJSONModel(f *testing.F) {
@@ -51,6 +53,8 @@ func FuzzJSONModel(f *testing.F) {
 		"{\"model\":\"\xff\"}",
 		`{"a":{"b":{"c":{"d":[[[[["model"]]]]]}}},"model":"deep"}`,
 		`{"model":"m","stream":true}`, `{"stream"`, `{"stream" :`, `{"stream": tru`,
+		`{"Model":"a","model":"b"}`, `{"model":"a","MODEL":"b"}`, `{"mod\u0045l":"a"}`, `{"model":7,"model":"b"}`,
+		`{"model":"` + strings.Repeat("\u0041", 64) + `"}`, `{"model":"` + strings.Repeat("\u0041", 65) + `"}`,
 	} {
 		f.Add([]byte(s))
 	}
@@ -65,15 +69,20 @@ func FuzzJSONModel(f *testing.F) {
 			}
 			return
 		}
-		n, oerr := topLevelModels(b)
+		n, folded, oerr := topLevelModels(b)
 		switch {
 		case oerr != nil:
 			if err == nil {
 				t.Fatalf("accepted a non-object %q", b)
 			}
+		case folded > 0:
+			if err == nil {
+				t.Fatalf("accepted %q, which has a model in another case", b)
+			}
 		case n > 1:
-			if !errors.Is(err, errDuplicateModel) {
-				t.Fatalf("got %v for %d model keys in %q, want errDuplicateModel", err, n, b)
+			// The first model found may be refused for itself before the second is seen.
+			if err == nil {
+				t.Fatalf("accepted %d model keys in %q", n, b)
 			}
 		case n == 0:
 			if err != nil || ref.name != "" || ref.start != -1 {
@@ -85,9 +94,16 @@ func FuzzJSONModel(f *testing.F) {
 				t.Fatalf("oracle cannot decode %q", b)
 			}
 			var want string
-			if raw := bytes.TrimSpace(m["model"]); len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &want) != nil {
+			raw := bytes.TrimSpace(m["model"])
+			if len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &want) != nil {
 				if err == nil {
 					t.Fatalf("accepted a non-string model in %q", b)
+				}
+				return
+			}
+			if len(raw) > maxModelToken {
+				if !errors.Is(err, errModelTooLong) {
+					t.Fatalf("got (%q, %v) for a %d-byte model token, want errModelTooLong", ref.name, err, len(raw))
 				}
 				return
 			}

@@ -284,11 +284,15 @@ func (h *Handler) serve(fc *fasthttp.RequestCtx, w *connWait) {
 	h.m.inflight.Inc()
 	defer func() {
 		c.returnBody()
-		if c.streaming {
-			return // the stream writer finishes the call
+		p := recover()
+		if c.streaming { // the stream writer finishes the call
+			if p != nil { // after the hand-over, which leaves nothing to panic: logged, not re-raised
+				h.logPanic(c, p)
+			}
+			return
 		}
 		w.waitAnswer()
-		h.finish(c, recover())
+		h.finish(c, p)
 	}()
 
 	path, query, _ := strings.Cut(string(fc.Request.Header.RequestURI()), "?")
@@ -312,13 +316,22 @@ func (h *Handler) serve(fc *fasthttp.RequestCtx, w *connWait) {
 		h.fail(c, badHeaders)
 		return
 	}
+	if !allowedMethod(fc.Request.Header.Method()) {
+		// TRACE in particular: a hop that answers it echoes the request, bearer token and all.
+		h.fail(c, errorf(http.StatusMethodNotAllowed, CodeMethodNotAllowed,
+			"the gateway forwards only %s calls", allowedMethods))
+		fc.Response.Header.Set("Allow", allowedMethods)
+		return
+	}
 	switch {
 	case strings.HasPrefix(path, prefixDeployments):
 		h.serveDeployment(c, path[len(prefixDeployments):])
 	case strings.HasPrefix(path, prefixV1):
-		h.serveBodyRouted(c, false)
-	case strings.HasPrefix(path, prefixModels), strings.HasPrefix(path, prefixAPIModels):
-		h.serveBodyRouted(c, true)
+		h.serveBodyRouted(c, v1ModelOps[path[len(prefixV1):]], false)
+	case strings.HasPrefix(path, prefixModels):
+		h.serveBodyRouted(c, foundryModelOps[path[len(prefixModels):]], true)
+	case strings.HasPrefix(path, prefixAPIModels):
+		h.serveBodyRouted(c, foundryModelOps[path[len(prefixAPIModels):]], true)
 	default:
 		h.fail(c, errorf(http.StatusNotFound, CodeNotFound,
 			"no such route: the gateway serves /openai/deployments/{deployment}/…, /openai/v1/… and /models/…"))
@@ -356,7 +369,35 @@ func (h *Handler) serveDeployment(c *call, rest string) {
 	h.forward(c, d, &plan{op: op, body: body})
 }
 
-func (h *Handler) serveBodyRouted(c *call, apiVersionRequired bool) {
+// allowedMethods are the methods the gateway forwards: Azure OpenAI's and Foundry's data-plane
+// calls use no others.
+const allowedMethods = "GET, HEAD, POST, DELETE"
+
+func allowedMethod(m []byte) bool {
+	switch string(m) {
+	case "GET", "HEAD", "POST", "DELETE":
+		return true
+	}
+	return false
+}
+
+// The operations of the body-routed routes that a POST names the deployment of in its body's
+// model, by the path after the route's prefix. Every other call on those routes (the model
+// list, a stored response or completion, files, batches, any other method) names none,
+// whatever its body holds: its model is not what the upstream goes by, so it cannot be what
+// the gateway authorises by.
+var (
+	v1ModelOps = map[string]bool{
+		"chat/completions": true, "completions": true, "embeddings": true, "responses": true,
+		"audio/transcriptions": true, "audio/translations": true, "audio/speech": true,
+		"images/generations": true, "images/edits": true,
+	}
+	foundryModelOps = map[string]bool{"chat/completions": true, "embeddings": true, "images/embeddings": true}
+)
+
+// serveBodyRouted serves /openai/v1/… and /models/…: modelOp says the call is one whose
+// deployment is its body's model.
+func (h *Handler) serveBodyRouted(c *call, modelOp, apiVersionRequired bool) {
 	cl, e := h.admit(c)
 	if e != nil {
 		h.fail(c, e)
@@ -367,9 +408,19 @@ func (h *Handler) serveBodyRouted(c *call, apiVersionRequired bool) {
 			"the api-version query parameter is required, e.g. ?api-version=2024-05-01-preview"))
 		return
 	}
+	if modelOp = modelOp && string(c.fc.Request.Header.Method()) == "POST"; !modelOp {
+		if e := h.namesNoDeployment(c, cl); e != nil {
+			h.fail(c, e)
+			return
+		}
+	}
 	body, e := h.readBody(c)
 	if e != nil {
 		h.fail(c, e)
+		return
+	}
+	if !modelOp {
+		h.forward(c, &deployment{ups: []*upstream{h.only}}, &plan{path: c.path, body: body})
 		return
 	}
 	ref, e := peekModel(string(c.fc.Request.Header.ContentType()), body)
@@ -383,9 +434,7 @@ func (h *Handler) serveBodyRouted(c *call, apiVersionRequired bool) {
 		return
 	}
 	if ref.name == "" {
-		// Calls naming no model (GET /openai/v1/models, a stored response by ID) cannot be
-		// authorised per deployment: only callers allowed everything may make them, and only
-		// when there is a single upstream to send them to.
+		// Only callers allowed everything may name no model, as for the calls below.
 		if !cl.all || h.only == nil {
 			h.fail(c, errorf(http.StatusBadRequest, CodeMissingModel,
 				"the request body must name the deployment in \"model\""))
@@ -405,6 +454,22 @@ func (h *Handler) serveBodyRouted(c *call, apiVersionRequired bool) {
 		return
 	}
 	h.forward(c, d, &plan{path: c.path, body: body, ref: ref})
+}
+
+// namesNoDeployment admits a call that names no deployment (GET /openai/v1/models, a stored
+// response by ID, files): it cannot be authorised per deployment, so only callers allowed
+// everything may make it, and only when there is a single upstream to send it to.
+func (h *Handler) namesNoDeployment(c *call, cl *caller) *apiError {
+	what := string(c.fc.Request.Header.Method()) + " " + clip(c.path, 200)
+	switch {
+	case !cl.all:
+		return errorf(http.StatusForbidden, CodeForbidden,
+			"caller %q may not call %s: it names no deployment, and needs the allow-list [\"*\"]", cl.name, what)
+	case h.only == nil:
+		return errorf(http.StatusBadRequest, CodeMissingModel,
+			"%s names no deployment, and the gateway has more than one upstream to send it to", what)
+	}
+	return nil
 }
 
 // peerOf is the client certificate the call's connection presented (nil if none), checked
@@ -617,7 +682,7 @@ func tooLarge(limit int) *apiError {
 func (h *Handler) resolve(c *call, cl *caller, name string) (*deployment, *apiError) {
 	if !config.ValidDeploymentName(name) {
 		return nil, errorf(http.StatusBadRequest, CodeInvalidPath,
-			"%q is not a valid deployment name (letters, digits, '.', '-', '_'; at most 64)", name)
+			"%q is not a valid deployment name (letters, digits, '.', '-', '_'; at most 64)", clip(name, 80))
 	}
 	c.deployment = name
 	if !cl.may(name) {

@@ -887,12 +887,58 @@ func TestBodyRoutedCalls(t *testing.T) {
 func TestModellessCalls(t *testing.T) {
 	g := newGateway(t)
 	// GET /openai/v1/models names no deployment: only a caller allowed everything may make it.
-	if resp, _ := g.do("GET", "/openai/v1/models", map[string]string{"api-key": keyProd}, ""); resp.StatusCode != 400 {
-		t.Errorf("restricted caller got %d, want 400", resp.StatusCode)
+	if resp, _ := g.do("GET", "/openai/v1/models", map[string]string{"api-key": keyProd}, ""); resp.StatusCode != 403 {
+		t.Errorf("restricted caller got %d, want 403", resp.StatusCode)
 	}
 	resp, body := g.do("GET", "/openai/v1/models", map[string]string{"api-key": keyAdmin}, "")
 	if resp.StatusCode != 200 || !strings.Contains(body, `"object":"list"`) || len(g.emu.OpenAI.Requests()) != 1 {
 		t.Errorf("admin caller got %d %s and %d upstream requests, want it forwarded", resp.StatusCode, body, len(g.emu.OpenAI.Requests()))
+	}
+}
+
+// A body's model authorises only the calls whose deployment the upstream takes from it. On any
+// other call of the body-routed routes it is no authority: a caller allowed one deployment who
+// adds it to the body of a call on another caller's stored response, or on the resource's
+// files, is refused as a caller naming no deployment, and nothing goes upstream.
+func TestModelInABodyAuthorisesOnlyModelCalls(t *testing.T) {
+	g := newGateway(t)
+	restricted := map[string]string{"api-key": keyProd}
+	for _, c := range []struct{ method, path string }{
+		{"GET", "/openai/v1/models"},
+		{"GET", "/openai/v1/responses/resp_of_another_caller"},
+		{"POST", "/openai/v1/responses/resp_of_another_caller/cancel"},
+		{"DELETE", "/openai/v1/files/file-of-another-caller"},
+		{"GET", "/openai/v1/chat/completions"},
+		{"POST", "/openai/v1/batches"},
+		{"GET", "/models/info?api-version=2024-05-01-preview"},
+	} {
+		resp, body := g.do(c.method, c.path, restricted, `{"model":"gpt-4.1-mini"}`)
+		if resp.StatusCode != 403 || !strings.Contains(body, "names no deployment") {
+			t.Errorf("%s %s: got %d %s, want 403", c.method, c.path, resp.StatusCode, body)
+		}
+	}
+	if n := len(g.emu.OpenAI.Requests()); n != 0 {
+		t.Errorf("%d calls went upstream, want none", n)
+	}
+	// The calls that go by the model still do.
+	resp, body := g.do("POST", "/openai/v1/chat/completions", restricted, `{"model":"gpt-4.1-mini","messages":[{"role":"user","content":"hi"}]}`)
+	if resp.StatusCode != 200 {
+		t.Errorf("a chat completion naming its deployment in the body: got %d %s, want 200", resp.StatusCode, body)
+	}
+}
+
+// Only the methods Azure's data plane uses are forwarded: a hop that answers TRACE would echo
+// the request, bearer token and all, back to the caller.
+func TestOnlyDataPlaneMethodsAreForwarded(t *testing.T) {
+	g := newGateway(t)
+	for _, m := range []string{"TRACE", "TRACK", "OPTIONS", "PUT", "PATCH", "PROPFIND"} {
+		resp, body := g.do(m, "/openai/deployments/gpt-4.1-mini/chat/completions?api-version=2024-10-21", map[string]string{"api-key": keyProd}, "")
+		if resp.StatusCode != 405 || resp.Header.Get("Allow") != "GET, HEAD, POST, DELETE" || !strings.Contains(body, "MethodNotAllowed") {
+			t.Errorf("%s: got %d (Allow %q) %s, want 405", m, resp.StatusCode, resp.Header.Get("Allow"), body)
+		}
+	}
+	if n := len(g.emu.OpenAI.Requests()); n != 0 {
+		t.Errorf("%d calls went upstream, want none", n)
 	}
 }
 
@@ -1161,5 +1207,33 @@ func TestConcurrentBodiesStayApart(t *testing.T) {
 	}
 	if seen != calls {
 		t.Fatalf("the upstream saw %d of the %d calls", seen, calls)
+	}
+}
+
+// A body's model that cannot be a deployment name is not quoted back at any length: before, a
+// megabyte of bytes that are not UTF-8 came back three times over, in the answer and the log.
+// A member that is "model" but for case is refused, as a parser matching names without regard
+// to case could take it for the model.
+func TestBodyModelsThatCannotBe(t *testing.T) {
+	g := newGateway(t)
+	hdr := map[string]string{"api-key": keyProd}
+	for _, tc := range []struct{ name, body, want string }{
+		{"a megabyte", `{"model":"` + strings.Repeat("\x80", 1<<20) + `"}`, "too long to be a deployment name"},
+		{"just too long", `{"model":"` + strings.Repeat("a", 400) + `"}`, "too long to be a deployment name"},
+		{"invalid, short", `{"model":"` + strings.Repeat("\x80", 100) + `"}`, "is not a valid deployment name"},
+		{"in another case", `{"model":"gpt-4.1-mini","Model":"gpt-4o"}`, `a member named \"model\" in another case`},
+		{"in another case, first", `{"MODEL":"gpt-4o","model":"gpt-4.1-mini"}`, `a member named \"model\" in another case`},
+	} {
+		before := len(g.logs.String())
+		resp, body := g.do("POST", "/openai/v1/chat/completions", hdr, tc.body)
+		if resp.StatusCode != 400 || !strings.Contains(body, tc.want) || len(body) > 1024 {
+			t.Errorf("%s: got %d, %d bytes: %.300s; want 400 saying %s", tc.name, resp.StatusCode, len(body), body, tc.want)
+		}
+		if n := len(g.logs.String()) - before; n > 4096 {
+			t.Errorf("%s: the log grew by %d bytes", tc.name, n)
+		}
+	}
+	if n := len(g.emu.OpenAI.Requests()); n != 0 {
+		t.Errorf("%d calls went upstream, want none", n)
 	}
 }

@@ -542,3 +542,62 @@ func TestServeAfterShutdownReturns(t *testing.T) {
 		t.Error("the listener still accepts connections")
 	}
 }
+
+// A failed attempt's answer, kept in case no other backend does better, is let go once another
+// backend's answer is delivered: a stream that follows does not keep the failed backend's
+// connection open for as long as it runs.
+func TestAHeldAnswerIsLetGoOnceAnotherIsDelivered(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan struct{})
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		br := bufio.NewReader(c)
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		io.Copy(io.Discard, req.Body)
+		// A 503 whose body has begun and does not end: the gateway holds it as a stream.
+		io.WriteString(c, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nbusy!\r\n")
+		io.Copy(io.Discard, br) // until the gateway closes the connection
+		close(closed)
+	}()
+	t.Cleanup(func() { ln.Close() })
+	g, planes := newPoolGateway(t, 2, func(c *config.Config) { c.Upstreams["b0"].URL = "http://" + ln.Addr().String() })
+	gate := make(chan struct{})
+	planes[1].SetStreamGate(gate)
+	defer close(gate) // lets the stream end, so the servers can close
+	req, _ := http.NewRequestWithContext(t.Context(), "POST", g.url+chatPath, strings.NewReader(`{"stream":true,"messages":[{"role":"user","content":"hi"}]}`))
+	req.Header.Set("api-key", keyProd)
+	first := make(chan string, 1)
+	go func() {
+		resp, err := g.client.Do(req)
+		if err != nil {
+			first <- err.Error()
+			return
+		}
+		defer resp.Body.Close()
+		first <- resp.Status + " " + readEvents(t, resp.Body, 1)[0]
+		io.Copy(io.Discard, resp.Body)
+	}()
+	select {
+	case got := <-first:
+		if !strings.HasPrefix(got, "200 ") {
+			t.Fatalf("got %s, want the second backend's stream", got)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no first event in 10 s")
+	}
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Error("the failed backend's connection is still open 10 s into the stream that replaced its answer")
+	}
+}

@@ -16,12 +16,18 @@ import (
 )
 
 // Request headers never forwarded: hop-by-hop ones (RFC 9110 §7.6.1), the caller's
-// credentials (the only credential that leaves is the gateway's bearer token), and the
-// caller's forwarding trail (the upstream has no use for the caller's addresses).
+// credentials (the only credential that leaves is the gateway's bearer token), the caller's
+// forwarding trail (the upstream has no use for the caller's addresses), and the headers some
+// front ends and frameworks take to change a call's path, method or deployment after the
+// gateway has authorised it (Azure ML endpoints pick a deployment by
+// Azureml-Model-Deployment).
 var dropRequestHeaders = []string{
 	"Connection", "Keep-Alive", "Proxy-Connection", "Te", "Trailer", "Transfer-Encoding", "Upgrade", "Expect",
 	"Authorization", "Api-Key", "Cookie", "Ocp-Apim-Subscription-Key", "Proxy-Authorization",
 	"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-Port", "X-Real-Ip",
+	"X-Forwarded-Prefix", "X-Forwarded-Server", "Via",
+	"X-Original-Url", "X-Rewrite-Url", "X-Http-Method-Override", "X-Http-Method", "X-Method-Override",
+	"Azureml-Model-Deployment",
 }
 
 // Response headers never passed back: hop-by-hop ones; the framing is the gateway's own.

@@ -19,7 +19,7 @@ import (
 // reaches the caller as soon as it exists. Either way the end of the body ends the call: the
 // upstream connection is released or, if the stream was cut, closed.
 func (h *Handler) stream(c *call, s *transport.Stream) {
-	c.streaming = true
+	c.heldStream = s // until handedOver; closed by finish (discardHeld) if it never is
 	if conn := c.fc.Conn(); conn != nil {
 		// A caller that takes none of the stream for timeouts.stream_idle has the write that
 		// waits on it fail (errCallerStalled): it holds the upstream's connection meanwhile.
@@ -30,6 +30,7 @@ func (h *Handler) stream(c *call, s *transport.Stream) {
 	body := &streamBody{h: h, c: c, s: s}
 	if n >= 0 && !events {
 		resp.SetBodyStream(body, n)
+		c.handedOver()
 		return
 	}
 	if h.streams != nil {
@@ -39,7 +40,16 @@ func (h *Handler) stream(c *call, s *transport.Stream) {
 	// Served without NewServer's server (in-process tests): fasthttp's copy loop relays.
 	resp.ImmediateHeaderFlush = true
 	resp.SetBodyStream(body, -1)
+	c.handedOver()
 }
+
+// handedOver marks the call as its stream's to finish: until then, a panic on the way is the
+// handler's to recover, and the stream is closed when the call finishes.
+func (c *call) handedOver() { c.streaming, c.heldStream = true, nil }
+
+// streamSeam, when set (by tests), runs where an event stream is about to be handed over, after
+// its first event may have gone out: it stands for a panic there.
+var streamSeam func()
 
 // relayBufs lends the buffers events are relayed through: a stream holds one only while an
 // upstream read that filled its own small buffer goes on, never while it waits for the next
@@ -78,6 +88,10 @@ func (h *Handler) detach(c *call, s *transport.Stream) {
 		// with ReduceMemoryUsage the server flushes each response as it ends.
 		r.ended, r.werr = r.step(key)
 	}
+	if streamSeam != nil {
+		streamSeam()
+	}
+	c.handedOver()
 	c.detach()
 	h.streams.expect(key, r)
 	fc.HijackSetNoResponse(true)
@@ -255,8 +269,17 @@ type streamBody struct {
 	once sync.Once
 }
 
-func (b *streamBody) Read(p []byte) (int, error) {
-	n, err := b.s.Read(p)
+func (b *streamBody) Read(p []byte) (n int, err error) {
+	// fasthttp calls this from its own goroutine, writing the answer, and recovers nothing:
+	// a panic here is logged, and cuts the answer, rather than end the process.
+	defer func() {
+		if v := recover(); v != nil {
+			b.h.logPanic(b.c, v)
+			b.c.code, b.c.err = CodeInternal, errInternal
+			n, err = 0, errInternal
+		}
+	}()
+	n, err = b.s.Read(p)
 	b.c.bytesOut += n
 	if err == io.EOF {
 		b.eof = true

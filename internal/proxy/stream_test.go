@@ -570,3 +570,28 @@ func largeAllocations() uint64 {
 	}
 	return n
 }
+
+// A panic on the way to handing an event stream over, here after its first event has gone out
+// with the head, is recovered: logged, the caller's answer cut, and the gateway goes on
+// serving. fasthttp recovers nothing, so before, it ended the process.
+func TestPanicBeforeAStreamIsHandedOver(t *testing.T) {
+	g := newGateway(t)
+	streamSeam = func() { panic("stream seam") }
+	defer func() { streamSeam = nil }()
+	req, _ := http.NewRequestWithContext(t.Context(), "POST", g.url+chatPath, strings.NewReader(`{"stream":true,"messages":[{"role":"user","content":"hi"}]}`))
+	req.Header.Set("api-key", keyProd)
+	if resp, err := g.client.Do(req); err == nil {
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err == nil && strings.Contains(string(b), "[DONE]") {
+			t.Errorf("got %d and the whole stream, want it cut: %s", resp.StatusCode, b)
+		}
+	}
+	streamSeam = nil
+	if !strings.Contains(g.logs.String(), `"msg":"panic serving request"`) || !strings.Contains(g.logs.String(), "stream seam") {
+		t.Errorf("the panic is not logged:\n%s", g.logs.String())
+	}
+	if resp, body := chat(g); resp.StatusCode != 200 {
+		t.Errorf("the next call got %d %s, want 200", resp.StatusCode, body)
+	}
+}
