@@ -217,6 +217,41 @@ func TestRefreshHonoursRefreshOn(t *testing.T) {
 	})
 }
 
+// A RefreshOn the broker cannot use is not taken: one close to the expiry would leave calls to
+// find the token spent and wait for Entra, one a moment away would renew back to back.
+func TestUnusableRefreshOnIsNotTaken(t *testing.T) {
+	t.Run("too late", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			f := &fakeFetcher{lifetime: time.Hour, refreshIn: time.Hour - 10*time.Second, latency: 5 * time.Second}
+			b, s := newBroker(t, f, Options{})
+			stop := run(b)
+			defer stop()
+			if _, _, err := tokenNow(t, s); err != nil { // cold: this one waits for Entra
+				t.Fatal(err)
+			}
+			start := time.Now()
+			for time.Since(start) < 3*time.Hour {
+				if _, waited, err := tokenNow(t, s); err != nil || waited != 0 {
+					t.Fatalf("at +%v: a warm call waited %v (%v)", time.Since(start), waited, err)
+				}
+				time.Sleep(20 * time.Second)
+			}
+		})
+	})
+	t.Run("too soon", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			f := &fakeFetcher{lifetime: time.Hour, refreshIn: time.Second}
+			b, _ := newBroker(t, f, Options{})
+			stop := run(b)
+			time.Sleep(time.Hour)
+			stop()
+			if n := len(f.callTimes()); n > 3 {
+				t.Errorf("%d acquisitions in an hour of 1h tokens, want at most 3 (one per half-life)", n)
+			}
+		})
+	})
+}
+
 func TestEntraFailureDuringRefreshKeepsServing(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := &fakeFetcher{lifetime: time.Hour}

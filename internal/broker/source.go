@@ -229,11 +229,17 @@ func (s *Source) backoffLocked(now time.Time) time.Duration {
 
 // refreshAt is when the token should be renewed: RefreshOn if the provider gave a usable one,
 // else half-way through its lifetime, which leaves the other half to ride out an Entra outage.
+// A RefreshOn is usable between a tenth of the lifetime and a tenth before the token stops
+// being handed out: earlier, renewals would run nearly back to back (each one a request to
+// Entra); later, calls would find the token spent and wait for Entra while it is renewed.
 func (t *Token) refreshAt() time.Time {
-	if !t.RefreshOn.IsZero() && t.RefreshOn.Before(t.ExpiresOn) {
+	life := t.ExpiresOn.Sub(t.acquired)
+	earliest := t.acquired.Add(life / 10)
+	latest := t.ExpiresOn.Add(-expiryMargin - life/10)
+	if !t.RefreshOn.IsZero() && !t.RefreshOn.Before(earliest) && !t.RefreshOn.After(latest) {
 		return t.RefreshOn
 	}
-	return t.acquired.Add(t.ExpiresOn.Sub(t.acquired) / 2)
+	return t.acquired.Add(life / 2)
 }
 
 // nextAttempt says how long the refresher sleeps before its next acquisition.
