@@ -12,6 +12,7 @@
 package callertoken
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -200,6 +201,11 @@ func (v *Verifier) Verify(ctx context.Context, raw string) (Claims, error) {
 	if appID == "" {
 		appID = c.AppID
 	}
+	if appID == "" {
+		// Every access token names the application it was issued to; an ID token, which
+		// carries a signed-in user's oid and roles for the gateway's own app, does not.
+		return Claims{}, errors.New("the token is not an access token: it names no application (azp or appid), as an ID token does not")
+	}
 	return Claims{TenantID: c.TenantID, ObjectID: c.ObjectID, AppID: appID, Audience: tok.Audience, Roles: c.Roles, Delegated: c.Scopes != "", ExpiresOn: tok.Expiry}, nil
 }
 
@@ -271,6 +277,9 @@ func unverifiedIssuer(raw string) (string, error) {
 	if len(parts) != 3 || !canonical(parts[0]) || !canonical(parts[1]) || !canonical(parts[2]) {
 		return "", errors.New("the token is not a JWT")
 	}
+	if err := checkAlg(parts[0]); err != nil {
+		return "", err
+	}
 	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
 	if err != nil {
 		return "", errors.New("the token is not a JWT")
@@ -282,6 +291,44 @@ func unverifiedIssuer(raw string) (string, error) {
 		return "", errors.New("the token is not a JWT")
 	}
 	return c.Issuer, nil
+}
+
+var errNotRS256 = errors.New("the token is not signed with RS256, as Entra signs access tokens")
+
+// checkAlg requires the JOSE header seg to name RS256 as its algorithm, once and in that
+// spelling, before the verifier reads it: the verifier's error for another algorithm quotes
+// it, and the header is the caller's to write (another caller's key there would be quoted, and
+// past the length an error is cut at, no longer recognised as a key).
+func checkAlg(seg string) error {
+	h, err := base64.RawURLEncoding.DecodeString(seg)
+	if err != nil {
+		return errors.New("the token is not a JWT")
+	}
+	dec := json.NewDecoder(bytes.NewReader(h))
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+		return errors.New("the token is not a JWT")
+	}
+	algs := 0
+	for dec.More() {
+		t, err := dec.Token()
+		var v json.RawMessage
+		if err == nil {
+			err = dec.Decode(&v)
+		}
+		if err != nil {
+			return errors.New("the token is not a JWT")
+		}
+		if k, _ := t.(string); strings.EqualFold(k, "alg") {
+			if k != "alg" || string(v) != `"RS256"` {
+				return errNotRS256
+			}
+			algs++
+		}
+	}
+	if algs != 1 {
+		return errNotRS256
+	}
+	return nil
 }
 
 // canonical reports whether seg is a non-empty segment of a compact JWT in the one spelling its

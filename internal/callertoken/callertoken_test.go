@@ -148,7 +148,13 @@ func TestRefusedTokens(t *testing.T) {
 	}
 	expired["exp"] = time.Now().Add(-2 * time.Minute).Unix()
 
+	idToken, err := f.emu.IssueIDToken(tenant, gateway, uuid.NewString(), []string{"Gateway.Invoke"})
+	if err != nil {
+		t.Fatal(err)
+	}
+
 	for _, tt := range []struct{ name, token string }{
+		{"a user's ID token for the gateway's app", idToken},
 		{"another tenant", otherTenant},
 		{"an independent issuer", foreign},
 		{"our issuer, the attacker's key and kid", forge(t, jwt.SigningMethodRS256, attacker, map[string]any{"kid": "attacker"}, valid)},

@@ -710,6 +710,21 @@ func (a *Authority) IssueUserToken(clientID, resourceURI, objectID, scope string
 	return tok, err
 }
 
+// IssueIDToken signs an ID token (v2), as Entra gives an app that a user signed in to: the
+// app clientID as its audience, the user's objectID and roles, and none of an access token's
+// azp, appid or scp. It is no credential for an API; tests show that it is refused as one.
+func (a *Authority) IssueIDToken(tenantID, clientID, objectID string, roles []string) (string, error) {
+	now := time.Now()
+	c := jwt.MapClaims{
+		"iss": a.url + tenantID + "/v2.0", "aud": clientID, "tid": tenantID, "oid": objectID, "sub": objectID,
+		"ver": "2.0", "nonce": uuid.NewString(), "iat": now.Unix(), "nbf": now.Unix(), "exp": now.Add(time.Hour).Unix(),
+	}
+	if len(roles) > 0 {
+		c["roles"] = roles
+	}
+	return a.keys.sign(c, true)
+}
+
 // Claims are the verified claims of an access token.
 type Claims struct {
 	Audience, Issuer, TenantID, ObjectID, AppID string

@@ -144,6 +144,27 @@ func TestEntraCallersByPrincipal(t *testing.T) {
 	}
 }
 
+// A user's ID token for the gateway's own app registration has the audience, the user's oid
+// and their app roles, and no scp: it would pass for an application's own token with a caller
+// that goes by roles and principal: app. It is no access token, and is refused as none.
+func TestAnIDTokenIsNoCredential(t *testing.T) {
+	const user = "77777777-7777-7777-7777-777777777777"
+	g := newGateway(t, func(c *config.Config) {
+		c.Callers = append(c.Callers, &config.Caller{Name: "apps-only", Deployments: []string{"gpt-4.1-mini"}, Entra: &config.EntraCaller{
+			TenantID: emulator.DefaultTenantID, Audiences: []string{gatewayAppID}, Roles: []string{"Gateway.Invoke"},
+			Principal: config.PrincipalApp, AuthorityHost: authorityOf(c),
+		}})
+	})
+	idToken, err := g.emu.IssueIDToken(emulator.DefaultTenantID, gatewayAppID, user, []string{"Gateway.Invoke"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, body := g.do("POST", chatPath, map[string]string{"Authorization": "Bearer " + idToken}, chatBody)
+	if resp.StatusCode != 401 || !strings.Contains(body, "not an access token") {
+		t.Errorf("a user's ID token got %d %s, want 401", resp.StatusCode, body)
+	}
+}
+
 func TestATenantAtTwoAuthoritiesIsRefused(t *testing.T) {
 	// Tenants' v1 tokens are issued by sts.windows.net whatever the authority host named: one
 	// tenant named at two hosts would have its v1 tokens checked against either's keys.
@@ -172,6 +193,7 @@ func TestEntraTokenRefusalsQuoteNoKey(t *testing.T) {
 		{"another caller's key as the algorithm", withHeader(`{"alg":"` + keyProd + `","typ":"JWT","kid":"x"}`), ""},
 		{"a key ID the tenant does not have", withHeader(`{"alg":"RS256","typ":"JWT","kid":"rotated-away-2025"}`), "rotated-away-2025"},
 		{"a key ID too long to quote", withHeader(`{"alg":"RS256","typ":"JWT","kid":"` + keyProd + strings.Repeat("x", 40) + `"}`), "a key ID of 73 characters"},
+		{"the algorithm named twice", withHeader(`{"alg":"` + keyProd + `","ALG":"RS256","typ":"JWT","kid":"x"}`), ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := len(g.logs.String())
@@ -187,6 +209,23 @@ func TestEntraTokenRefusalsQuoteNoKey(t *testing.T) {
 				t.Errorf("the answer %s does not say %q", body, tc.says)
 			}
 		})
+	}
+}
+
+// An algorithm padded so that an error quoting it would be cut within a key: the key was then
+// no longer found as one, and went out whole or nearly.
+func TestEntraTokenPaddedAlgorithmQuotesNoKey(t *testing.T) {
+	g := entraGateway(t)
+	tok := g.entraToken(a360AppID, "api://tokenproxy")
+	_, rest, _ := strings.Cut(tok, ".")
+	for pad := 60; pad < 200; pad += 7 {
+		h := `{"alg":"` + strings.Repeat("A", pad) + " " + keyProd + `","typ":"JWT","kid":"x"}`
+		before := len(g.logs.String())
+		resp, body := g.do("POST", chatPath, map[string]string{"Authorization": "Bearer " + base64.RawURLEncoding.EncodeToString([]byte(h)) + "." + rest}, chatBody)
+		logs := g.logs.String()[before:]
+		if resp.StatusCode != 401 || strings.Contains(body+logs, keyProd[:12]) {
+			t.Fatalf("padding %d: got %d %s\n%s", pad, resp.StatusCode, body, logs)
+		}
 	}
 }
 
