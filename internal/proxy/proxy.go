@@ -391,6 +391,7 @@ var (
 		"chat/completions": true, "completions": true, "embeddings": true, "responses": true,
 		"audio/transcriptions": true, "audio/translations": true, "audio/speech": true,
 		"images/generations": true, "images/edits": true,
+		"video/generations/jobs": true, "videos": true, // Sora (JSON) and Sora 2 (multipart)
 	}
 	foundryModelOps = map[string]bool{"chat/completions": true, "embeddings": true, "images/embeddings": true}
 )
