@@ -29,16 +29,23 @@ type frameConn struct {
 	hbuf bytes.Buffer
 }
 
+// testTLS is a server's TLS configuration with a certificate for 127.0.0.1, and the roots
+// that verify it.
+func testTLS(t *testing.T) (*tls.Config, *x509.CertPool) {
+	t.Helper()
+	cert := httptest.NewUnstartedServer(nil)
+	cert.StartTLS() // only for its certificate
+	defer cert.Close()
+	roots := x509.NewCertPool()
+	roots.AddCert(cert.Certificate())
+	return cert.TLS.Clone(), roots
+}
+
 // frameServer is a TLS server that chooses h2 and runs script on each connection, after the
 // client's preface and the server's own settings.
 func frameServer(t *testing.T, settings []http2.Setting, script func(n int, fc *frameConn)) (Origin, *x509.CertPool, *atomic.Int32) {
 	t.Helper()
-	cert := httptest.NewUnstartedServer(nil)
-	cert.StartTLS() // only for its certificate
-	cfg := cert.TLS.Clone()
-	roots := x509.NewCertPool()
-	roots.AddCert(cert.Certificate())
-	cert.Close()
+	cfg, roots := testTLS(t)
 	cfg.NextProtos = []string{"h2"}
 	ln, err := tls.Listen("tcp", "127.0.0.1:0", cfg)
 	if err != nil {

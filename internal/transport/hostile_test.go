@@ -5,12 +5,10 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -274,32 +272,16 @@ func TestBothLengthsAreRefused(t *testing.T) {
 // A chunked answer whose head came in more than one read cannot be checked for a second
 // length where it lay whole: it is read as chunked, and its connection is not used again.
 func TestHeadInPiecesIsNotTrustedAgain(t *testing.T) {
-	cert := httptest.NewUnstartedServer(nil)
-	cert.StartTLS() // only for its certificate
-	cfg := cert.TLS.Clone()
-	roots := x509.NewCertPool()
-	roots.AddCert(cert.Certificate())
-	cert.Close()
-	cfg.NextProtos = nil
+	cfg, roots := testTLS(t)
 	ln, err := tls.Listen("tcp", "127.0.0.1:0", cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var conns atomic.Int32
-	acceptAll(t, ln, func(c net.Conn, _ func(net.Conn)) {
-		conns.Add(1)
-		br := bufio.NewReader(c)
-		for {
-			req, err := http.ReadRequest(br)
-			if err != nil {
-				return
-			}
-			io.Copy(io.Discard, req.Body)
-			// Two writes are two TLS records, and a read of the connection returns one.
-			io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n")
-			io.WriteString(c, "Content-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
-		}
-	})
+	conns := serveRaw(t, ln, func(c net.Conn) {
+		// Two writes are two TLS records, and a read of the connection returns one.
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n")
+		io.WriteString(c, "Content-Length: 5\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+	}, true)
 	o, err := NewOrigin("https://" + ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)

@@ -230,6 +230,13 @@ func rawServer(t *testing.T, answer string, keepAlive bool) (string, *atomic.Int
 	if err != nil {
 		t.Fatal(err)
 	}
+	conns := serveRaw(t, ln, func(c net.Conn) { io.WriteString(c, answer) }, keepAlive)
+	return "http://" + ln.Addr().String(), conns
+}
+
+// serveRaw answers every request ln's connections bring with answer, on as many requests per
+// connection as come if keepAlive, else on one, and counts the connections it accepts.
+func serveRaw(t *testing.T, ln net.Listener, answer func(net.Conn), keepAlive bool) *atomic.Int32 {
 	var conns atomic.Int32
 	var wg sync.WaitGroup
 	t.Cleanup(func() { ln.Close(); wg.Wait() })
@@ -249,7 +256,7 @@ func rawServer(t *testing.T, answer string, keepAlive bool) (string, *atomic.Int
 						return
 					}
 					io.Copy(io.Discard, req.Body)
-					io.WriteString(c, answer)
+					answer(c)
 					if !keepAlive {
 						return
 					}
@@ -257,7 +264,7 @@ func rawServer(t *testing.T, answer string, keepAlive bool) (string, *atomic.Int
 			})
 		}
 	})
-	return "http://" + ln.Addr().String(), &conns
+	return &conns
 }
 
 func TestStaleConnectionIsRetriedOnce(t *testing.T) {
