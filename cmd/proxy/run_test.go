@@ -115,6 +115,39 @@ callers:
 	}
 }
 
+// What serve refuses at start, validate refuses: it builds what serve builds before listening.
+func TestValidateRefusesWhatServeWould(t *testing.T) {
+	dir := t.TempDir()
+	junk := filepath.Join(dir, "app.pem")
+	os.WriteFile(junk, []byte("not a certificate"), 0o600)
+	for name, tc := range map[string]struct{ credential, key, says string }{
+		"a certificate that does not parse": {
+			credential: `{type: client_certificate, tenant_id: t, client_id: c, certificate_file: "` + junk + `"}`,
+			key:        hashKey("tpk_some-caller-key-0123456789abcdef"), says: "corp-app",
+		},
+		"a caller's key that is a route's word": {
+			credential: `{type: managed_identity}`,
+			key:        hashKey("completions"), says: "completions",
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			path := filepath.Join(dir, "c.yaml")
+			os.WriteFile(path, []byte(`
+credentials:
+  corp-app: `+tc.credential+`
+upstreams:
+  eastca: {url: "https://x.openai.azure.com", credential: corp-app}
+callers:
+  - {name: a, key_sha256: `+tc.key+`, deployments: ["*"]}
+`), 0o600)
+			_, errOut, err := runSync(t, "", nil, "validate", "--config", path)
+			if !errors.Is(err, errReported) || !strings.Contains(errOut, "1 problem(s)") || !strings.Contains(errOut, tc.says) {
+				t.Errorf("got (%q, %v), want the problem reported", errOut, err)
+			}
+		})
+	}
+}
+
 // lines delivers what a running command prints, line by line.
 type lines struct {
 	w  *io.PipeWriter

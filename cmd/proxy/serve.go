@@ -8,10 +8,12 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -81,6 +83,14 @@ func runValidate(args []string, getenv func(string) string, stdout, stderr io.Wr
 	if err != nil {
 		return err
 	}
+	// What serve builds before it listens, built and let go: what it would refuse at start
+	// (a certificate file that does not parse, a caller's key that is a route's word) is
+	// refused here too.
+	a, err := assemble(cfg, entra.Options{}, prometheus.NewRegistry(), zap.NewNop(), nil)
+	if err != nil {
+		return printProblems(stderr, *path, err)
+	}
+	a.api.Close()
 	fmt.Fprintf(stdout, "%s: OK (%d credentials, %d upstreams, %d deployments, %d callers)\n",
 		*path, len(cfg.Credentials), len(cfg.Upstreams), len(cfg.Deployments), len(cfg.Callers))
 	if cfg.AllowUnauthenticated {
@@ -101,19 +111,24 @@ func loadConfig(path string, getenv func(string) string, stderr io.Writer) (*con
 	}
 	cfg, err := config.Load(path, getenv)
 	if err != nil {
-		var problems []string
-		for _, line := range strings.Split(err.Error(), "\n") {
-			if line != "" {
-				problems = append(problems, line)
-			}
-		}
-		fmt.Fprintf(stderr, "%s: %d problem(s):\n", path, len(problems))
-		for _, p := range problems {
-			fmt.Fprintf(stderr, "  - %s\n", p)
-		}
-		return nil, errReported
+		return nil, printProblems(stderr, path, err)
 	}
 	return cfg, nil
+}
+
+// printProblems prints err's problems, one a line, and returns errReported.
+func printProblems(stderr io.Writer, path string, err error) error {
+	var problems []string
+	for _, line := range strings.Split(err.Error(), "\n") {
+		if line != "" {
+			problems = append(problems, line)
+		}
+	}
+	fmt.Fprintf(stderr, "%s: %d problem(s):\n", path, len(problems))
+	for _, p := range problems {
+		fmt.Fprintf(stderr, "  - %s\n", p)
+	}
+	return errReported
 }
 
 // logBacklog is how far the log's destination may fall behind before lines wait for it.
@@ -190,48 +205,11 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 		}, func() float64 { return float64(out.Waits()) }))
 	}
 
-	fetchers := map[string]broker.Fetcher{}
-	for name, c := range cfg.Credentials {
-		f, err := entra.New(name, c, o.entra)
-		if err != nil {
-			return err
-		}
-		fetchers[name] = f
-	}
-	b, err := broker.New(broker.Options{
-		Fetchers: fetchers, Logger: log.Named("broker"), Registerer: reg, AcquireTimeout: cfg.Timeouts.TokenAcquire,
-	})
+	a, err := assemble(cfg, o.entra, reg, log, o.access)
 	if err != nil {
 		return err
 	}
-	sources := map[string]broker.TokenSource{}
-	for name, u := range cfg.Upstreams {
-		if sources[name], err = b.Source(u.Credential, u.Scope); err != nil {
-			return err
-		}
-	}
-	var apiCerts, adminCerts *certs.Source
-	var clientCAs func() *x509.CertPool
-	if cfg.TLS != nil {
-		if apiCerts, err = certs.New(cfg.TLS); err != nil {
-			return fmt.Errorf("tls: %w", err)
-		}
-		if cfg.TLS.ClientCAFile != "" {
-			clientCAs = apiCerts.ClientCAs
-		}
-	}
-	if cfg.AdminTLS != nil {
-		if adminCerts, err = certs.New(cfg.AdminTLS); err != nil {
-			return fmt.Errorf("admin_tls: %w", err)
-		}
-	}
-	api, err := proxy.New(proxy.Options{
-		Config: cfg, Sources: sources, Logger: log.Named("access"), AccessLog: o.access, Registerer: reg, EntraHTTPClient: o.entra.HTTPClient,
-		ClientCAs: clientCAs,
-	})
-	if err != nil {
-		return err
-	}
+	b, api, apiCerts, adminCerts := a.broker, a.api, a.apiCerts, a.adminCerts
 	defer api.Close()
 	adm := admin.New(admin.Options{Gatherer: reg, Registerer: reg, Tokens: b, Pprof: cfg.AdminPprof, KeySHA256: cfg.AdminKeySHA256})
 
@@ -321,6 +299,63 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 		return nil
 	})
 	return g.Wait()
+}
+
+// assembled is what the gateway is built of before it listens.
+type assembled struct {
+	broker               *broker.Broker
+	api                  *proxy.Handler
+	apiCerts, adminCerts *certs.Source
+}
+
+// assemble builds the gateway from cfg as far as it goes without listening or reaching Entra:
+// the credentials (their certificate files read), the token broker and its sources, the
+// listeners' certificates, and the API handler (its callers checked). Whatever serve would
+// refuse at start, this refuses, so validate runs it too. The handler must be closed.
+func assemble(cfg *config.Config, eo entra.Options, reg prometheus.Registerer, log *zap.Logger, access io.Writer) (*assembled, error) {
+	fetchers := map[string]broker.Fetcher{}
+	for _, name := range slices.Sorted(maps.Keys(cfg.Credentials)) {
+		f, err := entra.New(name, cfg.Credentials[name], eo)
+		if err != nil {
+			return nil, err
+		}
+		fetchers[name] = f
+	}
+	b, err := broker.New(broker.Options{
+		Fetchers: fetchers, Logger: log.Named("broker"), Registerer: reg, AcquireTimeout: cfg.Timeouts.TokenAcquire,
+	})
+	if err != nil {
+		return nil, err
+	}
+	sources := map[string]broker.TokenSource{}
+	for name, u := range cfg.Upstreams {
+		if sources[name], err = b.Source(u.Credential, u.Scope); err != nil {
+			return nil, err
+		}
+	}
+	a := &assembled{broker: b}
+	var clientCAs func() *x509.CertPool
+	if cfg.TLS != nil {
+		if a.apiCerts, err = certs.New(cfg.TLS); err != nil {
+			return nil, fmt.Errorf("tls: %w", err)
+		}
+		if cfg.TLS.ClientCAFile != "" {
+			clientCAs = a.apiCerts.ClientCAs
+		}
+	}
+	if cfg.AdminTLS != nil {
+		if a.adminCerts, err = certs.New(cfg.AdminTLS); err != nil {
+			return nil, fmt.Errorf("admin_tls: %w", err)
+		}
+	}
+	a.api, err = proxy.New(proxy.Options{
+		Config: cfg, Sources: sources, Logger: log.Named("access"), AccessLog: access, Registerer: reg, EntraHTTPClient: eo.HTTPClient,
+		ClientCAs: clientCAs,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return a, nil
 }
 
 func serveUntilClosed(srv *http.Server, ln net.Listener) error {
