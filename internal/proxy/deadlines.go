@@ -168,7 +168,8 @@ func (c *servedTLSConn) Read(p []byte) (int, error) {
 // plainHTTPToTLS is the answer to a plain HTTP request on a TLS listener.
 var plainHTTPToTLS = func() string {
 	body := `{"error":{"code":"` + CodeInvalidRequest + `","message":"this gateway speaks HTTPS on this port: call it with an https:// URL, not http://"}}`
-	return "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nConnection: close\r\nContent-Length: " +
+	return "HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nX-Ms-Error-Code: " + CodeInvalidRequest +
+		"\r\nX-Tokenproxy-Error: " + CodeInvalidRequest + "\r\nConnection: close\r\nContent-Length: " +
 		strconv.Itoa(len(body)) + "\r\n\r\n" + body
 }()
 

@@ -121,7 +121,7 @@ func newMetrics(passthrough bool, configured map[string]bool, reg *backend.Regis
 		failovers: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "tokenproxy",
 			Name:      "backend_failovers_total",
-			Help:      "Calls moved from a backend to another, by the reason (429, 408, 5xx, connect_error, timeout, token_unavailable).",
+			Help:      "Calls moved from a backend to another, by the reason: the backend's status (429, 408, 500, 502, 503, 504), connect_error or token_unavailable.",
 		}, []string{"backend", "reason"}),
 		budgetExhausted: prometheus.NewCounter(prometheus.CounterOpts{
 			Namespace: "tokenproxy",

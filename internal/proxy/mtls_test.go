@@ -319,7 +319,8 @@ func TestPlainHTTPOnTheTLSListenerIsToldSo(t *testing.T) {
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != 400 || !strings.Contains(string(b), "call it with an https:// URL") || resp.Header.Get("Content-Type") != "application/json" {
+	if resp.StatusCode != 400 || !strings.Contains(string(b), "call it with an https:// URL") || resp.Header.Get("Content-Type") != "application/json" ||
+		resp.Header.Get("X-Tokenproxy-Error") != CodeInvalidRequest || resp.Header.Get("X-Ms-Error-Code") != CodeInvalidRequest {
 		t.Errorf("got %d %s %q, want 400 saying to use https", resp.StatusCode, resp.Header.Get("Content-Type"), b)
 	}
 }

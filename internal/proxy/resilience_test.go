@@ -70,7 +70,7 @@ func TestFailoverOn429HonoursRetryAfter(t *testing.T) {
 		t.Errorf("after the Retry-After the call went to %q, want back to region-0", resp.Header.Get("x-ms-region"))
 	}
 	if err := testutil.CollectAndCompare(g.reg, strings.NewReader(`
-# HELP tokenproxy_backend_failovers_total Calls moved from a backend to another, by the reason (429, 408, 5xx, connect_error, timeout, token_unavailable).
+# HELP tokenproxy_backend_failovers_total Calls moved from a backend to another, by the reason: the backend's status (429, 408, 500, 502, 503, 504), connect_error or token_unavailable.
 # TYPE tokenproxy_backend_failovers_total counter
 tokenproxy_backend_failovers_total{backend="b0/deploy-gpt-4.1",reason="429"} 1
 `), "tokenproxy_backend_failovers_total"); err != nil {
