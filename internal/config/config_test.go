@@ -926,3 +926,50 @@ admin_key_sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a
 		t.Errorf("got %v, want the second document refused", err)
 	}
 }
+
+// Aliases of aliases are checked once for each type they are aliased as: before, a file of a
+// kilobyte listed its unknown keys millions of times (a 2.7 KB file took 600 MB), and the
+// problems listed are capped.
+func TestAliasesAreCheckedOnce(t *testing.T) {
+	const n = 60
+	var b strings.Builder
+	b.WriteString("x: &b {")
+	for i := range n {
+		fmt.Fprintf(&b, "k%d: 1, ", i)
+	}
+	b.WriteString("}\ndeployments:\n  d0: &d {backends: [")
+	for range n {
+		b.WriteString("*b, ")
+	}
+	b.WriteString("]}\n")
+	for i := 1; i < n; i++ {
+		fmt.Fprintf(&b, "  d%d: *d\n", i)
+	}
+	_, err := Parse([]byte(b.String()), t.TempDir(), nil)
+	if err == nil || len(err.Error()) > 16<<10 || !strings.Contains(err.Error(), "unknown key") {
+		t.Fatalf("a %d-byte file gave a %d-byte error: %.300v", b.Len(), len(fmt.Sprint(err)), err)
+	}
+	// However many, the problems listed are capped.
+	b.Reset()
+	for i := range 150 {
+		fmt.Fprintf(&b, "unknown%d: 1\n", i)
+	}
+	_, err = Parse([]byte(b.String()), t.TempDir(), nil)
+	if err == nil || strings.Count(err.Error(), "unknown key") != maxErrors || !strings.HasSuffix(err.Error(), "… and 50 more") {
+		t.Fatalf("150 unknown keys gave %.300v", err)
+	}
+}
+
+// A mapping too large to be a configuration's is refused before it is decoded, whose check for
+// duplicate keys takes time in the square of their number.
+func TestHugeMappingsAreRefused(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("deployments:\n")
+	for i := range maxMappingEntries + 1 {
+		fmt.Fprintf(&b, "  d%d: {upstream: u}\n", i)
+	}
+	_, err := Parse([]byte(b.String()), t.TempDir(), nil)
+	if err == nil || !strings.Contains(err.Error(), "deployments: more than 10000 entries") {
+		t.Fatalf("got %.300v", err)
+	}
+}

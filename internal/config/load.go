@@ -100,12 +100,12 @@ func parse(data []byte, dir string, getenv Getenv, hidden *[]string) (*Config, e
 	}
 
 	var errs []error
-	errs = append(errs, checkKeys(root, reflect.TypeOf(Config{}), "")...)
+	errs = append(errs, checkKeys(root, reflect.TypeOf(Config{}), "", map[aliasUse]bool{})...)
 	errs = append(errs, expandNode(root, "", getenv)...)
 	if len(errs) > 0 {
 		// Values that failed to expand are not meaningful, and validating them would echo
 		// what may be a secret pasted in the wrong place.
-		return nil, errors.Join(errs...)
+		return nil, errors.Join(atMost(errs, maxErrors)...)
 	}
 
 	cfg := Default()
@@ -274,17 +274,47 @@ func (c *Config) hashKeys(dir string, getenv Getenv) []error {
 	return errs
 }
 
+// maxErrors is how many problems of a file's form are listed; the rest are counted.
+const maxErrors = 100
+
+// atMost returns errs, its tail past n replaced by a count of it.
+func atMost(errs []error, n int) []error {
+	if len(errs) <= n {
+		return errs
+	}
+	return append(errs[:n:n], fmt.Errorf("… and %d more", len(errs)-n))
+}
+
+// maxMappingEntries bounds a mapping's entries: yaml.v3's check for duplicate keys, as it
+// decodes, takes time in the square of their number (minutes for a 4 MiB file of them).
+const maxMappingEntries = 10000
+
+// aliasUse is an anchored node checked as a type, through an alias.
+type aliasUse struct {
+	n *yaml.Node
+	t reflect.Type
+}
+
 // checkKeys reports mapping keys that match no field of t, with the YAML path and line, and a
 // suggestion when a known key is close. yaml.v3's KnownFields works only on a Decoder, and
 // decoding must happen after ${VAR} expansion on the node tree, so the check is done here.
-func checkKeys(n *yaml.Node, t reflect.Type, path string) []error {
+// An anchored node is checked once for each type it is aliased as (seen): aliases of aliases
+// would otherwise have a small file checked, and its problems listed, a number of times that
+// grows with the cube of its size.
+func checkKeys(n *yaml.Node, t reflect.Type, path string, seen map[aliasUse]bool) []error {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
 	var errs []error
 	switch {
 	case n.Kind == yaml.AliasNode:
-		return checkKeys(n.Alias, t, path)
+		if seen[aliasUse{n.Alias, t}] {
+			return nil
+		}
+		seen[aliasUse{n.Alias, t}] = true
+		return checkKeys(n.Alias, t, path, seen)
+	case n.Kind == yaml.MappingNode && len(n.Content) > 2*maxMappingEntries:
+		return []error{fmt.Errorf("%s: more than %d entries (line %d)", orRoot(path), maxMappingEntries, n.Line)}
 	case t.Kind() == reflect.Struct && n.Kind == yaml.MappingNode:
 		fields := yamlFields(t)
 		for i := 0; i+1 < len(n.Content); i += 2 {
@@ -298,15 +328,15 @@ func checkKeys(n *yaml.Node, t reflect.Type, path string) []error {
 				errs = append(errs, errors.New(msg))
 				continue
 			}
-			errs = append(errs, checkKeys(v, ft, join(path, k.Value))...)
+			errs = append(errs, checkKeys(v, ft, join(path, k.Value), seen)...)
 		}
 	case t.Kind() == reflect.Map && n.Kind == yaml.MappingNode:
 		for i := 0; i+1 < len(n.Content); i += 2 {
-			errs = append(errs, checkKeys(n.Content[i+1], t.Elem(), join(path, n.Content[i].Value))...)
+			errs = append(errs, checkKeys(n.Content[i+1], t.Elem(), join(path, n.Content[i].Value), seen)...)
 		}
 	case t.Kind() == reflect.Slice && n.Kind == yaml.SequenceNode:
 		for i, v := range n.Content {
-			errs = append(errs, checkKeys(v, t.Elem(), fmt.Sprintf("%s[%d]", path, i))...)
+			errs = append(errs, checkKeys(v, t.Elem(), fmt.Sprintf("%s[%d]", path, i), seen)...)
 		}
 	}
 	return errs
@@ -360,6 +390,14 @@ func editDistance(a, b string) int {
 		prev, cur = cur, prev
 	}
 	return prev[len(b)]
+}
+
+// orRoot is path, or what stands for the document's top when it is empty.
+func orRoot(path string) string {
+	if path == "" {
+		return "the document"
+	}
+	return path
 }
 
 func join(path, key string) string {
