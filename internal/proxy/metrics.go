@@ -281,7 +281,10 @@ func (b *backendCollector) Collect(ch chan<- prometheus.Metric) {
 }
 
 // deploymentLabel bounds the label's values: a name a caller made up is counted under "".
-func (m *metrics) deploymentLabel(d string) string {
+// Passed through, a name becomes a value of its own (up to maxPassthroughLabels, then
+// "_other") only once a call to it has been answered by the upstream without error (known):
+// names refused by the gateway or unknown upstream would otherwise use up the values for good.
+func (m *metrics) deploymentLabel(d string, known bool) string {
 	if !m.passthrough {
 		if m.configured[d] {
 			return d
@@ -293,6 +296,9 @@ func (m *metrics) deploymentLabel(d string) string {
 	m.mu.RUnlock()
 	if ok || d == "" {
 		return d
+	}
+	if !known {
+		return ""
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -323,7 +329,7 @@ func statusLabel(status int) string {
 
 func (h *Handler) observe(c *call, status int, end time.Time) {
 	code := statusLabel(status)
-	dep := h.m.deploymentLabel(c.deployment)
+	dep := h.m.deploymentLabel(c.deployment, !c.headerAt.IsZero() && status < 400)
 	h.m.requestsFor(c.caller, dep, code).Inc()
 	h.m.durationFor(dep).Observe(end.Sub(c.start).Seconds())
 	if c.upstream != "" && !c.headerAt.IsZero() && !c.proxyStart.IsZero() {

@@ -284,3 +284,29 @@ func TestSeriesCache(t *testing.T) {
 		t.Errorf("%d latency series, want 2", got)
 	}
 }
+
+// Passed through, a deployment name becomes a label value of its own only once the upstream has
+// answered a call to it without error: names the gateway refused, or the upstream does not
+// know, would otherwise use up the values for good and leave real deployments counted as
+// "_other".
+func TestPassthroughLabelsAreLearntFromAnswers(t *testing.T) {
+	g := newGateway(t, func(c *config.Config) {
+		c.Deployments = nil
+		c.Callers[0].Deployments = []string{"deploy-gpt-4.1"}
+	})
+	for i := range maxPassthroughLabels {
+		path := fmt.Sprintf("/openai/deployments/junk-%d/chat/completions?api-version=1", i)
+		if resp, _ := g.do("POST", path, map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 403 {
+			t.Fatalf("a name off the allow-list got %d, want 403", resp.StatusCode)
+		}
+		if resp, _ := g.do("POST", path, map[string]string{"api-key": keyAdmin}, chatBody); resp.StatusCode < 400 {
+			t.Fatalf("a name the upstream does not know got %d", resp.StatusCode)
+		}
+	}
+	if resp, body := g.do("POST", "/openai/deployments/deploy-gpt-4.1/chat/completions?api-version=1", map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 200 {
+		t.Fatalf("got %d %s", resp.StatusCode, body)
+	}
+	if n := testutil.ToFloat64(g.handler.m.requests.WithLabelValues("a360-prod", "deploy-gpt-4.1", "200")); n != 1 {
+		t.Errorf("the deployment's own series counted %v calls, want 1", n)
+	}
+}
