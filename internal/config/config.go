@@ -7,6 +7,8 @@ package config
 import (
 	"strings"
 	"time"
+
+	"golang.org/x/net/http/httpproxy"
 )
 
 // Credential types, as written in the YAML `type` key.
@@ -73,6 +75,9 @@ type Config struct {
 	// connection need not wait for one. Spares are dialled as calls use the pool and close when
 	// idle for timeouts.upstream_idle. Zero: none.
 	SpareConnections int `yaml:"spare_connections"`
+	// UpstreamProxy is the environment's HTTPS_PROXY and NO_PROXY (or their lower-case
+	// spellings), read at load: TLS upstreams are reached through that proxy's CONNECT tunnel.
+	UpstreamProxy httpproxy.Config `yaml:"-"`
 	// Timeouts bound every phase of a call; see Timeouts.
 	Timeouts Timeouts `yaml:"timeouts"`
 	// Resilience governs failover between a deployment's backends.

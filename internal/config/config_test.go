@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -251,9 +252,24 @@ upstreams:
 	cfg, err := Parse([]byte(yaml), dir, env(map[string]string{
 		"MAX": "1024", "PART": "x y#z",
 		"AZURE_TENANT_ID": "tw", "AZURE_CLIENT_ID": "cw", "AZURE_FEDERATED_TOKEN_FILE": "/var/run/token",
+		"https_proxy": "http://proxy.corp:3128", "NO_PROXY": ".privatelink.openai.azure.com",
 	}))
 	if err != nil {
 		t.Fatalf("Parse: %v", err)
+	}
+	// Upstreams go through the environment's proxy, as read at load, unless NO_PROXY names them.
+	proxyFor := func(host string) string {
+		u, err := cfg.UpstreamProxy.ProxyFunc()(&url.URL{Scheme: "https", Host: host})
+		if err != nil || u == nil {
+			return fmt.Sprint(err)
+		}
+		return u.String()
+	}
+	if got := proxyFor("eastca.openai.azure.com"); got != "http://proxy.corp:3128" {
+		t.Errorf("proxy for a public endpoint: %s", got)
+	}
+	if got := proxyFor("x.privatelink.openai.azure.com"); got != "<nil>" {
+		t.Errorf("proxy for an endpoint NO_PROXY names: %s", got)
 	}
 	for _, c := range []struct {
 		name      string

@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"golang.org/x/net/http/httpproxy"
 )
 
 // Getenv looks up an environment variable; "" means unset. run passes os.Getenv, tests a map.
@@ -123,9 +125,17 @@ func parse(data []byte, dir string, getenv Getenv, hidden *[]string) (*Config, e
 }
 
 // fillFromEnv applies the Azure workload identity webhook's variables to workload_identity
-// credentials that leave those fields empty, as azidentity itself would, and records the
-// AZURE_AUTHORITY_HOST a default credential will use.
+// credentials that leave those fields empty, as azidentity itself would, records the
+// AZURE_AUTHORITY_HOST a default credential will use, and the proxy upstreams are reached
+// through (HTTPS_PROXY, NO_PROXY).
 func (c *Config) fillFromEnv(getenv Getenv) {
+	either := func(upper, lower string) string {
+		if v := getenv(upper); v != "" {
+			return v
+		}
+		return getenv(lower)
+	}
+	c.UpstreamProxy = httpproxy.Config{HTTPSProxy: either("HTTPS_PROXY", "https_proxy"), NoProxy: either("NO_PROXY", "no_proxy")}
 	for _, cr := range c.Credentials {
 		if cr != nil && cr.Type == TypeDefault && cr.AuthorityHost == "" {
 			cr.AuthorityHost = getenv("AZURE_AUTHORITY_HOST")

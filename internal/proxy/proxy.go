@@ -231,8 +231,8 @@ func (h *Handler) SetCallers(cfg *config.Config) error {
 	return nil
 }
 
-// NewTransport returns the upstream transport for Config's timeouts and spare connections,
-// with the environment's HTTPS_PROXY / NO_PROXY.
+// NewTransport returns the upstream transport for Config's timeouts, spare connections and
+// upstream proxy (the HTTPS_PROXY and NO_PROXY config read at load).
 func NewTransport(cfg *config.Config) *transport.Transport {
 	t := cfg.Timeouts
 	return transport.New(transport.Options{
@@ -242,7 +242,7 @@ func NewTransport(cfg *config.Config) *transport.Transport {
 		StreamIdleTimeout:     t.StreamIdle,
 		IdleTimeout:           t.UpstreamIdle,
 		Spares:                cfg.SpareConnections,
-		Proxy:                 transport.ProxyFromEnvironment,
+		Proxy:                 cfg.UpstreamProxy.ProxyFunc(),
 	})
 }
 

@@ -107,11 +107,6 @@ func orDefault(d, def time.Duration) time.Duration {
 	return d
 }
 
-// ProxyFromEnvironment adapts http.ProxyFromEnvironment (HTTPS_PROXY, NO_PROXY) to Options.Proxy.
-func ProxyFromEnvironment(origin *url.URL) (*url.URL, error) {
-	return http.ProxyFromEnvironment(&http.Request{URL: origin})
-}
-
 // Origin is where requests go: http or https, host and port. Build it once per upstream.
 type Origin struct {
 	u          *url.URL
