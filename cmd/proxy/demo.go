@@ -12,7 +12,7 @@ import (
 )
 
 func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("demo", "[--listen ADDR] [--admin-listen ADDR]",
+	fs := newFlagSet("demo", "[--listen ADDR] [--admin-listen ADDR] [--log-format console|json]",
 		"Run the gateway in front of a built-in emulator of Entra ID and Azure OpenAI, with nothing\n"+
 			"to set up: it prints the URLs, a caller key and curl commands to try. Ctrl-C stops it.\n"+
 			"The emulator checks the gateway's token as Azure would and refuses api-key, so every call\n"+
@@ -76,7 +76,8 @@ A chat completion (deployment gpt-4.1-mini is renamed to deploy-gpt-4.1 on the w
     -H 'api-key: %[4]s' -H 'Content-Type: application/json' \
     -d '{"messages":[{"role":"user","content":"Hello from the demo"}]}'
 
-The same, streamed (OpenAI SDK style: the key as a bearer token, the deployment as model):
+A streamed chat completion from gpt-4o, OpenAI SDK style (the key as a bearer token, the
+deployment as the body's model, on the /openai/v1 route):
 
   curl -sSN '%[1]s/openai/v1/chat/completions' \
     -H 'Authorization: Bearer %[4]s' -H 'Content-Type: application/json' \
