@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -21,6 +22,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/tokenproxy/tokenproxy/internal/emulator"
+	"github.com/tokenproxy/tokenproxy/internal/logsink"
 )
 
 func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
@@ -855,4 +857,35 @@ func TestMemoryLimit(t *testing.T) {
 	if got := memoryLimit(env(nil), 0); got != 0 {
 		t.Errorf("without a container limit: got %d, want 0", got)
 	}
+}
+
+// stuckWriter is a log destination that takes nothing: each Write waits until release.
+type stuckWriter struct{ entered, release chan struct{} }
+
+func (s stuckWriter) Write(p []byte) (int, error) {
+	s.entered <- struct{}{}
+	<-s.release
+	return len(p), nil
+}
+
+// /healthz fails once the log's destination has taken nothing for the stall limit.
+func TestLogStallFailsLiveness(t *testing.T) {
+	dst := stuckWriter{entered: make(chan struct{}, 10), release: make(chan struct{})}
+	out := logsink.New(dst, logsink.Options{FlushSize: 1, StallLimit: time.Millisecond})
+	defer func() { close(dst.release); out.Stop() }()
+	live := logLive(out, time.Millisecond)
+	if err := live(); err != nil {
+		t.Fatalf("before any write: %v", err)
+	}
+	out.Write([]byte("a line\n"))
+	<-dst.entered
+	for start := time.Now(); time.Since(start) < 10*time.Second; runtime.Gosched() {
+		if err := live(); err != nil {
+			if !strings.Contains(err.Error(), "log lines are being dropped") {
+				t.Errorf("got %v", err)
+			}
+			return
+		}
+	}
+	t.Fatal("a destination stuck for 10 s was still live")
 }

@@ -134,6 +134,25 @@ func printProblems(stderr io.Writer, path string, err error) error {
 // logBacklog is how far the log's destination may fall behind before lines wait for it.
 const logBacklog = 8 << 20
 
+// logLive is /healthz's check of the log's output: a destination that has taken nothing for the
+// output's stall limit (a log collector that stopped reading) has lines dropped, and the
+// process is better restarted.
+func logLive(out *logsink.Writer, limit time.Duration) func() error {
+	if out == nil {
+		return nil
+	}
+	return func() error {
+		if d := out.Stalled(); d >= limit {
+			return fmt.Errorf("the log's destination has taken nothing for %s: log lines are being dropped (tokenproxy_log_lost_bytes_total)", d.Round(time.Second))
+		}
+		return nil
+	}
+}
+
+// logStallLimit is how long the log's destination may take nothing before lines are dropped
+// rather than hold the calls logging them, and /healthz fails.
+const logStallLimit = 30 * time.Second
+
 // newLogger builds the logger. Its output is a logsink.Writer: lines are gathered in memory and
 // written by a goroutine of its own (at 256 KiB, and at least every second), so no call waits
 // for a write(2), which to a file on a busy disk or a slowly drained pipe can take milliseconds
@@ -154,7 +173,7 @@ func newLogger(level, format string, w io.Writer) (log *zap.Logger, out *logsink
 	} else {
 		enc = zapcore.NewJSONEncoder(ec)
 	}
-	out = logsink.New(w, logsink.Options{FlushSize: 256 << 10, Limit: logBacklog, Interval: time.Second})
+	out = logsink.New(w, logsink.Options{FlushSize: 256 << 10, Limit: logBacklog, Interval: time.Second, StallLimit: logStallLimit})
 	if format != "console" {
 		access = out
 	}
@@ -197,7 +216,7 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 	if out := o.logOut; out != nil {
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "tokenproxy", Name: "log_lost_bytes_total",
-			Help: "Bytes of log lines the log's destination refused (a failed write(2)): those lines are lost.",
+			Help: fmt.Sprintf("Bytes of log lines lost: refused by the log's destination (a failed write(2)), or dropped while it took nothing for %s.", logStallLimit),
 		}, func() float64 { return float64(out.Lost()) }))
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Namespace: "tokenproxy", Name: "log_waits_total",
@@ -211,7 +230,7 @@ func serveGateway(ctx context.Context, o gatewayOptions) error {
 	}
 	b, api, apiCerts, adminCerts := a.broker, a.api, a.apiCerts, a.adminCerts
 	defer api.Close()
-	adm := admin.New(admin.Options{Gatherer: reg, Registerer: reg, Tokens: b, Pprof: cfg.AdminPprof, KeySHA256: cfg.AdminKeySHA256})
+	adm := admin.New(admin.Options{Gatherer: reg, Registerer: reg, Tokens: b, Pprof: cfg.AdminPprof, KeySHA256: cfg.AdminKeySHA256, Live: logLive(o.logOut, logStallLimit)})
 
 	apiLn, err := listen(cfg.Listen, o.fallbackPorts)
 	if err != nil {

@@ -37,6 +37,9 @@ type Options struct {
 	// KeySHA256, if set, is the SHA-256 (hex) of the key /metrics and /debug/pprof/ require as
 	// Authorization: Bearer. /healthz and /readyz stay open for probes.
 	KeySHA256 string
+	// Live, if set, says why the process is stuck (nil: it is not); /healthz then answers 503
+	// with the reason, so that a liveness probe restarts it.
+	Live func() error
 }
 
 // Handler serves /metrics, /healthz and /readyz.
@@ -56,6 +59,12 @@ func New(opts Options) *Handler {
 	guard := keyGuard(opts.KeySHA256)
 	h.mux.Handle("GET /metrics", guard(metrics))
 	h.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		if opts.Live != nil {
+			if err := opts.Live(); err != nil {
+				writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "stuck", "reason": err.Error()})
+				return
+			}
+		}
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	h.mux.HandleFunc("GET /readyz", h.readyz)

@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -49,6 +50,11 @@ func TestReadiness(t *testing.T) {
 	}
 	if code, _ := get(t, h, "/healthz"); code != 200 {
 		t.Errorf("healthz got %d, want 200 even when not ready", code)
+	}
+	// A process that says it is stuck is not live: the probe restarts it.
+	h = New(Options{Gatherer: reg, Tokens: statuses{ok}, Live: func() error { return errors.New("the log's destination has taken nothing for 42s") }})
+	if code, body := get(t, h, "/healthz"); code != 503 || !strings.Contains(body, "taken nothing for 42s") {
+		t.Errorf("stuck: healthz got %d %s, want 503 with the reason", code, body)
 	}
 }
 

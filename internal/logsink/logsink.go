@@ -3,10 +3,14 @@
 // to a log file on a busy disk, or to a pipe a log collector drains slowly, takes milliseconds
 // now and then, and a call that waited for it (and every other call logging meanwhile, behind
 // the same lock) would take them on its latency. Nothing is dropped to spare the calls: if the
-// destination falls so far behind that Limit bytes are waiting, writers wait for it.
+// destination falls so far behind that Limit bytes are waiting, writers wait for it. Only a
+// destination that takes nothing at all for StallLimit (a log collector that stopped reading
+// a pipe) has lines dropped, and counted, rather than hold every call, and the process's
+// shutdown, for as long as it is stuck; Stalled tells a health check.
 package logsink
 
 import (
+	"errors"
 	"io"
 	"sync"
 	"sync/atomic"
@@ -22,6 +26,17 @@ type Options struct {
 	Limit int
 	// Interval is the longest a gathered line waits to be written. If zero, one second.
 	Interval time.Duration
+	// StallLimit is how long one write to the destination may take before writers that would
+	// wait for it drop their lines instead (counted in Lost), and Stop gives up on it. If
+	// zero, 30 seconds.
+	StallLimit time.Duration
+}
+
+func (o Options) stallLimit() time.Duration {
+	if o.StallLimit <= 0 {
+		return 30 * time.Second
+	}
+	return o.StallLimit
 }
 
 func (o Options) flushSize() int {
@@ -51,6 +66,7 @@ func (o Options) interval() time.Duration {
 type Writer struct {
 	dst         io.Writer
 	size, limit int
+	stall       time.Duration // Options.StallLimit
 
 	mu      sync.Mutex
 	room    sync.Cond // broadcast when the writing goroutine takes what was gathered
@@ -59,8 +75,9 @@ type Writer struct {
 	stopped bool
 	err     error // the first failed write since the last Sync
 
-	lost  atomic.Uint64 // bytes the destination refused
-	waits atomic.Uint64 // writes that waited for room
+	lost    atomic.Uint64 // bytes the destination refused, or dropped while it stalled
+	waits   atomic.Uint64 // writes that waited for room
+	writing atomic.Int64  // when the write to the destination under way began (UnixNano); 0: none
 
 	kick    chan struct{}   // the gathered bytes reached FlushSize (or a writer waits)
 	syncReq chan chan error // Sync's requests
@@ -80,7 +97,7 @@ func New(dst io.Writer, o Options) *Writer {
 // newWriter starts a Writer that writes what is gathered whenever tick fires.
 func newWriter(dst io.Writer, o Options, tick <-chan time.Time) *Writer {
 	w := &Writer{
-		dst: dst, size: o.flushSize(), limit: o.limit(), buf: make([]byte, 0, 2*o.flushSize()),
+		dst: dst, size: o.flushSize(), limit: o.limit(), stall: o.stallLimit(), buf: make([]byte, 0, 2*o.flushSize()),
 		kick: make(chan struct{}, 1), syncReq: make(chan chan error),
 		stop: make(chan struct{}), done: make(chan struct{}),
 	}
@@ -90,17 +107,25 @@ func newWriter(dst io.Writer, o Options, tick <-chan time.Time) *Writer {
 }
 
 // Write gathers p. It returns at once unless Limit bytes are already waiting for the
-// destination. It never fails: the destination's errors are counted (Lost) and returned by the
-// next Sync.
+// destination; then it waits, unless the destination has stalled (Stalled reaches
+// StallLimit), and p is dropped. It never fails: the destination's errors, and what is
+// dropped, are counted (Lost), and the errors returned by the next Sync.
 func (w *Writer) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	for counted := false; !w.stopped && len(w.buf) > 0 && len(w.buf)+len(p) > w.limit; counted = true {
+		if w.Stalled() >= w.stall {
+			w.mu.Unlock()
+			w.lost.Add(uint64(len(p)))
+			return len(p), nil
+		}
 		if !counted {
 			w.waits.Add(1)
 		}
 		w.waiting++
 		w.wake()
+		recheck := time.AfterFunc(w.stall, w.rouse) // to see whether the destination stalled
 		w.room.Wait()
+		recheck.Stop()
 		w.waiting--
 	}
 	if w.stopped {
@@ -116,6 +141,42 @@ func (w *Writer) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// rouse has the writers waiting for room look again.
+func (w *Writer) rouse() {
+	w.mu.Lock()
+	w.room.Broadcast()
+	w.mu.Unlock()
+}
+
+// Stalled is how long the write to the destination under way has gone on: 0 if none is.
+func (w *Writer) Stalled() time.Duration {
+	if since := w.writing.Load(); since != 0 {
+		return max(time.Since(time.Unix(0, since)), time.Nanosecond)
+	}
+	return 0
+}
+
+// ended waits for the goroutine to end, and reports whether it did: false once the write it is
+// stuck in has gone on for StallLimit (it may never return).
+func (w *Writer) ended() bool {
+	for {
+		wait := w.stall
+		if d := w.Stalled(); d > 0 {
+			if d >= w.stall {
+				return false
+			}
+			wait = w.stall - d
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-w.done:
+			t.Stop()
+			return true
+		case <-t.C:
+		}
+	}
+}
+
 // wake tells the goroutine there is something to write, without waiting for it.
 func (w *Writer) wake() {
 	select {
@@ -124,9 +185,13 @@ func (w *Writer) wake() {
 	}
 }
 
-// writeDirect writes p straight to the destination, after everything gathered before Stop.
+// writeDirect writes p straight to the destination, after everything gathered before Stop;
+// if the destination has stalled, p is dropped.
 func (w *Writer) writeDirect(p []byte) (int, error) {
-	<-w.done
+	if !w.ended() {
+		w.lost.Add(uint64(len(p)))
+		return len(p), nil
+	}
 	w.direct.Lock()
 	defer w.direct.Unlock()
 	return w.dst.Write(p)
@@ -147,7 +212,8 @@ func (w *Writer) Sync() error {
 }
 
 // Stop writes everything gathered and ends the goroutine; later writes go straight to the
-// destination. It returns what Sync would.
+// destination. It returns what Sync would, or ErrStalled if the destination has taken nothing
+// for StallLimit: what was gathered is then lost.
 func (w *Writer) Stop() error {
 	w.mu.Lock()
 	already := w.stopped
@@ -157,7 +223,9 @@ func (w *Writer) Stop() error {
 	if !already {
 		close(w.stop)
 	}
-	<-w.done
+	if !w.ended() {
+		return ErrStalled
+	}
 	w.direct.Lock()
 	defer w.direct.Unlock()
 	return w.syncDst()
@@ -206,12 +274,18 @@ func (w *Writer) take(out []byte) []byte {
 	return out
 }
 
+// ErrStalled is Stop's error when the destination has taken nothing for StallLimit.
+var ErrStalled = errors.New("logsink: the log's destination has taken nothing for its stall limit; what was gathered is lost")
+
 // put writes b to the destination, counting what a failed write loses.
 func (w *Writer) put(b []byte) {
 	if len(b) == 0 {
 		return
 	}
-	if n, err := w.dst.Write(b); err != nil {
+	w.writing.Store(time.Now().UnixNano())
+	n, err := w.dst.Write(b)
+	w.writing.Store(0)
+	if err != nil {
 		w.lost.Add(uint64(len(b) - min(max(n, 0), len(b))))
 		w.mu.Lock()
 		if w.err == nil {

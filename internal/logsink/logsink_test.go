@@ -358,3 +358,40 @@ func BenchmarkWrite(b *testing.B) {
 		}
 	})
 }
+
+// A destination that takes nothing for StallLimit has the lines that would wait for it dropped
+// and counted, rather than hold every caller (and the process's shutdown) for as long as it is
+// stuck; Stop gives up on it.
+func TestAStalledDestinationDropsRatherThanHolds(t *testing.T) {
+	d := newDest()
+	w := newWriter(d, Options{FlushSize: 10, Limit: 30, StallLimit: 50 * time.Millisecond}, noTick())
+	gate := d.block()
+	defer d.unblock(gate)         // lets the stuck goroutine end
+	w.Write([]byte("aaaaaaaaaa")) // taken by the goroutine, which is then stuck
+	within(t, d.entered, "the first write")
+	if w.Stalled() <= 0 {
+		t.Errorf("Stalled() = %v while a write is under way", w.Stalled())
+	}
+	w.Write([]byte("bbbbbbbbbbbbbbbbbbbbbbbbbbbbbb")) // 30 bytes wait: Limit
+	wrote := make(chan struct{})
+	go func() {
+		defer close(wrote)
+		w.Write([]byte("cccccccccc")) // waits, then is dropped once the write has gone on 50 ms
+	}()
+	within(t, wrote, "a write while the destination is stuck")
+	if got := w.Lost(); got != 10 {
+		t.Errorf("Lost() = %d, want the 10 bytes dropped", got)
+	}
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		if err := w.Stop(); !errors.Is(err, ErrStalled) {
+			t.Errorf("Stop() = %v, want ErrStalled", err)
+		}
+		w.Write([]byte("after")) // after Stop, dropped too
+	}()
+	within(t, stopped, "Stop")
+	if got := w.Lost(); got != 15 {
+		t.Errorf("Lost() = %d, want 15", got)
+	}
+}
