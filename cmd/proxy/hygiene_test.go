@@ -306,9 +306,13 @@ callers:
 	adminGet("/metrics", keyAdmin)
 	adminGet("/metrics", stray)
 	adminGet("/readyz", "")
+	if strings.Contains(sw.said[len(sw.said)-1], "typo-app") {
+		t.Errorf("readyz, without the admin key, gives its reasons: %s", sw.said[len(sw.said)-1])
+	}
+	adminGet("/readyz", keyAdmin)
 	adminGet("/healthz", "")
 	if !strings.Contains(sw.said[len(sw.said)-2], "credential typo-app") {
-		t.Errorf("readyz does not name the failing credential: %s", sw.said[len(sw.said)-2])
+		t.Errorf("readyz, with the admin key, does not name the failing credential: %s", sw.said[len(sw.said)-2])
 	}
 
 	// An operator pastes a key where its hash belongs: the reload is refused without echoing it,

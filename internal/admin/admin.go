@@ -35,7 +35,8 @@ type Options struct {
 	// Pprof adds Go's profiling endpoints under /debug/pprof/.
 	Pprof bool
 	// KeySHA256, if set, is the SHA-256 (hex) of the key /metrics and /debug/pprof/ require as
-	// Authorization: Bearer. /healthz and /readyz stay open for probes.
+	// Authorization: Bearer. /healthz and /readyz stay open for probes; /readyz then gives its
+	// reasons and the token sources' states (credential names, Entra's errors) only with the key.
 	KeySHA256 string
 	// Live, if set, says why the process is stuck (nil: it is not); /healthz then answers 503
 	// with the reason, so that a liveness probe restarts it.
@@ -47,6 +48,8 @@ type Handler struct {
 	mux      *http.ServeMux
 	tokens   StatusReporter
 	draining atomic.Bool
+	// keyed reports whether a request carries the admin key; nil when none is set (all do).
+	keyed func(*http.Request) bool
 }
 
 // New returns the admin handler.
@@ -57,6 +60,11 @@ func New(opts Options) *Handler {
 		metrics = promhttp.InstrumentMetricHandler(opts.Registerer, metrics)
 	}
 	guard := keyGuard(opts.KeySHA256)
+	if opts.KeySHA256 != "" {
+		if h.keyed = hasKey(opts.KeySHA256); h.keyed == nil {
+			h.keyed = func(*http.Request) bool { return false } // a malformed hash: no one has it
+		}
+	}
 	h.mux.Handle("GET /metrics", guard(metrics))
 	h.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
 		if opts.Live != nil {
@@ -84,8 +92,8 @@ func keyGuard(keyHex string) func(http.Handler) http.Handler {
 	if keyHex == "" {
 		return func(h http.Handler) http.Handler { return h }
 	}
-	want, err := hex.DecodeString(strings.ToLower(keyHex))
-	if err != nil || len(want) != sha256.Size {
+	has := hasKey(keyHex)
+	if has == nil {
 		return func(http.Handler) http.Handler {
 			return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 				writeJSON(w, http.StatusInternalServerError, map[string]string{"error": "the admin key's hash is not a SHA-256 in hex: this endpoint is closed"})
@@ -94,15 +102,27 @@ func keyGuard(keyHex string) func(http.Handler) http.Handler {
 	}
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			key, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-			got := sha256.Sum256([]byte(key))
-			if !ok || subtle.ConstantTimeCompare(got[:], want) != 1 {
+			if !has(r) {
 				w.Header().Set("WWW-Authenticate", `Bearer realm="tokenproxy-admin"`)
 				writeJSON(w, http.StatusUnauthorized, map[string]string{"error": "this endpoint needs the admin key (Authorization: Bearer)"})
 				return
 			}
 			next.ServeHTTP(w, r)
 		})
+	}
+}
+
+// hasKey returns whether a request carries, as Authorization: Bearer, the key whose SHA-256 is
+// keyHex, compared in constant time; nil if keyHex is not a SHA-256 in hex.
+func hasKey(keyHex string) func(*http.Request) bool {
+	want, err := hex.DecodeString(strings.ToLower(keyHex))
+	if err != nil || len(want) != sha256.Size {
+		return nil
+	}
+	return func(r *http.Request) bool {
+		key, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		got := sha256.Sum256([]byte(key))
+		return ok && subtle.ConstantTimeCompare(got[:], want) == 1
 	}
 }
 
@@ -132,6 +152,11 @@ func (h *Handler) readyz(w http.ResponseWriter, r *http.Request) {
 	status := http.StatusOK
 	if len(rd.Reasons) > 0 {
 		rd.Status, status = "not ready", http.StatusServiceUnavailable
+	}
+	if h.keyed != nil && !h.keyed(r) {
+		// What a probe needs; the reasons (Entra's errors, addresses) are for the operator.
+		writeJSON(w, status, map[string]string{"status": rd.Status, "detail": "the reasons and token states need the admin key (Authorization: Bearer)"})
+		return
 	}
 	writeJSON(w, status, rd)
 }

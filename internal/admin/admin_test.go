@@ -100,6 +100,20 @@ func TestAdminKey(t *testing.T) {
 			t.Errorf("%s must stay open for probes: got %d", path, code)
 		}
 	}
+	// Behind a key, /readyz tells a probe its status, and the reasons only to the key's holder:
+	// they carry Entra's errors (tenants, app IDs, addresses).
+	bad := broker.Status{Credential: "corp-app", Scope: "s", LastError: "client_secret: Entra rejected the token request (AADSTS7000215) from 10.0.0.7"}
+	h = New(Options{Gatherer: reg, Tokens: statuses{bad}, KeySHA256: hex.EncodeToString(sum[:])})
+	if code, body := get(t, h, "/readyz"); code != 503 || !strings.Contains(body, `"status": "not ready"`) || strings.Contains(body, "corp-app") || strings.Contains(body, "AADSTS") {
+		t.Errorf("/readyz without the key: got %d %s, want 503 and no reasons", code, body)
+	}
+	req := httptest.NewRequest("GET", "/readyz", nil)
+	req.Header.Set("Authorization", "Bearer admin-key-0123456789")
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, req)
+	if rec.Code != 503 || !strings.Contains(rec.Body.String(), "AADSTS7000215") {
+		t.Errorf("/readyz with the key: got %d %s, want 503 with the reasons", rec.Code, rec.Body)
+	}
 
 	// A key's hash that is not one closes what it guards, rather than opening it to all.
 	h = New(Options{Gatherer: reg, Tokens: statuses{}, Pprof: true, KeySHA256: "admin-key-0123456789"})
