@@ -77,7 +77,7 @@ type Writer struct {
 
 	lost    atomic.Uint64 // bytes the destination refused, or dropped while it stalled
 	waits   atomic.Uint64 // writes that waited for room
-	writing atomic.Int64  // when the write to the destination under way began (UnixNano); 0: none
+	writing atomic.Int64  // when the write to the destination under way began (since epoch, +1); 0: none
 
 	kick    chan struct{}   // the gathered bytes reached FlushSize (or a writer waits)
 	syncReq chan chan error // Sync's requests
@@ -148,10 +148,14 @@ func (w *Writer) rouse() {
 	w.mu.Unlock()
 }
 
+// epoch is what the start of a write to the destination is measured from, on the monotonic
+// clock: a step of the wall clock makes no write look stalled.
+var epoch = time.Now()
+
 // Stalled is how long the write to the destination under way has gone on: 0 if none is.
 func (w *Writer) Stalled() time.Duration {
-	if since := w.writing.Load(); since != 0 {
-		return max(time.Since(time.Unix(0, since)), time.Nanosecond)
+	if began := w.writing.Load(); began != 0 {
+		return max(time.Since(epoch)-time.Duration(began-1), time.Nanosecond)
 	}
 	return 0
 }
@@ -282,7 +286,7 @@ func (w *Writer) put(b []byte) {
 	if len(b) == 0 {
 		return
 	}
-	w.writing.Store(time.Now().UnixNano())
+	w.writing.Store(int64(time.Since(epoch)) + 1)
 	n, err := w.dst.Write(b)
 	w.writing.Store(0)
 	if err != nil {
