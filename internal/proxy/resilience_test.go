@@ -11,6 +11,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -552,22 +553,27 @@ func TestAHeldAnswerIsLetGoOnceAnotherIsDelivered(t *testing.T) {
 		t.Fatal(err)
 	}
 	closed := make(chan struct{})
+	var once sync.Once
 	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
+		for { // the gateway may dial a spare connection too, which brings no request
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				req, err := http.ReadRequest(br)
+				if err != nil {
+					return
+				}
+				io.Copy(io.Discard, req.Body)
+				// A 503 whose body has begun and does not end: the gateway holds it as a stream.
+				io.WriteString(c, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nbusy!\r\n")
+				io.Copy(io.Discard, br) // until the gateway closes the connection
+				once.Do(func() { close(closed) })
+			}()
 		}
-		defer c.Close()
-		br := bufio.NewReader(c)
-		req, err := http.ReadRequest(br)
-		if err != nil {
-			return
-		}
-		io.Copy(io.Discard, req.Body)
-		// A 503 whose body has begun and does not end: the gateway holds it as a stream.
-		io.WriteString(c, "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nbusy!\r\n")
-		io.Copy(io.Discard, br) // until the gateway closes the connection
-		close(closed)
 	}()
 	t.Cleanup(func() { ln.Close() })
 	g, planes := newPoolGateway(t, 2, func(c *config.Config) { c.Upstreams["b0"].URL = "http://" + ln.Addr().String() })
