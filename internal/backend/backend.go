@@ -11,6 +11,7 @@
 package backend
 
 import (
+	"math"
 	"math/rand/v2"
 	"strconv"
 	"sync"
@@ -174,10 +175,10 @@ func (b *Backend) stateLocked(now time.Time) State {
 	switch {
 	case now.Before(b.openUntil):
 		return Open
+	case now.Before(b.cooldownUntil): // a probe waits for the rest a 429 asked for
+		return Cooldown
 	case !b.openUntil.IsZero():
 		return HalfOpen
-	case now.Before(b.cooldownUntil):
-		return Cooldown
 	}
 	return Healthy
 }
@@ -250,6 +251,11 @@ func (b *Backend) Failed() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	now := b.opts.now()
+	if now.Before(b.openUntil) {
+		// A call sent before the circuit opened: its failure says nothing new, and counting
+		// it would open the circuit again, for twice as long, once per burst of them.
+		return
+	}
 	wasProbe := b.probing
 	b.probing = false
 	b.failures++
@@ -479,13 +485,22 @@ func (b *Budget) Withdraw() bool {
 	return ok
 }
 
+// duration is n units, at most the longest Duration: a conversion past it would come out
+// negative (on amd64), and read as a Retry-After not given. n is not negative; +Inf is past it.
+func duration(n float64, unit time.Duration) time.Duration {
+	if d := n * float64(unit); d < float64(math.MaxInt64) {
+		return time.Duration(d)
+	}
+	return math.MaxInt64
+}
+
 // RetryAfter reads how long a 429 asks the caller to wait: retry-after-ms, then
 // x-ms-retry-after-ms, then retry-after (seconds, or an HTTP date), as Azure sends them.
 func RetryAfter(get func(string) []byte, now time.Time) time.Duration {
 	for _, h := range []string{"Retry-After-Ms", "X-Ms-Retry-After-Ms"} {
 		if v := get(h); len(v) > 0 {
 			if ms, err := strconv.ParseFloat(string(v), 64); err == nil && ms >= 0 {
-				return time.Duration(ms * float64(time.Millisecond))
+				return duration(ms, time.Millisecond)
 			}
 		}
 	}
@@ -494,7 +509,7 @@ func RetryAfter(get func(string) []byte, now time.Time) time.Duration {
 		return 0
 	}
 	if s, err := strconv.ParseFloat(string(v), 64); err == nil && s >= 0 {
-		return time.Duration(s * float64(time.Second))
+		return duration(s, time.Second)
 	}
 	if t, err := time.Parse(time.RFC1123, string(v)); err == nil && t.After(now) {
 		return t.Sub(now)

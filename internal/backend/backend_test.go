@@ -1,6 +1,7 @@
 package backend
 
 import (
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"sync"
@@ -122,6 +123,43 @@ func TestBreakerOpensProbesAndCloses(t *testing.T) {
 	}
 }
 
+// Failures of calls sent before the circuit opened, arriving while it is open, do not open it
+// again: a burst of them once doubled its open time per threshold, to hours.
+func TestFailuresWhileOpenAreNotCounted(t *testing.T) {
+	c := newClock()
+	_, p := pool(c)
+	b := p.members[0].Backend
+	for range 50 {
+		b.Failed()
+	}
+	if s := b.State(); s != Open {
+		t.Fatalf("state %v, want open", s)
+	}
+	c.advance(10 * time.Second)
+	if s := b.State(); s != HalfOpen {
+		t.Errorf("10 s after a burst of 50 failures: state %v, want half-open (open for 10 s, not doubled)", s)
+	}
+}
+
+// A half-open backend that a 429 asked to rest is not probed until the rest is over.
+func TestNoProbeWhileResting(t *testing.T) {
+	c := newClock()
+	_, p := pool(c)
+	b := p.members[0].Backend
+	for range 3 {
+		b.Failed()
+	}
+	b.RateLimited(time.Minute) // a call sent before the circuit opened got a 429
+	c.advance(10 * time.Second)
+	if s := b.State(); s != Cooldown || p.Pick(0) == 0 {
+		t.Fatalf("state %v, and picked for a probe; want cooldown and not picked", s)
+	}
+	c.advance(50 * time.Second)
+	if s := b.State(); s != HalfOpen || p.Pick(0) != 0 {
+		t.Errorf("once rested: state %v; want a half-open probe", s)
+	}
+}
+
 func TestRecoveryOfAnExhaustedPool(t *testing.T) {
 	c := newClock()
 	_, p := pool(c)
@@ -227,6 +265,11 @@ func TestRetryAfter(t *testing.T) {
 		{"garbage", http.Header{"Retry-After": {"soon"}}, 0},
 		{"negative", http.Header{"Retry-After-Ms": {"-5"}}, 0},
 		{"none", http.Header{}, 0},
+		// Past what a Duration holds: the longest one (RateLimited caps it at max_cooldown),
+		// not a negative one read as not given.
+		{"seconds past a Duration", http.Header{"Retry-After": {"99999999999"}}, math.MaxInt64},
+		{"ms past a Duration", http.Header{"Retry-After-Ms": {"1e13"}}, math.MaxInt64},
+		{"infinite", http.Header{"Retry-After": {"Inf"}}, math.MaxInt64},
 	} {
 		get := func(k string) []byte { return []byte(tt.header.Get(k)) }
 		if got := RetryAfter(get, now); got != tt.want {

@@ -285,7 +285,7 @@ type Backend struct {
 	Deployment string `yaml:"deployment"`
 	// Priority orders the pool: lower first. If zero, 1.
 	Priority int `yaml:"priority"`
-	// Weight spreads calls within a priority. If zero, 1.
+	// Weight spreads calls within a priority. If zero, 1; at most maxWeight.
 	Weight int `yaml:"weight"`
 }
 

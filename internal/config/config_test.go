@@ -335,14 +335,16 @@ upstreams: {u: {url: "https://a.openai.azure.com", credential: app}}
 deployments:
   d:
     upstream: u
-    backends: [{upstream: nowhere, weight: -1}]
+    backends: [{upstream: nowhere, weight: -1}, {upstream: u, deployment: x, weight: 1000001}, {upstream: u, deployment: x}]
 resilience: {max_attempts: 0, retry_budget: 2, breaker_open: 0s}
 allow_unauthenticated: true
 `), t.TempDir(), env(nil))
 	for _, w := range []string{
 		"deployments.d: set upstream (one backend) or backends (a pool), not both",
 		`deployments.d.backends[0].upstream: unknown upstream "nowhere"`,
-		"deployments.d.backends[0].weight: must not be negative",
+		"deployments.d.backends[0].weight: must be between 0 and 1000000",
+		"deployments.d.backends[1].weight: must be between 0 and 1000000",
+		"deployments.d.backends[2]: names the same upstream and deployment as a backend before it",
 		"resilience.max_attempts: must be at least 1",
 		"resilience.retry_budget: must be between 0 and 1",
 		"resilience.breaker_open: must be positive",

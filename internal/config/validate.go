@@ -106,6 +106,7 @@ func (c *Config) Validate() error {
 			if d.Upstream != "" || d.Deployment != "" {
 				v.add(p, "set upstream (one backend) or backends (a pool), not both")
 			}
+			seen := map[[2]string]bool{}
 			for i, b := range d.Backends {
 				bp := fmt.Sprintf("%s.backends[%d]", p, i)
 				if b == nil {
@@ -116,9 +117,18 @@ func (c *Config) Validate() error {
 				if b.Priority < 0 {
 					v.add(bp+".priority", "must not be negative")
 				}
-				if b.Weight < 0 {
-					v.add(bp+".weight", "must not be negative")
+				if b.Weight < 0 || b.Weight > maxWeight {
+					v.add(bp+".weight", "must be between 0 and %d", maxWeight)
 				}
+				target := [2]string{b.Upstream, b.Deployment}
+				if target[1] == "" {
+					target[1] = name
+				}
+				if seen[target] {
+					// A call that one of them failed would be sent to the other, the same backend.
+					v.add(bp, "names the same upstream and deployment as a backend before it")
+				}
+				seen[target] = true
 			}
 			continue
 		}
@@ -629,6 +639,9 @@ func mayBeSecrets(n *yaml.Node) []string {
 }
 
 type validator struct{ errs []error }
+
+// maxWeight bounds a backend's weight: a pool's weights are summed for each pick.
+const maxWeight = 1_000_000
 
 func (v *validator) add(path, format string, args ...any) {
 	v.errs = append(v.errs, fmt.Errorf("%s: %s", path, fmt.Sprintf(format, args...)))
