@@ -92,6 +92,7 @@ func (h *Handler) forward(c *call, d *deployment, p *plan) {
 	}
 	h.budget.Deposit()
 	var failed backend.Tried
+	var from, why string // the backend the last attempt failed on, and why: the call fails over from it
 	waited, repicks := time.Duration(0), 0
 	for {
 		i := d.pool.Pick(failed)
@@ -112,6 +113,20 @@ func (h *Handler) forward(c *call, d *deployment, p *plan) {
 			return
 		}
 		m := d.pool.Members()[i]
+		if why != "" {
+			// A failover, now that there is a backend to go to: it draws on the retry budget,
+			// which a call with nowhere to go (a pool of one, say) must not spend.
+			if !h.budget.Withdraw() {
+				m.Abandoned() // the reservation Pick just made
+				h.m.budgetExhausted.Inc()
+				h.exhausted(c, d)
+				return
+			}
+			h.m.failovers.WithLabelValues(from, why).Inc()
+			if ce := h.log.Check(zap.InfoLevel, "failing over"); ce != nil {
+				ce.Write(zap.String("request_id", c.id), zap.String("backend", from), zap.String("reason", why), zap.Int("attempt", c.attempts))
+			}
+		}
 		reason := h.attempt(ctx, c, d.ups[i], d.names[i], p, m.Backend)
 		if reason == "" {
 			return // answered
@@ -123,15 +138,7 @@ func (h *Handler) forward(c *call, d *deployment, p *plan) {
 			h.exhausted(c, d)
 			return
 		}
-		if !h.budget.Withdraw() {
-			h.m.budgetExhausted.Inc()
-			h.exhausted(c, d)
-			return
-		}
-		h.m.failovers.WithLabelValues(m.Key, reason).Inc()
-		if ce := h.log.Check(zap.InfoLevel, "failing over"); ce != nil {
-			ce.Write(zap.String("request_id", c.id), zap.String("backend", m.Key), zap.String("reason", reason), zap.Int("attempt", c.attempts))
-		}
+		from, why = m.Key, reason
 		// What this attempt got stays held until a later one replaces it or the call ends.
 	}
 }

@@ -259,6 +259,34 @@ func TestAttemptCapAndRetryBudget(t *testing.T) {
 	})
 }
 
+// A call with nowhere left to go does not spend the retry budget, which every deployment
+// shares, nor count as a failover: a pool of one that keeps failing once emptied it, and the
+// deployments that do have a second backend could then not fail over.
+func TestNowhereToGoSpendsNoBudget(t *testing.T) {
+	g, planes := newPoolGateway(t, 3, func(c *config.Config) {
+		c.Resilience.RetryBudget, c.Resilience.MinRetriesPerSecond, c.Resilience.BreakerFailures = 0.5, 0, 100
+		d := c.Deployments["gpt-4.1-mini"]
+		c.Deployments["solo"] = &config.Deployment{Backends: []*config.Backend{d.Backends[2]}}
+		d.Backends = d.Backends[:2]
+	})
+	planes[2].InjectFault(emulator.Fault{Status: 503})
+	for range 4 {
+		if resp, _ := g.do("POST", "/openai/deployments/solo/chat/completions?api-version=2025-01-01-preview", map[string]string{"api-key": keyProd}, chatBody); resp.StatusCode != 503 {
+			t.Fatalf("the pool of one got %d, want its backend's 503", resp.StatusCode)
+		}
+	}
+	if n := testutil.ToFloat64(g.handler.m.budgetExhausted); n != 0 {
+		t.Errorf("retry_budget_exhausted_total = %v after calls with nowhere to go, want 0", n)
+	}
+	if n := testutil.CollectAndCount(g.handler.m.failovers); n != 0 {
+		t.Errorf("%d failover series after calls with nowhere to go, want none", n)
+	}
+	planes[0].InjectFault(emulator.Fault{Status: 503, Count: 1})
+	if resp, body := chat(g); resp.StatusCode != 200 || served(planes)[1] != 1 {
+		t.Errorf("the pool of two got %d %s with %v requests, want 200 from its second backend", resp.StatusCode, body, served(planes))
+	}
+}
+
 func TestIndependentCredentials(t *testing.T) {
 	// Two backends in two tenants: one tenant's Entra outage does not touch the other's calls.
 	g, planes := newPoolGateway(t, 2, func(c *config.Config) {})
