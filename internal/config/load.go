@@ -19,7 +19,6 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
-
 	"golang.org/x/net/http/httpproxy"
 )
 
