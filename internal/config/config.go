@@ -1,8 +1,8 @@
 // Package config owns the gateway's configuration: it is the only package that reads
 // configuration files, secret files and the environment. Load parses strict YAML (unknown keys
 // are errors), expands ${VAR} references from the environment inside scalar values, reads the
-// *_file secrets, applies defaults and validates everything, reporting every problem (those of the file's form,
-// an unknown key or a missing variable, first and on their own).
+// *_file secrets, applies defaults and validates everything, reporting every problem (those of
+// the file's form, an unknown key or a missing variable, first and on their own).
 package config
 
 import (
