@@ -74,7 +74,7 @@ func memoryLimit(getenv func(string) string, container int64) int64 {
 }
 
 func runValidate(args []string, getenv func(string) string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("validate", "--config FILE", "Load and validate a configuration; print every problem, exit 1 on any.", stderr)
+	fs := newFlagSet("validate", "--config FILE", "Load and validate a configuration, and build what serve builds before it listens\n(credentials, certificates, callers); print every problem, exit 1 on any.", stderr)
 	path := configFlag(fs, getenv)
 	if err := parseFlags(fs, args, stdout); err != nil {
 		return err
