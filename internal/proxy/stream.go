@@ -47,8 +47,9 @@ func (h *Handler) stream(c *call, s *transport.Stream) {
 // handler's to recover, and the stream is closed when the call finishes.
 func (c *call) handedOver() { c.streaming, c.heldStream = true, nil }
 
-// streamSeam, when set (by tests), runs where an event stream is about to be handed over, after
-// its first event may have gone out: it stands for a panic there.
+// streamSeam, when set (by tests), runs where an event stream is about to be handed over (after
+// its first event may have gone out), and where fasthttp reads a streamed body: it stands for a
+// panic there.
 var streamSeam func()
 
 // relayBufs lends the buffers events are relayed through: a stream holds one only while an
@@ -279,6 +280,9 @@ func (b *streamBody) Read(p []byte) (n int, err error) {
 			n, err = 0, errInternal
 		}
 	}()
+	if streamSeam != nil {
+		streamSeam()
+	}
 	n, err = b.s.Read(p)
 	b.c.bytesOut += n
 	if err == io.EOF {

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -593,5 +594,20 @@ func TestPanicBeforeAStreamIsHandedOver(t *testing.T) {
 	}
 	if resp, body := chat(g); resp.StatusCode != 200 {
 		t.Errorf("the next call got %d %s, want 200", resp.StatusCode, body)
+	}
+}
+
+// A panic while fasthttp reads a streamed body, in its own goroutine, which recovers nothing,
+// is recovered: logged, and the body cut with an error.
+func TestPanicReadingAStreamedBodyIsRecovered(t *testing.T) {
+	g := newGateway(t)
+	streamSeam = func() { panic("read seam") }
+	defer func() { streamSeam = nil }()
+	b := &streamBody{h: g.handler, c: &call{id: "a-request-id"}}
+	if n, err := b.Read(make([]byte, 16)); n != 0 || !errors.Is(err, errInternal) {
+		t.Errorf("Read() = %d, %v; want 0 and errInternal", n, err)
+	}
+	if logs := g.logs.String(); !strings.Contains(logs, `"msg":"panic serving request"`) || !strings.Contains(logs, "read seam") || !strings.Contains(logs, "a-request-id") {
+		t.Errorf("the panic is not logged:\n%s", logs)
 	}
 }
