@@ -194,11 +194,11 @@ func (b *Backend) CooldownSeconds() float64 {
 	return total.Seconds()
 }
 
-// take reserves the backend for an attempt if it is eligible now; a half-open backend admits
-// one probe at a time.
-func (b *Backend) take(clock *time.Time) bool {
+// take reserves the backend for an attempt if it is eligible now, and says whether the
+// reservation is the half-open backend's probe, of which there is one at a time.
+func (b *Backend) take(clock *time.Time) (ok, probe bool) {
 	if b.quiet.Load() {
-		return true
+		return true, false
 	}
 	now := b.at(clock)
 	b.mu.Lock()
@@ -206,15 +206,15 @@ func (b *Backend) take(clock *time.Time) bool {
 	defer b.settleLocked(now)
 	switch b.stateLocked(now) {
 	case Healthy:
-		return true
+		return true, false
 	case HalfOpen:
 		if b.probing {
-			return false
+			return false, false
 		}
 		b.probing = true
-		return true
+		return true, true
 	}
-	return false
+	return false, false
 }
 
 // recovery is when the backend will next take a call, and whether it is resting from a rate
@@ -246,20 +246,22 @@ func (b *Backend) Succeeded() {
 	b.settleLocked(time.Time{})
 }
 
-// Failed records a failed attempt (5xx, 408, connection failure, timeout).
-func (b *Backend) Failed() {
+// Failed records a failed attempt (5xx, 408, connection failure, timeout); probe says whether
+// it was the half-open backend's probe (Pick).
+func (b *Backend) Failed(probe bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	now := b.opts.now()
-	if now.Before(b.openUntil) {
-		// A call sent before the circuit opened: its failure says nothing new, and counting
-		// it would open the circuit again, for twice as long, once per burst of them.
+	isProbe := probe && b.probing // not if a success has closed the circuit meanwhile
+	if !b.openUntil.IsZero() && !isProbe {
+		// The circuit is open, or half-open and the probe decides: this is a call sent
+		// before it opened, whose failure says nothing new. Counted, a burst of them would
+		// open it again, for twice as long each time.
 		return
 	}
-	wasProbe := b.probing
 	b.probing = false
 	b.failures++
-	if wasProbe || b.failures >= b.opts.BreakerFailures {
+	if isProbe || b.failures >= b.opts.BreakerFailures {
 		open := b.opts.BreakerOpen << min(b.opens, maxOpenDoublings)
 		b.openUntil = now.Add(open)
 		b.opens++
@@ -294,10 +296,12 @@ func (b *Backend) RateLimited(d time.Duration) {
 	b.settleLocked(now)
 }
 
-// Abandoned releases a reservation whose attempt ended without an outcome (the caller left).
-func (b *Backend) Abandoned() {
-	if b.quiet.Load() {
-		return // no probe to release
+// Abandoned releases a reservation whose attempt ended without an outcome (the caller left);
+// probe says whether it was the half-open backend's probe, whose place it frees. Another
+// call's does not free it: a second probe would go while the first is out.
+func (b *Backend) Abandoned(probe bool) {
+	if !probe {
+		return
 	}
 	b.mu.Lock()
 	b.probing = false
@@ -336,8 +340,9 @@ func (p *Pool) Members() []Member { return p.members }
 type Tried uint64
 
 // Pick reserves a backend for the next attempt: the lowest priority with an eligible member not
-// yet tried, weighted within it. It returns -1 when none is eligible.
-func (p *Pool) Pick(tried Tried) int {
+// yet tried, weighted within it. It returns -1 when none is eligible, and whether the
+// reservation is a half-open backend's probe, for the attempt's outcome (Failed, Abandoned).
+func (p *Pool) Pick(tried Tried) (int, bool) {
 	var now time.Time // read when first needed: quiet backends need no clock
 	for i := 0; i < len(p.members); {
 		prio := p.members[i].Priority
@@ -371,14 +376,14 @@ func (p *Pool) Pick(tried Tried) int {
 					}
 				}
 			}
-			if p.members[k].take(&now) {
-				return k
+			if ok, probe := p.members[k].take(&now); ok {
+				return k, probe
 			}
 			tried |= 1 << k
 		}
 		i = j
 	}
-	return -1
+	return -1, false
 }
 
 // Available reports whether some member could take a call now (not resting, not open).

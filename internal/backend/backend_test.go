@@ -26,6 +26,12 @@ func pool(c *clock) (*Registry, *Pool) {
 	})
 }
 
+// pickIndex is Pick's index alone.
+func pickIndex(p *Pool, tried Tried) int {
+	i, _ := p.Pick(tried)
+	return i
+}
+
 func TestPriorityThenWeight(t *testing.T) {
 	c := newClock()
 	_, p := pool(c)
@@ -33,20 +39,20 @@ func TestPriorityThenWeight(t *testing.T) {
 		t.Fatalf("first member %s, want the priority-1 backend", got)
 	}
 	for range 100 {
-		if i := p.Pick(0); i != 0 {
+		if i := pickIndex(p, 0); i != 0 {
 			t.Fatalf("picked %d with the priority-1 backend healthy, want 0", i)
 		}
 	}
 	counts := map[string]int{}
 	const n = 10000
 	for range n {
-		i := p.Pick(1) // the priority-1 backend already tried
+		i := pickIndex(p, 1) // the priority-1 backend already tried
 		counts[p.members[i].Key]++
 	}
 	if share := float64(counts["eastus/gpt41mini"]) / n; share < 0.72 || share > 0.78 {
 		t.Errorf("eastus got %.3f of the calls, want about 0.75 (weight 3 of 4)", share)
 	}
-	if i := p.Pick(0b111); i != -1 {
+	if i := pickIndex(p, 0b111); i != -1 {
 		t.Errorf("picked %d with every member tried, want -1", i)
 	}
 }
@@ -60,12 +66,12 @@ func TestCooldownFromRetryAfter(t *testing.T) {
 		t.Fatalf("state %v, want cooldown", s)
 	}
 	for range 50 {
-		if i := p.Pick(0); i == 0 {
+		if i := pickIndex(p, 0); i == 0 {
 			t.Fatal("picked a backend in cooldown")
 		}
 	}
 	c.advance(2 * time.Second)
-	if i := p.Pick(0); i != 0 {
+	if i := pickIndex(p, 0); i != 0 {
 		t.Errorf("picked %d after the cooldown, want the priority-1 backend again", i)
 	}
 	if got := ptu.CooldownSeconds(); got != 2 {
@@ -85,12 +91,12 @@ func TestBreakerOpensProbesAndCloses(t *testing.T) {
 	c := newClock()
 	_, p := pool(c)
 	b := p.members[0].Backend
-	b.Failed()
-	b.Failed()
+	b.Failed(false)
+	b.Failed(false)
 	if s := b.State(); s != Healthy {
 		t.Fatalf("after 2 failures state %v, want healthy (threshold 3)", s)
 	}
-	b.Failed()
+	b.Failed(false)
 	if s := b.State(); s != Open {
 		t.Fatalf("after 3 failures state %v, want open", s)
 	}
@@ -98,26 +104,26 @@ func TestBreakerOpensProbesAndCloses(t *testing.T) {
 	if s := b.State(); s != HalfOpen {
 		t.Fatalf("after the open period state %v, want half-open", s)
 	}
-	if i := p.Pick(0); i != 0 {
+	if i := pickIndex(p, 0); i != 0 {
 		t.Fatalf("the half-open backend was not probed (picked %d)", i)
 	}
-	if i := p.Pick(0); i == 0 {
+	if i := pickIndex(p, 0); i == 0 {
 		t.Fatal("a second probe was let through while the first is running")
 	}
-	b.Failed() // the probe fails: open again, twice as long
+	b.Failed(true) // the probe fails: open again, twice as long
 	c.advance(19 * time.Second)
 	if s := b.State(); s != Open {
 		t.Fatalf("19s after a failed probe state %v, want still open (20s)", s)
 	}
 	c.advance(time.Second)
-	if p.Pick(0) != 0 {
+	if pickIndex(p, 0) != 0 {
 		t.Fatal("no probe after the doubled open period")
 	}
 	b.Succeeded()
 	if s := b.State(); s != Healthy {
 		t.Errorf("after a good probe state %v, want healthy", s)
 	}
-	b.Failed()
+	b.Failed(false)
 	if s := b.State(); s != Healthy {
 		t.Errorf("one failure after recovery opened the circuit; the count must restart")
 	}
@@ -130,7 +136,7 @@ func TestFailuresWhileOpenAreNotCounted(t *testing.T) {
 	_, p := pool(c)
 	b := p.members[0].Backend
 	for range 50 {
-		b.Failed()
+		b.Failed(false)
 	}
 	if s := b.State(); s != Open {
 		t.Fatalf("state %v, want open", s)
@@ -141,21 +147,50 @@ func TestFailuresWhileOpenAreNotCounted(t *testing.T) {
 	}
 }
 
+// While a backend is half-open, its probe alone decides: a call sent before the circuit opened
+// that fails, or whose caller leaves, neither re-opens the circuit nor frees the probe's place.
+func TestOnlyTheProbeDecides(t *testing.T) {
+	c := newClock()
+	_, p := pool(c)
+	b := p.members[0].Backend
+	for range 3 {
+		b.Failed(false)
+	}
+	c.advance(10 * time.Second)
+	i, probe := p.Pick(0)
+	if i != 0 || !probe {
+		t.Fatalf("picked %d (probe %v), want the half-open backend's probe", i, probe)
+	}
+	b.Failed(false)    // a call sent before the circuit opened fails
+	b.Abandoned(false) // another's caller leaves
+	if s := b.State(); s != HalfOpen {
+		t.Errorf("state %v after other calls' outcomes, want half-open: the probe is still out", s)
+	}
+	if i, _ := p.Pick(0); i == 0 {
+		t.Error("a second probe was let through while the first is out")
+	}
+	b.Failed(true) // the probe fails: open again, twice as long
+	c.advance(19 * time.Second)
+	if s := b.State(); s != Open {
+		t.Errorf("19 s after the probe failed: state %v, want open (20 s)", s)
+	}
+}
+
 // A half-open backend that a 429 asked to rest is not probed until the rest is over.
 func TestNoProbeWhileResting(t *testing.T) {
 	c := newClock()
 	_, p := pool(c)
 	b := p.members[0].Backend
 	for range 3 {
-		b.Failed()
+		b.Failed(false)
 	}
 	b.RateLimited(time.Minute) // a call sent before the circuit opened got a 429
 	c.advance(10 * time.Second)
-	if s := b.State(); s != Cooldown || p.Pick(0) == 0 {
+	if s := b.State(); s != Cooldown || pickIndex(p, 0) == 0 {
 		t.Fatalf("state %v, and picked for a probe; want cooldown and not picked", s)
 	}
 	c.advance(50 * time.Second)
-	if s := b.State(); s != HalfOpen || p.Pick(0) != 0 {
+	if s := b.State(); s != HalfOpen || pickIndex(p, 0) != 0 {
 		t.Errorf("once rested: state %v; want a half-open probe", s)
 	}
 }
@@ -166,7 +201,7 @@ func TestRecoveryOfAnExhaustedPool(t *testing.T) {
 	p.members[0].RateLimited(30 * time.Second)
 	p.members[1].RateLimited(7 * time.Second)
 	p.members[2].RateLimited(20 * time.Second)
-	if i := p.Pick(0); i != -1 {
+	if i := pickIndex(p, 0); i != -1 {
 		t.Fatalf("picked %d with every backend cooling down", i)
 	}
 	until, first, rl := p.Recovery(0)
@@ -174,7 +209,7 @@ func TestRecoveryOfAnExhaustedPool(t *testing.T) {
 		t.Errorf("recovery in %v by %s (rate limited %v), want 7s by the second member, rate limited", until.Sub(c.now()), first.Key, rl)
 	}
 	for range 3 {
-		p.members[1].Failed()
+		p.members[1].Failed(false)
 	}
 	if _, _, rl := p.Recovery(0); rl {
 		t.Error("a pool with an open circuit reported as only rate limited")
@@ -291,14 +326,17 @@ func TestPickWhileMembersStopBeingEligible(t *testing.T) {
 		var wg sync.WaitGroup
 		for range 4 {
 			wg.Go(func() {
-				for p.Pick(0) >= 0 {
-					p.members[0].Abandoned()
-					p.members[1].Abandoned()
+				for {
+					i, probe := p.Pick(0)
+					if i < 0 {
+						break
+					}
+					p.members[i].Abandoned(probe)
 				}
 			})
 		}
 		p.members[0].RateLimited(time.Hour)
-		p.members[1].Failed() // opens its circuit for an hour
+		p.members[1].Failed(false) // opens its circuit for an hour
 		go func() { wg.Wait(); close(done) }()
 		select {
 		case <-done:
@@ -328,22 +366,27 @@ func TestQuietBackend(t *testing.T) {
 			t.Fatalf("step %d (%s): quiet while %v, failures %d, opens %d, probing %v", step, op, state, b.failures, b.opens, b.probing)
 		}
 	}
+	probe := false // the last take was the probe, and its outcome is still to come
 	for step := range 20000 {
 		var op string
 		switch rng.IntN(7) {
 		case 0:
 			op = "failed"
-			b.Failed()
+			b.Failed(probe)
+			probe = false
 		case 1:
 			op = "rate limited"
 			b.RateLimited(time.Duration(rng.IntN(8)) * time.Second)
 		case 2:
 			op = "abandoned"
-			b.Abandoned()
+			b.Abandoned(probe)
+			probe = false
 		case 3:
 			op = "take"
 			now := c.now()
-			b.take(&now)
+			if ok, p := b.take(&now); ok && p {
+				probe = true
+			}
 		case 4:
 			op = "advance"
 			c.advance(time.Duration(rng.IntN(12)) * time.Second)
@@ -373,7 +416,7 @@ func BenchmarkCallOutcome(b *testing.B) {
 	p := r.NewPool([]Member{{Backend: r.Backend("eastca", "gpt-41-mini"), Priority: 1, Weight: 1}})
 	budget := NewBudget(0.2, 1, nil)
 	for b.Loop() {
-		i := p.Pick(0)
+		i, _ := p.Pick(0)
 		p.members[i].Succeeded()
 		budget.Deposit()
 	}

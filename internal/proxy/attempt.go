@@ -87,7 +87,7 @@ func (h *Handler) forward(c *call, d *deployment, p *plan) {
 	c.watch.start(c.fc.Conn(), ctx)
 	p.stream = asksForStream(p.body)
 	if d.pool == nil {
-		h.attempt(ctx, c, d.ups[0], d.name, p, nil)
+		h.attempt(ctx, c, d.ups[0], d.name, p, nil, false)
 		return
 	}
 	h.budget.Deposit()
@@ -95,7 +95,7 @@ func (h *Handler) forward(c *call, d *deployment, p *plan) {
 	var from, why string // the backend the last attempt failed on, and why: the call fails over from it
 	waited, repicks := time.Duration(0), 0
 	for {
-		i := d.pool.Pick(failed)
+		i, probe := d.pool.Pick(failed)
 		if i < 0 {
 			switch w := h.capacityWait(d, failed, waited); {
 			case w > 0:
@@ -117,7 +117,7 @@ func (h *Handler) forward(c *call, d *deployment, p *plan) {
 			// A failover, now that there is a backend to go to: it draws on the retry budget,
 			// which a call with nowhere to go (a pool of one, say) must not spend.
 			if !h.budget.Withdraw() {
-				m.Abandoned() // the reservation Pick just made
+				m.Abandoned(probe) // the reservation Pick just made
 				h.m.budgetExhausted.Inc()
 				h.exhausted(c, d)
 				return
@@ -127,7 +127,7 @@ func (h *Handler) forward(c *call, d *deployment, p *plan) {
 				ce.Write(zap.String("request_id", c.id), zap.String("backend", from), zap.String("reason", why), zap.Int("attempt", c.attempts))
 			}
 		}
-		reason := h.attempt(ctx, c, d.ups[i], d.names[i], p, m.Backend)
+		reason := h.attempt(ctx, c, d.ups[i], d.names[i], p, m.Backend, probe)
 		if reason == "" {
 			return // answered
 		}
@@ -143,10 +143,11 @@ func (h *Handler) forward(c *call, d *deployment, p *plan) {
 	}
 }
 
-// attempt sends the call to one backend (b is nil for a pass-through name, which has no pool).
+// attempt sends the call to one backend (b is nil for a pass-through name, which has no pool;
+// probe says whether the attempt is b's half-open probe).
 // It answers the caller and returns "" unless the attempt failed in a way that lets the call
 // move on: then it returns why, holding on to what it got in case no backend does better.
-func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name string, p *plan, b *backend.Backend) (reason string) {
+func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name string, p *plan, b *backend.Backend, probe bool) (reason string) {
 	c.attempts++
 	c.upstream = up.name
 	if b != nil {
@@ -160,7 +161,7 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 	tok, err := up.src.TokenAt(ctx, c.now())
 	if err != nil {
 		if b != nil {
-			b.Abandoned() // the backend was never reached
+			b.Abandoned(probe) // the backend was never reached
 		}
 		if ctx.Err() != nil || b == nil {
 			h.proxyError(c, err)
@@ -188,12 +189,12 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 		clearResponse(upResp) // whatever of an answer was read before the error
 		if ctx.Err() != nil || b == nil {
 			if b != nil {
-				b.Abandoned()
+				b.Abandoned(probe)
 			}
 			h.proxyError(c, err)
 			return ""
 		}
-		b.Failed()
+		b.Failed(probe)
 		if errors.As(err, new(transport.TimeoutError)) {
 			// The upstream may still be working on the call: another attempt would double its
 			// cost and the caller's wait, so the timeout is answered (504), not failed over.
@@ -213,7 +214,7 @@ func (h *Handler) attempt(ctx context.Context, c *call, up *upstream, name strin
 			b.RateLimited(backend.RetryAfter(upResp.Header.Peek, time.Now()))
 			reason = reasonRateLimited
 		case failoverStatus(status):
-			b.Failed()
+			b.Failed(probe)
 			reason = statusLabel(status)
 		default:
 			b.Succeeded()
